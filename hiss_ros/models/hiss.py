@@ -1,0 +1,129 @@
+"""Chunked sequence-to-sequence models: HiSS and the flat baselines.
+
+Shapes: B batch, L samples, K = L / chunk outputs, I input_dim, O output_dim.
+
+Streaming contract, shared by both:
+    y = model(x)                                  x (B, L, I), L % chunk == 0 -> y (B, K, O)
+    state = model.init_state(batch_size)
+    y_k, state = model.step_chunk(x_k, state)     x_k (B, chunk, I) -> y_k (B, O) == y[:, k]
+Output k is the estimate at the time of chunk k's LAST sample and depends only on inputs
+0 .. (k+1)*chunk - 1 (no look-ahead, unlike the reference code; see docs).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hiss_ros.errors import ShapeError
+from hiss_ros.models.blocks import Stack, StackState
+from hiss_ros.models.config import FlatConfig, HiSSConfig, ModelConfig
+
+
+class StreamState(NamedTuple):
+    last_input: Tensor  # (B, I) last raw sample seen, for the delta channels
+    primed: Tensor  # (B,) bool: False until a first sample was seen
+    stack: StackState  # HiSS: the high-level stack; Flat: the only stack
+
+
+class ChunkedModel(nn.Module):
+    """Input checks, delta channels and the streaming loop common to HiSS and Flat."""
+
+    config: ModelConfig
+
+    def _check(self, x: Tensor, what: str) -> None:
+        cfg = self.config
+        if x.dim() != 3 or x.shape[-1] != cfg.input_dim:
+            raise ShapeError(f"{what}: expected shape (batch, length, {cfg.input_dim}), got {tuple(x.shape)}")
+
+    def _features(self, x: Tensor, prev: Tensor) -> Tensor:
+        """x (B, L, I) -> (B, L, I') with one-step differences appended when configured;
+        ``prev`` (B, I) is the sample before x[:, 0]."""
+        if not self.config.deltas:
+            return x
+        before = torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)  # (B, L, I)
+        return torch.cat([x, x - before], dim=-1)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.input_dim * (2 if self.config.deltas else 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, L, I) -> (B, L // chunk, O), from zero state."""
+        self._check(x, f"{type(self).__name__}.forward")
+        if x.shape[1] % self.config.chunk:
+            raise ShapeError(
+                f"{type(self).__name__}.forward: length {x.shape[1]} is not a multiple of chunk={self.config.chunk}"
+            )
+        return self._forward(self._features(x, x[:, 0]))
+
+    def init_state(self, batch_size: int = 1) -> StreamState:
+        p = next(self.parameters())
+        return StreamState(
+            torch.zeros(batch_size, self.config.input_dim, device=p.device, dtype=p.dtype),
+            torch.zeros(batch_size, dtype=torch.bool, device=p.device),
+            self.stack_for_state.init_state(batch_size, p.device, p.dtype),
+        )
+
+    def step_chunk(self, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
+        """x (B, chunk, I) -> (y (B, O), new state); O(chunk) work however long the stream ran."""
+        self._check(x, f"{type(self).__name__}.step_chunk")
+        if x.shape[1] != self.config.chunk or x.shape[0] != state.primed.shape[0]:
+            raise ShapeError(
+                f"{type(self).__name__}.step_chunk: expected shape ({state.primed.shape[0]}, "
+                f"{self.config.chunk}, {self.config.input_dim}), got {tuple(x.shape)}"
+            )
+        prev = torch.where(state.primed.unsqueeze(-1), state.last_input, x[:, 0])
+        y, stack = self._step(self._features(x, prev), state.stack)
+        return y, StreamState(x[:, -1], torch.ones_like(state.primed), stack)
+
+
+class HiSS(ChunkedModel):
+    def __init__(self, config: HiSSConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.low = Stack(self.feature_dim, config.low)
+        self.high = Stack(config.low.d_model, config.high)
+        self.head = nn.Linear(config.high.d_model, config.output_dim)
+
+    @property
+    def stack_for_state(self) -> Stack:
+        return self.high
+
+    def _chunk_features(self, x: Tensor) -> Tensor:
+        """x (B, K*chunk, I') -> (B, K, D_low): low stack over each chunk from zero state, read
+        at the chunk's last sample."""
+        B, L, F = x.shape
+        K = L // self.config.chunk
+        low = self.low(x.reshape(B * K, self.config.chunk, F))  # (B*K, chunk, D_low)
+        return low[:, -1].reshape(B, K, -1)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return self.head(self.high(self._chunk_features(x)))
+
+    def _step(self, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
+        h, state = self.high.step(self._chunk_features(x)[:, 0], state)
+        return self.head(h), state
+
+
+class Flat(ChunkedModel):
+    def __init__(self, config: FlatConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = Stack(self.feature_dim, config.layers)
+        self.head = nn.Linear(config.layers.d_model, config.output_dim)
+
+    @property
+    def stack_for_state(self) -> Stack:
+        return self.layers
+
+    def _forward(self, x: Tensor) -> Tensor:
+        h = self.layers(x)  # (B, L, D)
+        return self.head(h[:, self.config.chunk - 1 :: self.config.chunk])
+
+    def _step(self, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
+        for t in range(x.shape[1]):
+            h, state = self.layers.step(x[:, t], state)
+        return self.head(h), state

@@ -1,0 +1,97 @@
+"""Mamba (selective SSM) mixer in pure PyTorch, with mamba_ssm's CUDA kernels when available.
+
+Shapes: B batch, L length, D d_model, E inner width (expand * D), N d_state, R dt_rank, W d_conv.
+
+The parameter names and shapes are exactly those of ``mamba_ssm.modules.mamba_simple.Mamba``
+(in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so a state dict moves between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hiss_ros.models.config import StackConfig
+from hiss_ros.models.scan import selective_scan, selective_scan_step
+
+try:  # optional fast path (extra "cuda"); mamba_ssm imports only where CUDA is present
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
+except Exception:  # noqa: BLE001 - any import failure just means "no CUDA kernels"
+    _cuda_selective_scan = None
+
+
+def cuda_kernels_available() -> bool:
+    """True when mamba_ssm's selective-scan kernel imported (CUDA machines with the extra)."""
+    return _cuda_selective_scan is not None
+
+
+class MambaState(NamedTuple):
+    conv: Tensor  # (B, E, W - 1) last inputs of the depthwise conv
+    ssm: Tensor  # (B, E, N)
+
+
+class Mamba(nn.Module):
+    def __init__(
+        self, cfg: StackConfig, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4
+    ) -> None:
+        super().__init__()
+        d, n, w = cfg.d_model, cfg.d_state, cfg.d_conv
+        e = cfg.expand * d
+        self.d_inner, self.d_state, self.d_conv = e, n, w
+        self.dt_rank = math.ceil(d / 16)
+        self.in_proj = nn.Linear(d, 2 * e, bias=False)
+        self.conv1d = nn.Conv1d(e, e, kernel_size=w, groups=e, padding=w - 1, bias=True)
+        self.x_proj = nn.Linear(e, self.dt_rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, e, bias=True)
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():  # bias = softplus^-1(dt), so softplus(dt_proj(0)) starts at dt
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32).repeat(e, 1)))  # (E, N)
+        self.D = nn.Parameter(torch.ones(e))  # (E,)
+        self.out_proj = nn.Linear(e, d, bias=False)
+
+    def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., E) -> delta (..., E), B (..., N), C (..., N)."""
+        dt, Bm, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.softplus(self.dt_proj(dt)), Bm, C
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden (B, L, D) -> (B, L, D), from zero state."""
+        L = hidden.shape[1]
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, E) each
+        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2))  # causal depthwise conv
+        A = -torch.exp(self.A_log)  # (E, N)
+        if x.is_cuda and _cuda_selective_scan is not None:
+            dt, Bm, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            y = _cuda_selective_scan(
+                x.transpose(1, 2).contiguous(), (dt @ self.dt_proj.weight.t()).transpose(1, 2).contiguous(),
+                A.float(), Bm.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
+                z=z.transpose(1, 2).contiguous(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            ).transpose(1, 2)  # (B, L, E), gated by z inside the kernel
+        else:
+            delta, Bm, C = self._ssm_inputs(x)
+            y = selective_scan(x, delta, A, Bm, C) + x * self.D
+            y = y * F.silu(z)
+        return self.out_proj(y)
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MambaState:
+        return MambaState(
+            torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype),
+        )
+
+    def step(self, hidden: Tensor, state: MambaState) -> tuple[Tensor, MambaState]:
+        """hidden (B, D) -> (B, D), one sample."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, E) each
+        window = torch.cat([state.conv, x.unsqueeze(-1)], dim=-1)  # (B, E, W)
+        x = F.silu(torch.einsum("bew,ew->be", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
+        delta, Bm, C = self._ssm_inputs(x)
+        y, ssm = selective_scan_step(state.ssm, x, delta, -torch.exp(self.A_log), Bm, C)
+        y = (y + x * self.D) * F.silu(z)
+        return self.out_proj(y), MambaState(window[..., 1:], ssm)
