@@ -8,11 +8,12 @@ From zero state, per channel e and state n:
 (Mamba's D skip and z gate are applied by the caller.)
 
 Why not plain autograd: a loop over t builds a graph of L slices whose backward writes a full
-(B, L, E, N) gradient per slice, and materialising exp(delta A) for the whole sequence costs
-B*L*E*N memory per layer. Here the sequence is processed in blocks of T steps: the forward keeps
-only the state at each block start; the backward recomputes one block at a time and runs the
-adjoint recurrence  g_t = C_t y'_t + exp(delta_{t+1} A) g_{t+1}  backwards through it, so memory
-is O(B*T*E*N) and every product outside the time loop is a batched einsum.
+(B, L, E, N) gradient per slice, and materialising exp(delta A) for the whole sequence (as a
+parallel scan does) moves B*L*E*N floats through memory several times per layer. Here the
+sequence is processed time-major in blocks of T steps small enough to stay in cache: the forward
+keeps only the state at each block start; the backward recomputes one block at a time and runs
+the adjoint recurrence  g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}  backwards through it, so
+memory is O(B*T*E*N) and every product outside the time loop is a batched einsum.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-DEFAULT_BLOCK = 64
+DEFAULT_BLOCK = 16
 
 
-def _block_terms(u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor) -> tuple[Tensor, Tensor]:
-    """Time-major exp(delta A) and delta*B*u for one block: each (T, B, E, N), contiguous."""
-    dA = torch.exp(delta.transpose(0, 1).unsqueeze(-1) * A)  # (T, B, E, N)
-    dBu = (delta * u).transpose(0, 1).unsqueeze(-1) * Bm.transpose(0, 1).unsqueeze(2)  # (T, B, E, N)
+def _block_terms(dt: Tensor, du: Tensor, A: Tensor, Bt: Tensor) -> tuple[Tensor, Tensor]:
+    """exp(delta A) and delta*u*B for one time-major block: each (T, B, E, N)."""
+    dA = torch.exp(dt.unsqueeze(-1) * A)
+    dBu = du.unsqueeze(-1) * Bt.unsqueeze(2)
     return dA, dBu
 
 
@@ -37,52 +38,59 @@ def _scan_block(dA: Tensor, dBu: Tensor, h: Tensor) -> Tensor:
     return h
 
 
+def _time_major(*tensors: Tensor) -> list[Tensor]:
+    return [x.transpose(0, 1).contiguous() for x in tensors]
+
+
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, C: Tensor, block: int) -> Tensor:
-        batch, length, inner = u.shape
+        ut, dt, Bt, Ct = _time_major(u, delta, Bm, C)  # (L, B, E) and (L, B, N)
+        du = dt * ut
+        length, batch, inner = ut.shape
         h = u.new_zeros(batch, inner, A.shape[1])  # (B, E, N)
-        y = torch.empty_like(u)  # (B, L, E)
+        y = torch.empty_like(ut)  # (L, B, E)
         starts = []
         for t0 in range(0, length, block):
             t1 = min(t0 + block, length)
             starts.append(h)
-            dA, hs = _block_terms(u[:, t0:t1], delta[:, t0:t1], A, Bm[:, t0:t1])
+            dA, hs = _block_terms(dt[t0:t1], du[t0:t1], A, Bt[t0:t1])
             h = _scan_block(dA, hs, h).clone()  # a copy, so the block buffer can be freed
-            y[:, t0:t1] = torch.einsum("tben,btn->bte", hs, C[:, t0:t1])
+            y[t0:t1] = torch.einsum("tben,tbn->tbe", hs, Ct[t0:t1])
         ctx.block = block
-        ctx.save_for_backward(u, delta, A, Bm, C, torch.stack(starts))
-        return y
+        ctx.save_for_backward(ut, dt, A, Bt, Ct, torch.stack(starts))
+        return y.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        u, delta, A, Bm, C, starts = ctx.saved_tensors
+        ut, dt, A, Bt, Ct, starts = ctx.saved_tensors
+        (gyt,) = _time_major(gy)  # (L, B, E)
         block = ctx.block
-        length = u.shape[1]
-        gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
-        gB, gC = torch.empty_like(Bm), torch.empty_like(C)
+        du = dt * ut
+        gut, gdt = torch.empty_like(ut), torch.empty_like(dt)
+        gBt, gCt = torch.empty_like(Bt), torch.empty_like(Ct)
         gA = torch.zeros_like(A)
         carry = torch.zeros_like(starts[0])  # exp(delta_{t+1} A) * g_{t+1}, (B, E, N)
         for i in reversed(range(len(starts))):
             t0 = i * block
-            t1 = min(t0 + block, length)
-            u_b, d_b, B_b, C_b, gy_b = u[:, t0:t1], delta[:, t0:t1], Bm[:, t0:t1], C[:, t0:t1], gy[:, t0:t1]
-            dA, hs = _block_terms(u_b, d_b, A, Bm[:, t0:t1])
+            b = slice(t0, min(t0 + block, ut.shape[0]))
+            dA, hs = _block_terms(dt[b], du[b], A, Bt[b])
             _scan_block(dA, hs, starts[i])  # hs[t] = h_t, recomputed
-            gC[:, t0:t1] = torch.einsum("tben,bte->btn", hs, gy_b)
-            g = gy_b.transpose(0, 1).unsqueeze(-1) * C_b.transpose(0, 1).unsqueeze(2)  # (T, B, E, N)
+            gCt[b] = torch.einsum("tben,tbe->tbn", hs, gyt[b])
+            g = gyt[b].unsqueeze(-1) * Ct[b].unsqueeze(2)  # (T, B, E, N), becomes g_t
             g_dA = torch.empty_like(g)  # becomes g_t * dA_t * h_{t-1}
-            for t in reversed(range(t1 - t0)):
+            for t in reversed(range(g.shape[0])):
                 carry = torch.mul(g[t].add_(carry), dA[t], out=g_dA[t])
             carry = carry.clone()  # g_dA is multiplied by h_{t-1} in place next
             g_dA[1:].mul_(hs[:-1])
             g_dA[0].mul_(starts[i])
-            P = torch.einsum("tben,btn->bte", g, B_b)  # d loss / d (delta u)
-            gu[:, t0:t1] = d_b * P
-            gdelta[:, t0:t1] = u_b * P + torch.einsum("tben,en->bte", g_dA, A)
-            gA += torch.einsum("tben,bte->en", g_dA, d_b)
-            gB[:, t0:t1] = torch.einsum("tben,bte->btn", g, d_b * u_b)
-        return gu, gdelta, gA, gB, gC, None
+            P = torch.einsum("tben,tbn->tbe", g, Bt[b])  # d loss / d (delta u)
+            gut[b] = dt[b] * P
+            # Reductions that keep e in place (an einsum here would batch over e and copy).
+            gdt[b] = ut[b] * P + (g_dA * A).sum(-1)
+            gA += g_dA.mul_(dt[b].unsqueeze(-1)).sum((0, 1))
+            gBt[b] = torch.einsum("tben,tbe->tbn", g, du[b])
+        return gut.transpose(0, 1), gdt.transpose(0, 1), gA, gBt.transpose(0, 1), gCt.transpose(0, 1), None
 
 
 def selective_scan(
@@ -94,7 +102,7 @@ def selective_scan(
         u: (B, L, E) input; delta: (B, L, E) positive step sizes; A: (E, N) (negative real);
         Bm, C: (B, L, N) input and output projections; block: time steps per recomputed block.
     """
-    return _SelectiveScan.apply(u.contiguous(), delta.contiguous(), A, Bm.contiguous(), C.contiguous(), block)
+    return _SelectiveScan.apply(u, delta, A, Bm, C, block)
 
 
 def selective_scan_step(

@@ -1,0 +1,42 @@
+# Two entry points: `make demo` (the main job on sample data) and `make test`.
+# Both create .venv and install what they need; re-running reuses it.
+#
+# Install order matters: torch==2.13.0 (CPU wheel) goes in first, and only when no torch is
+# importable, so a GPU user's CUDA torch (visible through --system-site-packages) survives.
+# The ROS 2 wheels (extra "ros") go in only when rclpy is not already importable (a sourced
+# ROS 2 install provides it).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.hiss_ros-installed
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py setup.cfg package.xml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e ".[test]"
+	$(PY) -c "import rclpy" 2>/dev/null || $(PIP) install -e ".[ros]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hiss-demo --out out/demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/bench_mamba.py
+	$(PY) bench/bench_streaming.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

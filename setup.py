@@ -1,0 +1,62 @@
+"""hiss_ros: ament_python package; also a plain pip package (see README)."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = "hiss_ros"
+
+
+def _version() -> str:
+    with open(f"{package_name}/__init__.py") as f:
+        return next(line.split('"')[1] for line in f if line.startswith("__version__"))
+
+
+# The ROS 2 Jazzy client library and messages as PyPI wheels, for machines without a ROS
+# install. Never installed where a real rclpy is importable (the Makefile checks), so the
+# wheels cannot shadow a ROS distribution.
+ROS_WHEELS = [
+    "ros-jazzy-rclpy[fastrtps]==7.1.6",
+    "ros-jazzy-std-msgs==5.3.6",
+    "ros-jazzy-sensor-msgs==5.3.6",
+    "ros-jazzy-geometry-msgs==5.3.6",
+    "ros-jazzy-visualization-msgs==5.3.6",
+    "ros-jazzy-diagnostic-msgs==5.3.6",
+]
+
+setup(
+    name=package_name,
+    version=_version(),
+    packages=find_packages(exclude=["test", "test.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{package_name}"]),
+        (f"share/{package_name}", ["package.xml"]),
+        (f"share/{package_name}/config", glob("config/*")),
+        (f"share/{package_name}/models", glob("models/*")),
+    ],
+    python_requires=">=3.10",
+    # torch: any release from 2.2 on; a CPU or CUDA build already installed is kept.
+    install_requires=[
+        "torch>=2.2",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0", "ruff==0.17.5", "mambapy==1.2.0"],
+        "ros": ROS_WHEELS,
+        "cuda": ["mamba-ssm>=2.2"],
+    },
+    zip_safe=True,
+    maintainer="hiss_ros maintainers",
+    maintainer_email="maintainers@hiss-ros.dev",
+    description="Hierarchical State Space Models for real-time state estimation from raw robot sensors (ROS 2).",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "demo = hiss_ros.demo:main",
+            "hiss-demo = hiss_ros.demo:main",
+        ],
+    },
+)
