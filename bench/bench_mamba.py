@@ -82,6 +82,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def reset_peak_rss() -> None:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0); without it the peak is the process's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 # --- worker: one (implementation, mode) measurement in its own process -----------------------
 
 
@@ -99,8 +108,11 @@ def run_worker(impl: str, mode: str, size: Size, repeats: int, threads: int) -> 
         model.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
 
+    call = forward if mode == "fwd" else forward_backward
+    call()  # warm-up; its one-time allocations (thread pools, kernels) stay out of the figures
     before = rss_mib()
-    times = time_calls(forward if mode == "fwd" else forward_backward, repeats)
+    reset_peak_rss()
+    times = time_calls(call, repeats, warmup=0)
     peak = peak_rss_mib()
     return {
         "impl": impl, "mode": mode, "times": times, "median": median(times),

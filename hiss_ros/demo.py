@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(s, indent=2))
     print(f"plot: {args.out / 'demo.png'}")
     ok = s["max_abs_stream_minus_offline"] < 1e-4 and all(
-        r < 0.5 * z for r, z in zip(s["rmse_per_axis"], s["rmse_predict_zero"])
+        r < 0.5 * z for r, z in zip(s["rmse_per_axis"], s["rmse_predict_zero"], strict=True)
     )
     if not ok:
         print("demo FAILED: streaming differs from offline or the model did not learn")

@@ -69,7 +69,7 @@ class Stack(nn.Module):
         """x (B, I) -> (B, D), one sample."""
         h = self.encoder(x)
         new = []
-        for block, s in zip(self.blocks, state.layers):
+        for block, s in zip(self.blocks, state.layers, strict=True):
             h, s = block.step(h, s)
             new.append(s)
         return self.norm_f(h), StackState(tuple(new))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from hiss_ros.errors import ConfigError
 
@@ -67,7 +67,7 @@ class StackConfig:
     context: int = 256
 
     def __post_init__(self) -> None:
-        w = f"layers[{self.kind}]" if self.kind in LAYER_KINDS else "layers"
+        w = "layers"  # callers that know where the stack sits rename it (see _stack)
         _require(self.kind in LAYER_KINDS, w, "kind", self.kind, f"one of {list(LAYER_KINDS)}")
         _require(_is_int(self.d_model) and self.d_model > 0, w, "d_model", self.d_model, "a positive int")
         _require(_is_int(self.n_layers) and self.n_layers > 0, w, "n_layers", self.n_layers, "a positive int")
@@ -137,7 +137,7 @@ class FlatConfig:
         object.__setattr__(self, "layers", _stack("flat.layers", self.layers))
 
 
-ModelConfig = Union[HiSSConfig, FlatConfig]
+ModelConfig = HiSSConfig | FlatConfig
 _MODEL_CONFIGS: dict[str, type] = {"hiss": HiSSConfig, "flat": FlatConfig}
 
 
@@ -146,7 +146,7 @@ def _stack(where: str, value: Any) -> StackConfig:
         return _from_dict(StackConfig, value, where)
     except ConfigError as exc:
         msg = str(exc)
-        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        raise ConfigError(where + msg[len("layers"):] if msg.startswith("layers") else msg) from None
 
 
 def model_config_from_dict(data: Any) -> ModelConfig:

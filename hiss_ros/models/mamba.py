@@ -20,7 +20,7 @@ from hiss_ros.models.scan import selective_scan, selective_scan_step
 
 try:  # optional fast path (extra "cuda"); mamba_ssm imports only where CUDA is present
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
-except Exception:  # noqa: BLE001 - any import failure just means "no CUDA kernels"
+except Exception:
     _cuda_selective_scan = None
 
 

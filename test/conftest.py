@@ -1,0 +1,40 @@
+"""Shared fixtures: small configs for every registered layer kind and model kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hiss_ros.models import LAYER_KINDS
+
+CHUNK = 10
+
+
+def stack(kind: str, d_model: int = 16, n_layers: int = 2) -> dict:
+    # A short attention window so the tests cover the window actually sliding.
+    return {"kind": kind, "d_model": d_model, "n_layers": n_layers, "context": 7}
+
+
+def hiss_config(low: str, high: str, deltas: bool = True) -> dict:
+    return {"kind": "hiss", "input_dim": 6, "output_dim": 3, "chunk": CHUNK, "deltas": deltas,
+            "low": stack(low), "high": stack(high)}
+
+
+def flat_config(kind: str, deltas: bool = True) -> dict:
+    return {"kind": "flat", "input_dim": 6, "output_dim": 3, "chunk": CHUNK, "deltas": deltas,
+            "layers": stack(kind)}
+
+
+# Every model the library can build: HiSS over every (low, high) pair, and every flat baseline.
+MODEL_CONFIGS = {f"hiss-{lo}-{hi}": hiss_config(lo, hi) for lo in LAYER_KINDS for hi in LAYER_KINDS}
+MODEL_CONFIGS.update({f"flat-{k}": flat_config(k) for k in LAYER_KINDS})
+
+
+@pytest.fixture(params=sorted(MODEL_CONFIGS), ids=sorted(MODEL_CONFIGS))
+def model_config(request) -> dict:
+    return MODEL_CONFIGS[request.param]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,161 @@
+"""The streaming contract, causality, gradients, shapes and config validation, for every model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import CHUNK, MODEL_CONFIGS, flat_config, hiss_config
+
+from hiss_ros.errors import ConfigError
+from hiss_ros.models import FlatConfig, HiSSConfig, StackConfig, build_model, model_config_from_dict
+
+N_CHUNKS = 50
+
+
+def stream(model, x: torch.Tensor) -> torch.Tensor:
+    """Outputs of step_chunk unrolled chunk by chunk: (B, K, O)."""
+    state = model.init_state(batch_size=x.shape[0])
+    out = []
+    for k in range(x.shape[1] // CHUNK):
+        y, state = model.step_chunk(x[:, k * CHUNK : (k + 1) * CHUNK], state)
+        out.append(y)
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_streaming_equals_offline(model_config, dtype, tol):
+    model = build_model(model_config).to(dtype).eval()
+    x = torch.randn(2, N_CHUNKS * CHUNK, 6, dtype=dtype)
+    with torch.no_grad():
+        offline = model(x)
+        online = stream(model, x)
+    assert offline.shape == (2, N_CHUNKS, 3)
+    assert (online - offline).abs().max().item() < tol
+
+
+def test_causal(model_config):
+    """Perturbing inputs after chunk k leaves outputs 0..k unchanged (and does change later ones)."""
+    model = build_model(model_config).double().eval()
+    x = torch.randn(1, 20 * CHUNK, 6, dtype=torch.float64)
+    k = 11
+    x2 = x.clone()
+    x2[:, (k + 1) * CHUNK :] += 10 * torch.randn_like(x2[:, (k + 1) * CHUNK :])
+    with torch.no_grad():
+        y, y2 = model(x), model(x2)
+    assert (y[:, : k + 1] - y2[:, : k + 1]).abs().max().item() < 1e-12
+    assert (y[:, k + 1 :] - y2[:, k + 1 :]).abs().max().item() > 1e-6
+
+
+def test_output_reads_last_sample_of_chunk(model_config):
+    """Output k changes when the last sample of chunk k changes (it is read there, not earlier)."""
+    model = build_model(model_config).double().eval()
+    x = torch.randn(1, 4 * CHUNK, 6, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 2 * CHUNK - 1] += 5.0
+    with torch.no_grad():
+        y, y2 = model(x), model(x2)
+    assert (y[:, 0] - y2[:, 0]).abs().max().item() < 1e-12
+    assert (y[:, 1] - y2[:, 1]).abs().max().item() > 1e-6
+
+
+def test_gradients_reach_every_parameter(model_config):
+    model = build_model(model_config).train()
+    x = torch.randn(3, 8 * CHUNK, 6)
+    model(x).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached {missing}"
+
+
+def test_init_state_batches_are_independent(model_config):
+    """Streaming a batch equals streaming each sequence alone."""
+    model = build_model(model_config).double().eval()
+    x = torch.randn(3, 6 * CHUNK, 6, dtype=torch.float64)
+    with torch.no_grad():
+        together = stream(model, x)
+        alone = torch.cat([stream(model, x[i : i + 1]) for i in range(3)])
+    assert (together - alone).abs().max().item() < 1e-10
+
+
+def test_public_api_exactly_as_documented():
+    model = build_model({"kind": "hiss", "input_dim": 6, "output_dim": 3, "chunk": 10,
+                         "low": {"kind": "s4d", "d_model": 64, "n_layers": 2},
+                         "high": {"kind": "mamba", "d_model": 32, "n_layers": 2}})
+    flat = build_model({"kind": "flat", "input_dim": 6, "output_dim": 3, "chunk": 10,
+                        "layers": {"kind": "mamba", "d_model": 64, "n_layers": 2}})
+    B = 2
+    x = torch.randn(B, 120, 6)
+    for m in (model.eval(), flat.eval()):
+        with torch.no_grad():
+            y = m(x)
+            assert y.shape == (B, 12, 3)
+            state = m.init_state(batch_size=B)
+            for k in range(12):
+                y_k, state = m.step_chunk(x[:, 10 * k : 10 * (k + 1)], state)
+                assert y_k.shape == (B, 3)
+                torch.testing.assert_close(y_k, y[:, k], atol=1e-4, rtol=0)
+
+
+def test_build_model_takes_the_config_dataclass():
+    cfg = HiSSConfig(input_dim=6, output_dim=3, chunk=10,
+                     low=StackConfig(kind="s4d", d_model=16, n_layers=1),
+                     high=StackConfig(kind="lstm", d_model=8, n_layers=1))
+    assert cfg == model_config_from_dict(dataclasses.asdict(cfg))
+    torch.manual_seed(1)
+    a = build_model(cfg)
+    torch.manual_seed(1)
+    b = build_model(dataclasses.asdict(cfg))
+    x = torch.randn(1, 20, 6)
+    torch.testing.assert_close(a.eval()(x), b.eval()(x))
+    assert isinstance(build_model(flat_config("mamba")).config, FlatConfig)
+
+
+def test_deltas_off_changes_input_width():
+    with_deltas = build_model(hiss_config("s4d", "s4d", deltas=True))
+    without = build_model(hiss_config("s4d", "s4d", deltas=False))
+    assert with_deltas.low.encoder.in_features == 12
+    assert without.low.encoder.in_features == 6
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((2, 30, 5), "expected shape (batch, length, 6)"),
+    ((30, 6), "expected shape (batch, length, 6)"),
+    ((2, 35, 6), "length 35 is not a multiple of chunk=10"),
+])
+def test_bad_input_shape_is_a_clear_value_error(shape, expected):
+    model = build_model(MODEL_CONFIGS["hiss-s4d-mamba"])
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        model(torch.randn(*shape))
+
+
+def test_bad_chunk_shape_in_step_chunk():
+    model = build_model(MODEL_CONFIGS["flat-mamba"])
+    state = model.init_state(batch_size=1)
+    with pytest.raises(ValueError, match=r"expected shape \(1, 10, 6\), got \(1, 9, 6\)"):
+        model.step_chunk(torch.randn(1, 9, 6), state)
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"chunk": 0}, "hiss.chunk = 0: expected a positive int"),
+    ({"input_dim": "6"}, "hiss.input_dim = '6': expected a positive int"),
+    ({"low": {"kind": "gru", "d_model": 8, "n_layers": 1}}, "hiss.low.kind = 'gru': expected one of"),
+    ({"high": {"kind": "mamba", "d_model": -1, "n_layers": 1}}, "hiss.high.d_model = -1: expected a positive int"),
+    ({"high": {"kind": "mamba", "d_model": 8, "n_layers": 1, "dropout": 1.5}},
+     r"hiss.high.dropout = 1.5: expected a float in \[0, 1\)"),
+    ({"high": {"kind": "transformer", "d_model": 10, "n_layers": 1, "n_heads": 4}},
+     "d_model = 10: expected a multiple of n_heads=4"),
+    ({"high": {"kind": "mamba", "d_model": 8, "n_layers": 1, "width": 3}},
+     r"hiss.high: unknown field\(s\) \['width'\]"),
+    ({"chunck": 10}, r"unknown field\(s\) \['chunck'\]"),
+    ({"kind": "lstm"}, "model.kind = 'lstm': expected one of"),
+])
+def test_config_errors_name_field_and_value(patch, message):
+    cfg = {**hiss_config("s4d", "mamba"), **patch}
+    with pytest.raises(ConfigError, match=message):
+        build_model(cfg)
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        build_model({**flat_config("s4d"), "chunk": -3})
