@@ -35,6 +35,10 @@ def model_config(request) -> dict:
     return MODEL_CONFIGS[request.param]
 
 
+# The test tensors are tiny: one thread is faster and immune to oversubscription on CI.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

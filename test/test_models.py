@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,16 @@ def test_config_errors_name_field_and_value(patch, message):
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         build_model({**flat_config("s4d"), "chunk": -3})
+
+
+def test_paper_presets_build_and_stream():
+    """Every published configuration in config/paper_models.yaml builds and streams like offline."""
+    import yaml
+
+    presets = yaml.safe_load((Path(__file__).parents[1] / "config" / "paper_models.yaml").read_text())
+    assert len(presets) == 6
+    for name, preset in presets.items():
+        model = build_model({**preset, "input_dim": 6, "output_dim": 2}).eval()
+        x = torch.randn(1, 3 * preset["chunk"], 6)
+        with torch.no_grad():
+            torch.testing.assert_close(stream(model, x), model(x), atol=1e-4, rtol=0, msg=name)
