@@ -62,12 +62,18 @@ def test_selective_scan_gradcheck():
 def test_s4d_convolution_equals_recurrence(length):
     layer = S4D(StackConfig(kind="s4d", d_model=8, n_layers=1, d_state=6)).double()
     u = torch.randn(2, length, 8, dtype=torch.float64)
-    state = layer.init_state(2, u.device, u.dtype)
-    steps = []
-    for t in range(length):
-        y, state = layer.step(u[:, t], state)
-        steps.append(y)
-    torch.testing.assert_close(layer(u), torch.stack(steps, 1), atol=1e-9, rtol=0)
+    torch.testing.assert_close(layer(u), steps(layer, u), atol=1e-9, rtol=0)
+
+
+def test_s4d_chunk_operator_paths_agree(monkeypatch):
+    """Short sequences use a broadcast product for small batches and einsum for large ones."""
+    import hiss_ros.models.s4d as s4d
+
+    layer = S4D(StackConfig(kind="s4d", d_model=8, n_layers=1)).double()
+    u = torch.randn(3, 10, 8, dtype=torch.float64)
+    small = layer(u)
+    monkeypatch.setattr(s4d, "_BROADCAST_MAX", 0)
+    torch.testing.assert_close(layer(u), small, atol=1e-12, rtol=0)
 
 
 def test_s4d_kernel_is_the_impulse_response():
@@ -80,17 +86,33 @@ def test_s4d_kernel_is_the_impulse_response():
     torch.testing.assert_close(response, expected, atol=1e-12, rtol=0)
 
 
-def test_s4d_streaming_kernel_cache_follows_weight_updates():
-    layer = S4D(StackConfig(kind="s4d", d_model=4, n_layers=1)).double()
-    u = torch.randn(1, 10, 4, dtype=torch.float64)
+@pytest.mark.parametrize("kind, param", [("s4d", "log_dt"), ("s4d", "D"), ("mamba", "A_log")])
+def test_streaming_caches_follow_weight_updates(kind, param):
+    """Tensors cached for streaming are recomputed after an in-place update or a dtype change."""
+    layer = {"s4d": S4D, "mamba": Mamba}[kind](StackConfig(kind=kind, d_model=4, n_layers=1))
+    u = torch.randn(1, 10, 4)
     with torch.no_grad():
-        before = layer(u)
-        layer.log_dt.add_(0.5)  # what an optimizer step or a checkpoint load does
-        after = layer(u)
-    with torch.enable_grad():
-        fresh = layer(u)
-    assert (before - after).abs().max() > 1e-6
-    torch.testing.assert_close(after, fresh.detach(), atol=1e-12, rtol=0)
+        before = [layer(u), steps(layer, u)]
+        getattr(layer, param).add_(0.5)  # what an optimizer step or a checkpoint load does
+        after = [layer(u), steps(layer, u)]
+    fresh = [layer(u).detach(), steps(layer, u).detach()]  # grad enabled: nothing cached
+    for b, a, f in zip(before, after, fresh, strict=True):
+        assert (b - a).abs().max() > 1e-6
+        torch.testing.assert_close(a, f, atol=1e-6, rtol=0)
+    layer.double()
+    with torch.no_grad():
+        assert layer(u.double()).dtype == torch.float64
+        assert steps(layer, u.double()).dtype == torch.float64
+
+
+def steps(layer, u):
+    """The layer's recurrent step unrolled over u (B, L, H)."""
+    state = layer.init_state(u.shape[0], u.device, u.dtype)
+    out = []
+    for t in range(u.shape[1]):
+        y, state = layer.step(u[:, t], state)
+        out.append(y)
+    return torch.stack(out, 1)
 
 
 # mamba_ssm.modules.mamba_simple.Mamba(d_model=D, d_state=N, d_conv=W, expand=X): parameter names

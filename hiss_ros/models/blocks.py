@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hiss_ros.models.config import StackConfig
@@ -34,14 +35,14 @@ class Block(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
         self.mixer = MIXERS[cfg.kind](cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.dropout(self.mixer(self.norm(x)))
+        return x + F.dropout(self.mixer(self.norm(x)), self.dropout, self.training)
 
     def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         y, state = self.mixer.step(self.norm(x), state)
-        return x + self.dropout(y), state
+        return x + F.dropout(y, self.dropout, self.training), state
 
 
 class StackState(NamedTuple):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hiss_ros.models.cache import DerivedTensor
 from hiss_ros.models.config import StackConfig
 from hiss_ros.models.scan import selective_scan, selective_scan_step
 
@@ -55,6 +56,7 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32).repeat(e, 1)))  # (E, N)
         self.D = nn.Parameter(torch.ones(e))  # (E,)
         self.out_proj = nn.Linear(e, d, bias=False)
+        self._A = DerivedTensor(lambda: -torch.exp(self.A_log))  # (E, N), cached while streaming
 
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (..., E) -> delta (..., E), B (..., N), C (..., N)."""
@@ -90,8 +92,8 @@ class Mamba(nn.Module):
         """hidden (B, D) -> (B, D), one sample."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, E) each
         window = torch.cat([state.conv, x.unsqueeze(-1)], dim=-1)  # (B, E, W)
-        x = F.silu(torch.einsum("bew,ew->be", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
+        x = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
         delta, Bm, C = self._ssm_inputs(x)
-        y, ssm = selective_scan_step(state.ssm, x, delta, -torch.exp(self.A_log), Bm, C)
+        y, ssm = selective_scan_step(state.ssm, x, delta, self._A.get([self.A_log]), Bm, C)
         y = (y + x * self.D) * F.silu(z)
         return self.out_proj(y), MambaState(window[..., 1:], ssm)

@@ -20,10 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hiss_ros.models.cache import DerivedTensor
 from hiss_ros.models.config import StackConfig
 
 # Below this length the O(L^2) Toeplitz product beats two FFTs on CPU.
 _TOEPLITZ_MAX_LEN = 64
+# Up to this many products (B*L*L*H) a broadcast multiply-sum beats einsum's batched tiny
+# matmuls several times over (the streaming case: one chunk, batch 1); above it, einsum.
+_BROADCAST_MAX = 1 << 20
 
 
 class S4DState(NamedTuple):
@@ -43,7 +47,8 @@ class S4D(nn.Module):
         self.C = nn.Parameter(torch.randn(h, n, 2) * math.sqrt(0.5))  # (H, N, 2) complex as pairs
         self.D = nn.Parameter(torch.randn(h))  # (H,)
         self.out = nn.Linear(h, 2 * h)  # GLU halves it back to H
-        self._kernel_cache: tuple[tuple, Tensor] | None = None
+        self._chunk_operator = DerivedTensor(self._toeplitz)  # streaming: one (H, L, L) per chunk length
+        self._step_terms = DerivedTensor(self._discrete)
 
     def _discrete(self) -> tuple[Tensor, Tensor]:
         """(dt A, C * (exp(dt A) - 1) / A), each (H, N) complex."""
@@ -60,33 +65,30 @@ class S4D(nn.Module):
         return 2.0 * torch.einsum("hn,hnl->hl", CB, vander).real
 
     def _toeplitz(self, length: int) -> Tensor:
-        """Lower-triangular T (H, L, L) with T[h, t, s] = K[h, t - s]; cached while the weights
-        are unchanged and no gradient is needed (the streaming path)."""
-        key = (length, self.log_dt.dtype, self.log_dt.device,
-               *(p._version for p in (self.log_dt, self.log_A_real, self.A_imag, self.C)))
-        cacheable = not torch.is_grad_enabled()
-        if cacheable and self._kernel_cache is not None and self._kernel_cache[0] == key:
-            return self._kernel_cache[1]
+        """The whole SSM over ``length`` samples as one operator T (L_s, L_t, H):
+        T[s, t, h] = K[h, t - s] for s <= t (else 0), plus the skip D[h] where s == t."""
         K = self.kernel(length)  # (H, L)
         idx = torch.arange(length, device=K.device)
-        lag = idx.view(-1, 1) - idx.view(1, -1)  # (L, L) t - s
-        T = K[:, lag.clamp(min=0)] * (lag >= 0)  # (H, L, L)
-        if cacheable:
-            self._kernel_cache = (key, T)
-        return T
+        lag = idx.view(1, -1) - idx.view(-1, 1)  # (L_s, L_t) t - s
+        T = K[:, lag.clamp(min=0)] * (lag >= 0)  # (H, L_s, L_t)
+        return T.permute(1, 2, 0) + torch.eye(length, dtype=K.dtype, device=K.device).unsqueeze(-1) * self.D
+
+    @property
+    def _params(self) -> tuple[Tensor, ...]:
+        return (self.log_dt, self.log_A_real, self.A_imag, self.C, self.D)
 
     def _ssm(self, u: Tensor) -> Tensor:
         """u (B, L, H) -> y (B, L, H), SSM part only (convolution + skip)."""
         L = u.shape[1]
         if L <= _TOEPLITZ_MAX_LEN:
-            y = torch.einsum("hts,bsh->bth", self._toeplitz(L), u)
-        else:
-            K = self.kernel(L)  # (H, L)
-            n_fft = 2 * L
-            y = torch.fft.irfft(
-                torch.fft.rfft(u.transpose(1, 2), n=n_fft) * torch.fft.rfft(K, n=n_fft), n=n_fft
-            )[..., :L].transpose(1, 2)
-        return y + u * self.D
+            T = self._chunk_operator.get(self._params, L)  # (L_s, L_t, H)
+            if u.shape[0] * T.numel() <= _BROADCAST_MAX:
+                return (T.unsqueeze(1) * u.transpose(0, 1).unsqueeze(2)).sum(0)  # (L_s, B, L_t, H) -> (B, L_t, H)
+            return torch.einsum("sth,bsh->bth", T, u)
+        K = self.kernel(L)  # (H, L)
+        n_fft = 2 * L
+        y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=n_fft) * torch.fft.rfft(K, n=n_fft), n=n_fft)
+        return y[..., :L].transpose(1, 2) + u * self.D
 
     def _output(self, y: Tensor) -> Tensor:
         return F.glu(self.out(F.gelu(y)), dim=-1)
@@ -101,7 +103,7 @@ class S4D(nn.Module):
 
     def step(self, u: Tensor, state: S4DState) -> tuple[Tensor, S4DState]:
         """u (B, H) -> (B, H), one sample of the recurrence."""
-        dtA, CB = self._discrete()
+        dtA, CB = self._step_terms.get(self._params)
         # The state is kept in units of B~ (x' = x / B~), so B~ folds into the readout CB:
         # x'_k = exp(dt A) x'_{k-1} + u_k,  y_k = 2 Re(sum_n CB_n x'_k,n) + D u_k.
         x = torch.exp(dtA) * state.x + u.unsqueeze(-1)  # (B, H, N)
