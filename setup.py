@@ -42,6 +42,9 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6.0",
         "matplotlib>=3.7",
+        "scipy>=1.10",
+        "tqdm>=4.60",
+        "rosbags>=0.11,<0.12",  # its reader/writer API changed between minor releases
     ],
     extras_require={
         "test": ["pytest==9.2.0", "ruff==0.17.5", "mambapy==1.2.0"],

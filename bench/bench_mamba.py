@@ -10,12 +10,20 @@ What is measured, and why:
   norm, mambapy uses RMSNorm; these are negligible next to the scans.
 - Every (implementation, mode) runs in a fresh subprocess (``--worker IMPL MODE``, one JSON
   line out), so its peak RSS (``ru_maxrss``) is a clean peak-memory figure for that measurement
-  alone; the increase over the RSS right before the warm-up and timed runs is the working memory.
-- One warm-up call, then the median of N timed calls (fewer for the slow sequential mode).
+  alone. The peak is reset (``/proc/self/clear_refs``) right before the timed runs, after the
+  warm-up; "RSS increase" is that peak over the RSS at that moment: the working memory of a pass.
+- One warm-up call on a 64-step prefix of the input (thread pools, kernels, autograd engine),
+  then the median of up to N timed calls (``--repeats``, default 3); a measurement stops early
+  once one more call would take its timed total past ``--budget`` seconds (default 30), so the
+  slow mambapy modes get a single timed call. A watchdog ends a measurement still running after
+  ``--limit`` seconds (default 150) and reports that time as a lower bound: mambapy's sequential
+  forward+backward (its autograd through an L-step Python loop is O(L^2) in memory traffic)
+  had not finished after 11 minutes on a busy 2-core machine. The whole script takes 4 to 6
+  minutes on 2 cores.
 - Correctness: each of our mixers' weights is loaded into a mambapy ``MambaBlock`` (same
-  parameter names and shapes); on the same input the outputs and input gradients must agree to
-  1e-4 (max abs), or the script exits 1. Parameter gradients are compared too (max abs diff over
-  the largest gradient entry).
+  parameter names and shapes); on the same (2, 512) input and output cotangent, the outputs and
+  input gradients must agree to 1e-4 (max abs), and the parameter gradients to 1e-4 relative to
+  their largest entry, for both mambapy modes, or the script exits 1.
 
 Usage (from the repository root):
     PYTHONPATH=$PWD .venv/bin/python bench/bench_mamba.py            # full run, writes docs/BENCHMARKS.md
@@ -26,16 +34,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from benchutil import DEFAULT_DOC, environment, markdown_table, median, text_table, time_calls, write_section
+from benchutil import (
+    DEFAULT_DOC,
+    environment,
+    load_average,
+    markdown_table,
+    median,
+    text_table,
+    time_calls,
+    write_section,
+)
 from mambapy.mamba import Mamba as PeerMamba
 from mambapy.mamba import MambaConfig
 from torch import Tensor, nn
@@ -62,7 +80,8 @@ class Size:
 
 
 FULL, QUICK = Size(32, 512), Size(4, 128)
-CHECK_FULL, CHECK_QUICK = Size(4, 512), Size(2, 64)
+CHECK_FULL, CHECK_QUICK = Size(2, 512), Size(2, 64)  # seq backward is O(L^2): keep the check small
+WARMUP_LENGTH = 64  # warm-up call on this prefix of the input
 
 
 def build(impl: str) -> nn.Module:
@@ -94,49 +113,78 @@ def reset_peak_rss() -> None:
 # --- worker: one (implementation, mode) measurement in its own process -----------------------
 
 
-def run_worker(impl: str, mode: str, size: Size, repeats: int, threads: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
+@dataclass
+class Result:
+    impl: str
+    mode: str
+    times: list[float]  # seconds per completed timed call
+    rss_before_mib: float
+    peak_rss_mib: float = 0.0
+    threads: int = 0
+    stopped_after_s: float | None = None  # set when the --limit watchdog ended the run
+
+    @property
+    def seconds(self) -> float:
+        """Median time, or (when stopped before any call completed) a lower bound."""
+        return median(self.times) if self.times else float(self.stopped_after_s or math.nan)
+
+    @property
+    def is_lower_bound(self) -> bool:
+        return not self.times
+
+
+def emit(result: Result) -> None:
+    print(json.dumps(asdict(result)), flush=True)
+
+
+def abandon(result: Result, limit_s: float) -> None:
+    """Watchdog: report what was measured so far and end the worker."""
+    result.peak_rss_mib = peak_rss_mib()
+    result.stopped_after_s = limit_s
+    emit(result)
+    os._exit(0)
+
+
+def run_worker(impl: str, mode: str, size: Size, args: argparse.Namespace) -> Result:
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(impl)
     x = torch.randn(size.batch, size.length, D_MODEL)
 
-    def forward() -> None:
-        with torch.no_grad():
-            model(x)
+    def call(inputs: Tensor) -> None:
+        if mode == "fwd":
+            with torch.no_grad():
+                model(inputs)
+        else:
+            model.zero_grad(set_to_none=True)
+            model(inputs).square().mean().backward()
 
-    def forward_backward() -> None:
-        model.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-
-    call = forward if mode == "fwd" else forward_backward
-    call()  # warm-up; its one-time allocations (thread pools, kernels) stay out of the figures
-    before = rss_mib()
+    call(x[:, :WARMUP_LENGTH])  # warm-up: thread pools, kernels, autograd engine; cheap even for the slow modes
+    result = Result(impl, mode, [], rss_mib(), threads=torch.get_num_threads())
     reset_peak_rss()
-    times = time_calls(call, repeats, warmup=0)
-    peak = peak_rss_mib()
-    return {
-        "impl": impl, "mode": mode, "times": times, "median": median(times),
-        "rss_before_mib": before, "peak_rss_mib": peak, "threads": torch.get_num_threads(),
-    }
+    watchdog = threading.Timer(args.limit, abandon, (result, args.limit))
+    watchdog.daemon = True
+    watchdog.start()
+    time_calls(lambda: call(x), args.repeats, warmup=0, budget_s=args.budget, out=result.times)
+    watchdog.cancel()
+    result.peak_rss_mib = peak_rss_mib()
+    return result
 
 
-def measure(impl: str, mode: str, size: Size, repeats: int, threads: int) -> dict[str, Any]:
-    """Run one worker subprocess and return its JSON result."""
+def measure(impl: str, mode: str, size: Size, args: argparse.Namespace) -> Result:
+    """Run one worker subprocess and return its result."""
     cmd = [
-        sys.executable, __file__, "--worker", impl, mode, "--batch", str(size.batch),
-        "--length", str(size.length), "--repeats", str(repeats), "--threads", str(threads),
+        sys.executable, __file__, "--worker", impl, mode, "--batch", str(size.batch), "--length", str(size.length),
+        "--repeats", str(args.repeats), "--budget", str(args.budget), "--limit", str(args.limit),
+        "--threads", str(args.threads),
     ]
     repo = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2 * args.limit + 120)
     if proc.returncode:
         sys.exit(f"worker {impl} {mode} failed ({proc.returncode}):\n{proc.stderr}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(
-        f"  {impl:14s} {mode:7s} median {result['median']:8.3f} s over {repeats} run(s)"
-        f"  peak RSS {result['peak_rss_mib']:7.0f} MiB",
-        flush=True,
-    )
+    result = Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"  {impl:14s} {mode:7s} median (s): {seconds_cell(result)}, runs: {runs_cell(result)}", flush=True)
     return result
 
 
@@ -182,11 +230,21 @@ def check_failed(diffs: dict[str, dict[str, float]]) -> bool:
 # --- report -----------------------------------------------------------------------------------
 
 
-def result_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+def seconds_cell(r: Result) -> str:
+    return f"> {r.seconds:g} (stopped)" if r.is_lower_bound else f"{r.seconds:.3f}"
+
+
+def runs_cell(r: Result) -> str:
+    return "0, stopped" if r.is_lower_bound else str(len(r.times))
+
+
+def result_rows(results: list[Result]) -> list[list[str]]:
+    at_least = {True: ">= ", False: ""}
     return [
         [
-            r["impl"], MODE_NAMES[r["mode"]], f"{r['median']:.3f}", str(len(r["times"])),
-            f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] - r['rss_before_mib']:.0f}",
+            r.impl, MODE_NAMES[r.mode], seconds_cell(r), runs_cell(r),
+            f"{at_least[r.is_lower_bound]}{r.peak_rss_mib:.0f}",
+            f"{at_least[r.is_lower_bound]}{max(0.0, r.peak_rss_mib - r.rss_before_mib):.0f}",
         ]
         for r in results
     ]
@@ -195,22 +253,21 @@ def result_rows(results: list[dict[str, Any]]) -> list[list[str]]:
 RESULT_HEADERS = ["implementation", "pass", "median (s)", "runs", "peak RSS (MiB)", "RSS increase (MiB)"]
 
 
-def speedups(results: list[dict[str, Any]]) -> dict[str, tuple[str, float]]:
-    """Per mode: (the faster mambapy mode, its median / ours)."""
-    out = {}
-    for mode in MODES:
-        by_impl = {r["impl"]: r["median"] for r in results if r["mode"] == mode}
-        peer = min((i for i in by_impl if i != "ours"), key=by_impl.__getitem__)
-        out[mode] = (peer, by_impl[peer] / by_impl["ours"])
-    return out
-
-
-def speedup_lines(ratios: dict[str, tuple[str, float]]) -> list[str]:
+def speedup_lines(results: list[Result]) -> list[str]:
+    """Per mode: the faster mambapy mode's time over ours (a lower bound when that mode was stopped)."""
     lines = []
-    for mode, (peer, ratio) in ratios.items():
+    for mode in MODES:
+        ours = next(r for r in results if r.mode == mode and r.impl == "ours")
+        peer = min((r for r in results if r.mode == mode and r.impl != "ours"), key=lambda r: r.seconds)
+        if ours.is_lower_bound:
+            lines.append(f"{MODE_NAMES[mode]}: ours was stopped by --limit; no ratio")
+            continue
+        ratio = peer.seconds / ours.seconds
         verdict = "met" if ratio >= TARGET_SPEEDUP else "NOT met"
+        relation = ">=" if peer.is_lower_bound else "="
         lines.append(
-            f"{MODE_NAMES[mode]}: {peer} / ours = {ratio:.1f}x (target >= {TARGET_SPEEDUP:.0f}x: {verdict})"
+            f"{MODE_NAMES[mode]}: {peer.impl} / ours {relation} {ratio:.1f}x "
+            f"(target >= {TARGET_SPEEDUP:.0f}x: {verdict})"
         )
     return lines
 
@@ -223,15 +280,18 @@ CHECK_HEADERS = ["vs ours", "output max abs diff", "input grad max abs diff", "p
 
 
 def markdown(
-    size: Size, check: Size, threads: int, results: list[dict[str, Any]], diffs: dict[str, dict[str, float]]
+    args: argparse.Namespace, size: Size, check: Size, results: list[Result],
+    diffs: dict[str, dict[str, float]], load: str,
 ) -> str:
-    ratios = speedup_lines(speedups(results))
+    ratios = speedup_lines(results)
     return (
         "## Mamba on CPU: ours vs mambapy\n\n"
         f"d_model {D_MODEL}, {N_LAYERS} layers, batch {size.batch}, length {size.length}, float32. "
-        "Forward under `torch.no_grad`; forward+backward with loss = mean(output^2). One warm-up, then "
-        "the median of the timed runs; each row ran in its own process, so peak RSS is that "
-        "measurement's alone (RSS increase: over the RSS right before the warm-up).\n"
+        "Forward under `torch.no_grad`; forward+backward with loss = mean(output^2). One warm-up call on "
+        f"a {WARMUP_LENGTH}-step prefix, then the median of the timed runs (at most {args.repeats}, fewer "
+        f"once a measurement's runs would exceed {args.budget:g} s; a run still going after {args.limit:g} s is "
+        "stopped and reported as a lower bound). Each row ran in its own process; peak RSS is "
+        "the peak during its timed runs, RSS increase is over the RSS right before them.\n"
         f"{NORM_NOTE}\n\n"
         + markdown_table(RESULT_HEADERS, result_rows(results))
         + "\nSpeed-up against the faster mambapy mode:\n\n"
@@ -240,7 +300,7 @@ def markdown(
         f"(batch {check.batch}, length {check.length}, all {N_LAYERS} layers; tolerance {TOLERANCE:g}):\n\n"
         + markdown_table(CHECK_HEADERS, check_rows(diffs))
         + "\n"
-        + environment(str(threads))
+        + environment(str(args.threads), load)
     )
 
 
@@ -249,9 +309,18 @@ def markdown(
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes and single runs (smoke test); writes no docs")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs for ours and mambapy-pscan (default 3)")
-    p.add_argument("--seq-repeats", type=int, default=None, help="timed runs for mambapy-seq (default 1)")
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke test); no docs written without --out")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, at most (default 3)")
+    p.add_argument(
+        "--budget", type=float, default=30.0,
+        help="seconds of timed runs per measurement: no further run once one more would exceed it,\n"
+        "so the slow mambapy modes get a single run (default 30)",
+    )
+    p.add_argument(
+        "--limit", type=float, default=150.0,
+        help="seconds after which a measurement's timed runs are stopped and reported as a lower bound\n"
+        "(mambapy's sequential forward+backward takes many minutes at full size; default 150)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: os.cpu_count())")
     p.add_argument("--out", type=Path, default=None, help=f"markdown file to update (default {DEFAULT_DOC})")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
@@ -264,11 +333,10 @@ def main() -> int:
     args = parse_args()
     if args.worker:
         size = Size(args.batch, args.length)
-        print(json.dumps(run_worker(*args.worker, size, args.repeats, args.threads)))
+        emit(run_worker(*args.worker, size, args))
         return 0
+    load = load_average()
     size, check = (QUICK, CHECK_QUICK) if args.quick else (FULL, CHECK_FULL)
-    repeats = args.repeats or (1 if args.quick else 3)
-    seq_repeats = args.seq_repeats or 1
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (os.cpu_count() = {os.cpu_count()})")
     print(f"d_model {D_MODEL}, {N_LAYERS} layers, batch {size.batch}, length {size.length}, float32")
@@ -279,19 +347,15 @@ def main() -> int:
     print(text_table(CHECK_HEADERS, check_rows(diffs)))
 
     print("\nTiming (each in a fresh process):")
-    results = [
-        measure(impl, mode, size, seq_repeats if impl == "mambapy-seq" else repeats, args.threads)
-        for impl in IMPLS
-        for mode in MODES
-    ]
+    results = [measure(impl, mode, size, args) for impl in IMPLS for mode in MODES]
     print()
     print(text_table(RESULT_HEADERS, result_rows(results)))
     print()
-    print("\n".join(speedup_lines(speedups(results))))
+    print("\n".join(speedup_lines(results)))
 
     out = args.out or (None if args.quick else DEFAULT_DOC)
     if out is not None:
-        write_section(out, SECTION, markdown(size, check, args.threads, results, diffs))
+        write_section(out, SECTION, markdown(args, size, check, results, diffs, load))
     if check_failed(diffs):
         print(f"FAIL: a mixer differs from mambapy by more than {TOLERANCE:g}", file=sys.stderr)
         return 1

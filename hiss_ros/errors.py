@@ -15,3 +15,7 @@ class ShapeError(HissError, ValueError):
 
 class CheckpointError(HissError):
     """A checkpoint cannot be read, is of an unknown format version, or does not match its config."""
+
+
+class BagError(HissError):
+    """A bag cannot be read, or lacks a configured topic, or holds messages of another type."""

@@ -24,11 +24,17 @@ from torch import Tensor
 DEFAULT_BLOCK = 16
 
 
-def _block_terms(dt: Tensor, du: Tensor, A: Tensor, Bt: Tensor) -> tuple[Tensor, Tensor]:
-    """exp(delta A) and delta*u*B for one time-major block: each (T, B, E, N)."""
-    dA = torch.exp(dt.unsqueeze(-1) * A)
-    dBu = du.unsqueeze(-1) * Bt.unsqueeze(2)
+def _block_terms(dt: Tensor, du: Tensor, A: Tensor, Bt: Tensor, bufs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """exp(delta A) and delta*u*B for one time-major block, each (T, B, E, N), written into
+    ``bufs`` (reused across blocks: fresh multi-MB allocations per block cost page faults)."""
+    n = dt.shape[0]
+    dA = torch.mul(dt.unsqueeze(-1), A, out=bufs[0][:n]).exp_()
+    dBu = torch.mul(du.unsqueeze(-1), Bt.unsqueeze(2), out=bufs[1][:n])
     return dA, dBu
+
+
+def _buffers(ref: Tensor, block: int, batch: int, inner: int, state: int, count: int) -> list[Tensor]:
+    return [ref.new_empty(block, batch, inner, state) for _ in range(count)]
 
 
 def _scan_block(dA: Tensor, dBu: Tensor, h: Tensor) -> Tensor:
@@ -50,13 +56,16 @@ class _SelectiveScan(torch.autograd.Function):
         length, batch, inner = ut.shape
         h = u.new_zeros(batch, inner, A.shape[1])  # (B, E, N)
         y = torch.empty_like(ut)  # (L, B, E)
+        bufs = _buffers(u, min(block, length), batch, inner, A.shape[1], 2)
         starts = []
         for t0 in range(0, length, block):
             t1 = min(t0 + block, length)
             starts.append(h)
-            dA, hs = _block_terms(dt[t0:t1], du[t0:t1], A, Bt[t0:t1])
+            dA, hs = _block_terms(dt[t0:t1], du[t0:t1], A, Bt[t0:t1], bufs)
             h = _scan_block(dA, hs, h).clone()  # a copy, so the block buffer can be freed
-            y[t0:t1] = torch.einsum("tben,tbn->tbe", hs, Ct[t0:t1])
+            # y_t = <h_t, C_t>, written straight into y: (T*B, E, N) @ (T*B, N, 1)
+            torch.bmm(hs.view(-1, inner, hs.shape[-1]), Ct[t0:t1].reshape(-1, hs.shape[-1], 1),
+                      out=y[t0:t1].view(-1, inner, 1))
         ctx.block = block
         ctx.save_for_backward(ut, dt, A, Bt, Ct, torch.stack(starts))
         return y.transpose(0, 1)
@@ -71,25 +80,29 @@ class _SelectiveScan(torch.autograd.Function):
         gBt, gCt = torch.empty_like(Bt), torch.empty_like(Ct)
         gA = torch.zeros_like(A)
         carry = torch.zeros_like(starts[0])  # exp(delta_{t+1} A) * g_{t+1}, (B, E, N)
+        length, batch, inner = ut.shape
+        bufs = _buffers(ut, min(block, length), batch, inner, A.shape[1], 4)
         for i in reversed(range(len(starts))):
             t0 = i * block
-            b = slice(t0, min(t0 + block, ut.shape[0]))
-            dA, hs = _block_terms(dt[b], du[b], A, Bt[b])
+            b = slice(t0, min(t0 + block, length))
+            n = b.stop - t0
+            dA, hs = _block_terms(dt[b], du[b], A, Bt[b], bufs[:2])
             _scan_block(dA, hs, starts[i])  # hs[t] = h_t, recomputed
             gCt[b] = torch.einsum("tben,tbe->tbn", hs, gyt[b])
-            g = gyt[b].unsqueeze(-1) * Ct[b].unsqueeze(2)  # (T, B, E, N), becomes g_t
-            g_dA = torch.empty_like(g)  # becomes g_t * dA_t * h_{t-1}
+            g = torch.mul(gyt[b].unsqueeze(-1), Ct[b].unsqueeze(2), out=bufs[2][:n])  # (T, B, E, N), becomes g_t
+            g_dA = bufs[3][:n]  # becomes g_t * dA_t * h_{t-1}
             for t in reversed(range(g.shape[0])):
                 carry = torch.mul(g[t].add_(carry), dA[t], out=g_dA[t])
             carry = carry.clone()  # g_dA is multiplied by h_{t-1} in place next
             g_dA[1:].mul_(hs[:-1])
             g_dA[0].mul_(starts[i])
             P = torch.einsum("tben,tbn->tbe", g, Bt[b])  # d loss / d (delta u)
-            gut[b] = dt[b] * P
-            # Reductions that keep e in place (an einsum here would batch over e and copy).
-            gdt[b] = ut[b] * P + (g_dA * A).sum(-1)
-            gA += g_dA.mul_(dt[b].unsqueeze(-1)).sum((0, 1))
             gBt[b] = torch.einsum("tben,tbe->tbn", g, du[b])
+            gut[b] = dt[b] * P
+            # Reductions that keep e in place (an einsum here would batch over e and copy);
+            # g's buffer is free from here on and takes the product.
+            gdt[b] = ut[b] * P + torch.mul(g_dA, A, out=g).sum(-1)
+            gA += g_dA.mul_(dt[b].unsqueeze(-1)).sum((0, 1))
         return gut.transpose(0, 1), gdt.transpose(0, 1), gA, gBt.transpose(0, 1), gCt.transpose(0, 1), None
 
 

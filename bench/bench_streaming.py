@@ -1,0 +1,226 @@
+"""Streaming cost of the paper-size HiSS model on CPU: one chunk step against recomputing a window.
+
+What is measured, and why:
+- The model a deployed node runs: HiSS with a 6-layer S4D (d_model 256) low level over chunks of
+  10 samples and a 6-layer Mamba (d_model 128) high level, 6 inputs and 6 outputs, eval mode,
+  batch 1, float32, everything under ``torch.inference_mode``.
+- Streaming: the latency of one ``model.step_chunk(x_chunk, state)`` call (one output per chunk
+  of 10 new samples, state carried across calls): median, p90 and p99 over many calls after a
+  warm-up. This is the per-output cost of the node, independent of how long the stream ran.
+- The alternative without a recurrent state: for every new chunk, rerun ``model(x_window)`` over
+  the last 10 s of input: 1,000 samples at 100 Hz, 10,000 at 1,000 Hz (median of a few calls).
+  window / step is the saving of streaming.
+- Both with torch threads = 1 (a node sharing the CPU) and = os.cpu_count().
+- Sanity: stepping through the 100 Hz window chunk by chunk must reproduce ``model(window)``
+  (max abs diff <= 1e-4), or the script exits 1.
+Targets: step median <= 1 ms; window / step >= 50x.
+
+Usage (from the repository root):
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_streaming.py            # full run, writes docs/BENCHMARKS.md
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_streaming.py --quick    # small smoke run, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from benchutil import (
+    DEFAULT_DOC,
+    environment,
+    load_average,
+    markdown_table,
+    median,
+    percentile,
+    text_table,
+    time_calls,
+    write_section,
+)
+
+from hiss_ros.models import ChunkedModel, build_model
+
+SECTION = "bench_streaming"
+MODEL_CONFIG: dict[str, Any] = {
+    "kind": "hiss", "input_dim": 6, "output_dim": 6, "chunk": 10,
+    "low": {"kind": "s4d", "d_model": 256, "n_layers": 6},
+    "high": {"kind": "mamba", "d_model": 128, "n_layers": 6},
+}
+WINDOW_SECONDS = 10
+RATES_HZ = (100, 1000)
+TARGET_STEP_MS = 1.0
+TARGET_RATIO = 50.0
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Plan:
+    step_calls: int
+    step_warmup: int
+    window_calls: int
+
+
+FULL, QUICK = Plan(step_calls=500, step_warmup=50, window_calls=5), Plan(step_calls=50, step_warmup=5, window_calls=1)
+
+
+@dataclass(frozen=True)
+class Row:
+    threads: int
+    step_ms: list[float]  # one latency per step_chunk call
+    window_ms: dict[int, float]  # rate (Hz) -> median time of model(window)
+
+    @property
+    def step_median(self) -> float:
+        return median(self.step_ms)
+
+    def ratio(self, rate: int) -> float:
+        return self.window_ms[rate] / self.step_median
+
+
+def build() -> ChunkedModel:
+    torch.manual_seed(0)
+    return build_model(MODEL_CONFIG).eval()
+
+
+def step_latencies(model: ChunkedModel, plan: Plan) -> list[float]:
+    """Milliseconds per step_chunk call, state carried across calls, after plan.step_warmup calls."""
+    chunk, dim = model.config.chunk, model.config.input_dim
+    inputs = torch.randn(plan.step_warmup + plan.step_calls, 1, chunk, dim)
+    state = model.init_state(1)
+    times = []
+    for i, x in enumerate(inputs):
+        t0 = time.perf_counter()
+        _, state = model.step_chunk(x, state)
+        if i >= plan.step_warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def window_ms(model: ChunkedModel, rate: int, calls: int) -> float:
+    """Median milliseconds of model(x) over a WINDOW_SECONDS window sampled at ``rate`` Hz."""
+    x = torch.randn(1, WINDOW_SECONDS * rate, model.config.input_dim)
+    return median(time_calls(lambda: model(x), calls)) * 1e3
+
+
+def measure(model: ChunkedModel, threads: int, plan: Plan) -> Row:
+    torch.set_num_threads(threads)
+    step = step_latencies(model, plan)
+    windows = {rate: window_ms(model, rate, plan.window_calls) for rate in RATES_HZ}
+    return Row(threads, step, windows)
+
+
+def streaming_mismatch(model: ChunkedModel) -> float:
+    """Max abs difference between model(window) and stepping through the same window chunk by chunk."""
+    chunk = model.config.chunk
+    x = torch.randn(1, WINDOW_SECONDS * RATES_HZ[0], model.config.input_dim)
+    offline = model(x)  # (1, K, O)
+    state = model.init_state(1)
+    steps = []
+    for k in range(x.shape[1] // chunk):
+        y, state = model.step_chunk(x[:, k * chunk : (k + 1) * chunk], state)
+        steps.append(y)
+    return (torch.stack(steps, dim=1) - offline).abs().max().item()
+
+
+# --- report -----------------------------------------------------------------------------------
+
+HEADERS = ["torch threads", "step median (ms)", "step p90 (ms)", "step p99 (ms)"] + [
+    h for rate in RATES_HZ for h in (f"window {rate} Hz (ms)", f"window/step {rate} Hz")
+]
+
+
+def table_rows(rows: list[Row]) -> list[list[str]]:
+    return [
+        [str(r.threads), f"{r.step_median:.3f}", f"{percentile(r.step_ms, 90):.3f}", f"{percentile(r.step_ms, 99):.3f}"]
+        + [c for rate in RATES_HZ for c in (f"{r.window_ms[rate]:.1f}", f"{r.ratio(rate):.0f}x")]
+        for r in rows
+    ]
+
+
+def target_lines(rows: list[Row]) -> list[str]:
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = []
+    for r in rows:
+        worst = min(r.ratio(rate) for rate in RATES_HZ)
+        lines.append(
+            f"{r.threads} thread(s): step median {r.step_median:.3f} ms (target <= {TARGET_STEP_MS:g} ms: "
+            f"{verdict(r.step_median <= TARGET_STEP_MS)}); smallest window/step {worst:.0f}x "
+            f"(target >= {TARGET_RATIO:.0f}x: {verdict(worst >= TARGET_RATIO)})"
+        )
+    return lines
+
+
+def markdown(rows: list[Row], plan: Plan, n_params: int, mismatch: float, load: str) -> str:
+    cfg = MODEL_CONFIG
+    return (
+        "## Streaming HiSS on CPU: step_chunk vs recomputing a window\n\n"
+        f"HiSS, low {cfg['low']['n_layers']} x S4D d_model {cfg['low']['d_model']}, high "
+        f"{cfg['high']['n_layers']} x Mamba d_model {cfg['high']['d_model']}, chunk {cfg['chunk']}, "
+        f"{cfg['input_dim']} inputs, {cfg['output_dim']} outputs: {n_params:,} parameters. Eval mode, "
+        "batch 1, float32, `torch.inference_mode`.\n"
+        f"Step: latency of one `step_chunk` call ({plan.step_calls} calls after {plan.step_warmup} warm-up). "
+        f"Window: `model(x)` over the last {WINDOW_SECONDS} s of input, recomputed for each new chunk "
+        f"(median of {plan.window_calls} call(s) after one warm-up).\n\n"
+        + markdown_table(HEADERS, table_rows(rows))
+        + "\n"
+        + "".join(f"- {line}\n" for line in target_lines(rows))
+        + f"- Streaming vs offline over the {RATES_HZ[0]} Hz window: max abs diff {mismatch:.2e} "
+        f"(tolerance {TOLERANCE:g})\n\n"
+        + environment(" and ".join(str(r.threads) for r in rows), load)
+    )
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few calls (smoke test); writes no docs unless --out is given")
+    p.add_argument("--step-calls", type=int, default=None, help="timed step_chunk calls per thread count (500)")
+    p.add_argument("--window-calls", type=int, default=None, help="timed model(window) calls per rate (5)")
+    p.add_argument("--out", type=Path, default=None, help=f"markdown file to update (default {DEFAULT_DOC})")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    load = load_average()
+    plan = QUICK if args.quick else FULL
+    plan = Plan(args.step_calls or plan.step_calls, plan.step_warmup, args.window_calls or plan.window_calls)
+    thread_counts = sorted({1, os.cpu_count() or 1})
+    model = build()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"torch {torch.__version__}, os.cpu_count() = {os.cpu_count()}, threads measured: {thread_counts}")
+    print(f"model: {n_params:,} parameters; config {MODEL_CONFIG}")
+
+    with torch.inference_mode():
+        mismatch = streaming_mismatch(model)
+        print(f"streaming vs offline, {RATES_HZ[0]} Hz window: max abs diff {mismatch:.2e}")
+        rows = []
+        for threads in thread_counts:
+            rows.append(measure(model, threads, plan))
+            print(f"  measured with {threads} thread(s)", flush=True)
+
+    print()
+    print(text_table(HEADERS, table_rows(rows)))
+    print()
+    print("\n".join(target_lines(rows)))
+
+    out = args.out or (None if args.quick else DEFAULT_DOC)
+    if out is not None:
+        write_section(out, SECTION, markdown(rows, plan, n_params, mismatch, load))
+    if mismatch > TOLERANCE:
+        print(f"FAIL: streaming differs from offline by more than {TOLERANCE:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Writing ROS 2 bags with rosbags: message builders and a writer for (topic, stamp, message).
+
+    records = [("/imu/data", t, imu(t, gyro, accel)), ("/tactile", t, float_array(values))]
+    write_bag("out.mcap", records)            # or "out_db3" with storage="sqlite3"
+
+Used by tests (tiny bags in tmp_path, no binary fixtures) and by the importers and simulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+TYPESTORE = get_typestore(Stores.ROS2_JAZZY)
+_T = TYPESTORE.types
+
+
+def _header(stamp_ns: int, frame_id: str) -> Any:
+    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    return _T["std_msgs/msg/Header"](stamp=_T["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec),
+                                     frame_id=frame_id)
+
+
+def _vec(v: Sequence[float]) -> Any:
+    return _T["geometry_msgs/msg/Vector3"](x=float(v[0]), y=float(v[1]), z=float(v[2]))
+
+
+def imu(stamp_ns: int, gyro: Sequence[float], accel: Sequence[float], frame_id: str = "imu",
+        orientation: Sequence[float] = (0.0, 0.0, 0.0, 1.0)) -> Any:
+    """sensor_msgs/msg/Imu; orientation as (x, y, z, w)."""
+    q = _T["geometry_msgs/msg/Quaternion"](x=orientation[0], y=orientation[1], z=orientation[2], w=orientation[3])
+    cov = np.zeros(9)
+    return _T["sensor_msgs/msg/Imu"](
+        header=_header(stamp_ns, frame_id), orientation=q, orientation_covariance=cov,
+        angular_velocity=_vec(gyro), angular_velocity_covariance=cov,
+        linear_acceleration=_vec(accel), linear_acceleration_covariance=cov,
+    )
+
+
+def float_array(values: Sequence[float]) -> Any:
+    """std_msgs/msg/Float32MultiArray (no header: stamped with the bag's receive time)."""
+    layout = _T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
+    return _T["std_msgs/msg/Float32MultiArray"](layout=layout, data=np.asarray(values, dtype=np.float32))
+
+
+def wrench(stamp_ns: int, force: Sequence[float], torque: Sequence[float], frame_id: str = "tool") -> Any:
+    w = _T["geometry_msgs/msg/Wrench"](force=_vec(force), torque=_vec(torque))
+    return _T["geometry_msgs/msg/WrenchStamped"](header=_header(stamp_ns, frame_id), wrench=w)
+
+
+def twist(stamp_ns: int, linear: Sequence[float], angular: Sequence[float], frame_id: str = "tool") -> Any:
+    t = _T["geometry_msgs/msg/Twist"](linear=_vec(linear), angular=_vec(angular))
+    return _T["geometry_msgs/msg/TwistStamped"](header=_header(stamp_ns, frame_id), twist=t)
+
+
+def write_bag(path: str | Path, records: Iterable[tuple[str, int, Any]], storage: str = "mcap") -> Path:
+    """Write ``(topic, receive_stamp_ns, message)`` records (any order of topics) to a new bag."""
+    plugin = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[storage]
+    path = Path(path)
+    conns: dict[str, Any] = {}
+    with Writer(path, version=9, storage_plugin=plugin) as writer:
+        for topic, stamp_ns, msg in records:
+            msgtype = msg.__msgtype__
+            if topic not in conns:
+                conns[topic] = writer.add_connection(topic, msgtype, typestore=TYPESTORE)
+            writer.write(conns[topic], int(stamp_ns), TYPESTORE.serialize_cdr(msg, msgtype))
+    return path

@@ -1,0 +1,100 @@
+"""Bag reading: streams out of tiny bags written into tmp_path, and every bad-input message."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hiss_ros.data import StreamSpec, read_streams
+from hiss_ros.data.write import float_array, imu, wrench, write_bag
+from hiss_ros.errors import BagError, ConfigError
+
+MS = 1_000_000
+IMU = StreamSpec("/imu", "sensor_msgs/msg/Imu",
+                 ("angular_velocity.x", "angular_velocity.y", "angular_velocity.z",
+                  "linear_acceleration.x", "linear_acceleration.y", "linear_acceleration.z"))
+TACTILE = StreamSpec("/tactile", "std_msgs/msg/Float32MultiArray", ("data",))
+FORCE = StreamSpec("/wrench", "geometry_msgs/msg/WrenchStamped", ("wrench.force.x", "wrench.force.z"))
+
+
+def records(n=40, header_offset_ms=3):
+    """IMU and wrench with header stamps ``header_offset_ms`` before their receive time; tactile
+    without header."""
+    out = []
+    for k in range(n):
+        t = (1000 + 5 * k) * MS
+        out.append(("/imu", t, imu(t - header_offset_ms * MS, (k, 2 * k, 3), (0, 0, 9.81))))
+        out.append(("/wrench", t, wrench(t - header_offset_ms * MS, (k, 0, -k), (0, 0, 0))))
+        if k % 2 == 0:
+            out.append(("/tactile", t + MS, float_array([k, k + 0.5, -k, 1, 2])))
+    return out
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_streams_come_out_with_header_or_receive_stamps(tmp_path, storage):
+    bag = write_bag(tmp_path / "b", records(), storage=storage)
+    data = read_streams([bag], [IMU, TACTILE, FORCE], progress=False)
+    s = data.streams["/imu"]
+    assert s.values.shape == (40, 6)
+    np.testing.assert_array_equal(s.stamps_ns, (1000 + 5 * np.arange(40) - 3) * MS)  # header.stamp
+    np.testing.assert_array_equal(s.values[:, 1], 2 * np.arange(40))
+    t = data.streams["/tactile"]
+    assert t.values.shape == (20, 5)
+    np.testing.assert_array_equal(t.stamps_ns, (1000 + 10 * np.arange(20)) * MS + MS)  # receive time
+    np.testing.assert_array_equal(data.streams["/wrench"].values[:, 1], -np.arange(40))
+    assert data.report["/imu"].messages == 40
+
+
+def test_second_read_comes_from_cache(tmp_path):
+    bag = write_bag(tmp_path / "b", records())
+    first = read_streams([bag], [IMU, TACTILE], cache_dir=tmp_path / "cache", progress=False)
+    second = read_streams([bag], [IMU, TACTILE], cache_dir=tmp_path / "cache", progress=False)
+    assert not first.from_cache and second.from_cache
+    for topic in ("/imu", "/tactile"):
+        np.testing.assert_array_equal(first.streams[topic].values, second.streams[topic].values)
+        np.testing.assert_array_equal(first.streams[topic].stamps_ns, second.streams[topic].stamps_ns)
+
+
+def test_nonfinite_reordered_and_duplicate_samples_are_dropped_or_sorted_and_counted(tmp_path):
+    recs = [("/imu", (1000 + k) * MS, imu((1000 + k) * MS, (k, 0, 0), (0, 0, 0))) for k in range(10)]
+    recs[3] = ("/imu", 1003 * MS, imu(1003 * MS, (np.nan, 0, 0), (0, 0, 0)))
+    recs[5] = ("/imu", 1005 * MS, imu(1001 * MS + 1, (5, 0, 0), (0, 0, 0)))  # header stamp goes back
+    recs[7] = ("/imu", 1007 * MS, imu(1006 * MS, (7, 0, 0), (0, 0, 0)))  # same stamp as sample 6
+    bag = write_bag(tmp_path / "b", recs)
+    data = read_streams([bag], [StreamSpec("/imu", IMU.type, ("angular_velocity.x",))], progress=False)
+    rep = data.report["/imu"]
+    assert (rep.nonfinite_dropped, rep.out_of_order, rep.duplicate_stamps_dropped) == (1, 1, 1)
+    s = data.streams["/imu"]
+    assert np.all(np.diff(s.stamps_ns) > 0)
+    assert np.isfinite(s.values).all() and len(s.values) == 8
+
+
+def test_missing_topic_lists_what_the_bag_has(tmp_path):
+    bag = write_bag(tmp_path / "b", records())
+    with pytest.raises(BagError, match=r"no topic '/imu/data'; the bag has: /imu \[sensor_msgs/msg/Imu\], "
+                                       r"/tactile \[std_msgs/msg/Float32MultiArray\]"):
+        read_streams([bag], [StreamSpec("/imu/data", IMU.type, IMU.fields)], progress=False)
+
+
+def test_type_mismatch_and_unknown_field_are_named(tmp_path):
+    bag = write_bag(tmp_path / "b", records())
+    with pytest.raises(BagError, match=r"topic '/wrench' is geometry_msgs/msg/WrenchStamped, but the config says"):
+        read_streams([bag], [StreamSpec("/wrench", "geometry_msgs/msg/TwistStamped", ("twist.linear.x",))],
+                     progress=False)
+    with pytest.raises(ConfigError, match=r"sensor_msgs/msg/Imu has no field 'linear_accel\.x'"):
+        read_streams([bag], [StreamSpec("/imu", IMU.type, ("linear_accel.x",))], progress=False)
+
+
+def test_unsupported_type_is_refused_in_the_spec():
+    with pytest.raises(ConfigError, match="message type 'sensor_msgs/msg/Image' is not supported"):
+        StreamSpec("/camera", "sensor_msgs/msg/Image", ("data",))
+
+
+def test_missing_empty_and_truncated_bags(tmp_path):
+    with pytest.raises(BagError, match="no such bag"):
+        read_streams([tmp_path / "nope.mcap"], [IMU], progress=False)
+    bag = write_bag(tmp_path / "b", records(n=200))
+    mcap = next(bag.glob("*.mcap"))
+    mcap.write_bytes(mcap.read_bytes()[: mcap.stat().st_size // 2])
+    with pytest.raises(BagError, match="cannot read bag"):
+        read_streams([bag], [IMU], progress=False)
