@@ -60,6 +60,8 @@ setup(
         "console_scripts": [
             "demo = hiss_ros.demo:main",
             "hiss-demo = hiss_ros.demo:main",
+            "train = hiss_ros.train.cli:main",
+            "hiss-train = hiss_ros.train.cli:main",
         ],
     },
 )

@@ -66,7 +66,12 @@ def save_checkpoint(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    blob = save(tensors, metadata={_META_KEY: json.dumps(meta)})
+    atomic_write(path, save(tensors, metadata={_META_KEY: json.dumps(meta)}))
+    return path
+
+
+def atomic_write(path: Path, blob: bytes) -> None:
+    """Write ``blob`` to a temp file beside ``path``, flush it to disk, rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -78,7 +83,6 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

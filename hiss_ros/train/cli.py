@@ -1,0 +1,63 @@
+"""hiss-train: train an estimator from bags.
+
+    hiss-train --config config/train.yaml --bag run1.mcap --bag run2.mcap --out runs/contact [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from hiss_ros.errors import HissError
+from hiss_ros.train.config import TrainConfig
+from hiss_ros.train.dataset import load_dataset
+from hiss_ros.train.loop import train
+
+MODEL_CHOICES = ["hiss", "flat-mamba", "flat-s4d", "flat-lstm", "flat-transformer"]
+
+
+def with_model(cfg: TrainConfig, choice: str) -> TrainConfig:
+    """``hiss``: the config's model. ``flat-KIND``: a flat stack of KIND with the config's
+    low-level width and depth."""
+    if choice == "hiss":
+        return cfg
+    low = cfg.model.get("low") or cfg.model.get("layers") or {}
+    layers = {k: v for k, v in low.items() if k in ("d_model", "n_layers", "dropout")}
+    model = {"kind": "flat", "layers": {**layers, "kind": choice.split("-", 1)[1]}}
+    if "deltas" in cfg.model:
+        model["deltas"] = cfg.model["deltas"]
+    return replace(cfg, model=model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hiss-train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, type=Path, help="training config YAML (see config/train.yaml)")
+    p.add_argument("--bag", required=True, action="append", type=Path, help="a bag (file or folder); repeatable")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--model", choices=MODEL_CHOICES, default="hiss")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hiss_ros",
+                   help="where extracted bag arrays are cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        cfg = with_model(TrainConfig.load(args.config), args.model)
+        ds = load_dataset(cfg, args.bag, cache_dir=args.cache_dir, progress=not args.quiet)
+        logging.info("train %d chunks, validation %d chunks, %d segment(s) skipped",
+                     ds.train.chunks, ds.val.chunks, ds.skipped_segments)
+        result = train(cfg, ds, args.out, resume=args.resume, progress=not args.quiet)
+    except HissError as exc:
+        print(f"hiss-train: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(args.out), "val_mse": result.val_mse, "best_epoch": result.best_epoch,
+                      "epochs_run": result.epochs_run}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

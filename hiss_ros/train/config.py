@@ -1,0 +1,109 @@
+"""Training configuration (YAML), validated with messages that name the key and value."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hiss_ros.data.streams import StreamSpec
+from hiss_ros.errors import ConfigError
+from hiss_ros.pipeline import FilterConfig, PipelineConfig
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    seq_chunks: int = 64  # chunks per training window
+    val_fraction: float = 0.2  # the last part of each episode, in time
+    patience: int = 10  # epochs without validation improvement before stopping
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"train.{f.name} = {v!r}: expected a number")
+        for name in ("epochs", "batch_size", "seq_chunks", "patience"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}: expected a positive int")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"train.val_fraction = {self.val_fraction!r}: expected a number in (0, 1)")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr = {self.lr!r}: expected a positive number")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    inputs: tuple[StreamSpec, ...]
+    outputs: tuple[StreamSpec, ...]
+    input_rate_hz: float
+    output_rate_hz: float
+    model: dict[str, Any]  # model config without input_dim / output_dim / chunk (filled in from the data)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    max_gap_s: float = 0.5
+    filter: FilterConfig | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        for key in ("inputs", "outputs", "input_rate_hz", "output_rate_hz", "model"):
+            if key not in data:
+                raise ConfigError(f"{source}: missing key {key!r}")
+        for key in ("inputs", "outputs"):
+            if not isinstance(data[key], list) or not data[key]:
+                raise ConfigError(f"{source}: {key} must be a non-empty list of streams")
+        if not isinstance(data["model"], dict):
+            raise ConfigError(f"{source}: model must be a mapping such as {{kind: hiss, low: ..., high: ...}}")
+        train = data.get("train") or {}
+        try:
+            settings = TrainSettings(**train)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: train: {exc}") from None
+        filt = data.get("filter")
+        return cls(
+            inputs=tuple(StreamSpec.from_dict(s) for s in data["inputs"]),
+            outputs=tuple(StreamSpec.from_dict(s) for s in data["outputs"]),
+            input_rate_hz=data["input_rate_hz"],
+            output_rate_hz=data["output_rate_hz"],
+            model=dict(data["model"]),
+            train=settings,
+            max_gap_s=data.get("max_gap_s", 0.5),
+            filter=FilterConfig(**filt) if isinstance(filt, dict) else filt,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def pipeline_config(self, input_dims: tuple[int, ...]) -> PipelineConfig:
+        return PipelineConfig(input_dims, self.input_rate_hz, self.output_rate_hz, self.max_gap_s, self.filter)
+
+    def data_spec(self) -> dict[str, Any]:
+        """What the live node needs besides the model: streams, rates, gap limit, filter."""
+        return {
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "input_rate_hz": self.input_rate_hz,
+            "output_rate_hz": self.output_rate_hz,
+            "max_gap_s": self.max_gap_s,
+            "filter": asdict(self.filter) if self.filter else None,
+        }

@@ -1,0 +1,140 @@
+"""Bags -> pipeline chunks + causal targets -> train / validation splits with normalisation.
+
+Target of chunk k = ground truth interpolated at the chunk's stamp (its last input sample): the
+estimate and the truth refer to the same instant, no look-ahead. Chunks whose stamp is outside
+an output stream's recorded span, or more than ``max_gap_s`` away from its nearest sample, get
+no target and split their episode into segments.
+
+Split by time: the first (1 - val_fraction) of each segment trains, the rest validates (never
+shuffled windows); normalisation statistics come from the training part only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hiss_ros.data import read_streams
+from hiss_ros.errors import HissError
+from hiss_ros.pipeline import Pipeline
+from hiss_ros.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    x: list[np.ndarray] = field(default_factory=list)  # per segment (K, chunk, C) float32
+    y: list[np.ndarray] = field(default_factory=list)  # per segment (K, O) float32
+
+    @property
+    def chunks(self) -> int:
+        return sum(len(y) for y in self.y)
+
+
+@dataclass
+class Dataset:
+    train: Split
+    val: Split
+    input_dims: tuple[int, ...]
+    output_dim: int
+    chunk: int
+    normalization: dict[str, list[float]]
+    skipped_segments: int = 0
+    pipeline_counters: dict[str, int] = field(default_factory=dict)
+
+
+def _targets(cfg: TrainConfig, streams: dict, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(K, O) ground truth at ``stamps`` and a (K,) mask of where it is defined."""
+    cols, ok = [], np.ones(len(stamps), bool)
+    gap = cfg.max_gap_s * 1e9
+    for spec in cfg.outputs:
+        t, v = streams[spec.topic].stamps_ns, streams[spec.topic].values
+        i = np.clip(np.searchsorted(t, stamps), 1, len(t) - 1)
+        nearest = np.minimum(np.abs(t[i] - stamps), np.abs(t[i - 1] - stamps))
+        ok &= (stamps >= t[0]) & (stamps <= t[-1]) & (nearest <= gap)
+        cols += [np.interp(stamps, t, v[:, c]) for c in range(v.shape[1])]
+    return np.stack(cols, axis=1), ok
+
+
+def _segments(mask: np.ndarray) -> list[slice]:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return [slice(a, b) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
+                 progress: bool = True) -> Dataset:
+    """Each bag is its own time line (its own pipeline run); all their segments are pooled."""
+    raw_train, raw_val = Split(), Split()
+    dims: tuple[int, ...] | None = None
+    skipped = 0
+    counters: dict[str, int] = {}
+    chunk = 0
+    for bag in bags:
+        data = read_streams([bag], [*cfg.inputs, *cfg.outputs], cache_dir=cache_dir, progress=progress)
+        inputs = [(data.streams[s.topic].stamps_ns, data.streams[s.topic].values) for s in cfg.inputs]
+        bag_dims = tuple(v.shape[1] for _, v in inputs)
+        if dims is not None and bag_dims != dims:
+            raise HissError(f"{bag}: input channels {bag_dims} differ from the earlier bags' {dims}")
+        dims = bag_dims
+        pipe = Pipeline(cfg.pipeline_config(dims))
+        chunk = pipe.config.chunk
+        for ep in pipe.process(inputs):
+            y, ok = _targets(cfg, data.streams, ep.stamps_ns)
+            for seg in _segments(ok):
+                n = seg.stop - seg.start
+                n_val = round(n * cfg.train.val_fraction)
+                if n - n_val < cfg.train.seq_chunks or n_val < 1:
+                    skipped += 1
+                    log.warning("%s: skipping a segment of %d chunks (%.1f s): shorter than one training "
+                                "sequence (%d chunks) plus its validation part", bag, n, n / cfg.output_rate_hz,
+                                cfg.train.seq_chunks)
+                    continue
+                cut = seg.start + n - n_val
+                raw_train.x.append(ep.x[seg.start:cut])
+                raw_train.y.append(y[seg.start:cut])
+                raw_val.x.append(ep.x[cut:seg.stop])
+                raw_val.y.append(y[cut:seg.stop])
+        for k, v in pipe.counters.items():
+            counters[k] = counters.get(k, 0) + v
+    if not raw_train.y:
+        raise HissError(
+            f"no training data: every segment of {', '.join(map(str, bags))} is shorter than one training "
+            f"sequence ({cfg.train.seq_chunks} chunks = {cfg.train.seq_chunks / cfg.output_rate_hz:.1f} s) plus "
+            f"its validation part; record longer runs or lower train.seq_chunks"
+        )
+    xs = np.concatenate([x.reshape(-1, x.shape[-1]) for x in raw_train.x])
+    ys = np.concatenate(raw_train.y)
+    norm = {
+        "input_mean": xs.mean(0), "input_std": _safe_std(xs),
+        "output_mean": ys.mean(0), "output_std": _safe_std(ys),
+    }
+    train, val = (_normalised(s, norm) for s in (raw_train, raw_val))
+    return Dataset(train, val, dims, ys.shape[1], chunk, {k: v.tolist() for k, v in norm.items()}, skipped, counters)
+
+
+def _safe_std(a: np.ndarray) -> np.ndarray:
+    s = a.std(0)
+    return np.where(s > 1e-8, s, 1.0)
+
+
+def _normalised(split: Split, norm: dict[str, np.ndarray]) -> Split:
+    return Split(
+        [((x - norm["input_mean"]) / norm["input_std"]).astype(np.float32) for x in split.x],
+        [((y - norm["output_mean"]) / norm["output_std"]).astype(np.float32) for y in split.y],
+    )
+
+
+def windows(split: Split, seq_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training windows of ``seq_chunks`` chunks, half-overlapping: x (W, seq*chunk, C), y (W, seq, O)."""
+    xs, ys = [], []
+    step = max(1, seq_chunks // 2)
+    for x, y in zip(split.x, split.y, strict=True):
+        for s in range(0, len(y) - seq_chunks + 1, step):
+            xs.append(x[s:s + seq_chunks].reshape(-1, x.shape[-1]))
+            ys.append(y[s:s + seq_chunks])
+    return np.stack(xs), np.stack(ys)

@@ -1,0 +1,171 @@
+"""The training loop: AdamW, cosine LR, gradient clipping, early stopping on validation MSE.
+
+Writes into ``out``:
+    model.safetensors   best checkpoint (weights, model config, normalisation, data spec)
+    train_state.safetensors  last epoch's weights + optimizer state, for --resume
+    metrics.csv         one row per epoch
+    metrics.json        val_mse (normalised) and per-channel MSE in physical units of the best epoch
+
+Deterministic on CPU for a fixed seed: each epoch reseeds from (seed, epoch), so a resumed run
+takes exactly the steps the uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from tqdm import tqdm
+
+from hiss_ros.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from hiss_ros.errors import CheckpointError
+from hiss_ros.models import ChunkedModel, build_model
+from hiss_ros.train.config import TrainConfig
+from hiss_ros.train.dataset import Dataset, Split, windows
+
+log = logging.getLogger(__name__)
+STATE_FILE = "train_state.safetensors"
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class Result:
+    best_epoch: int
+    val_mse: float
+    val_mse_per_channel: list[float]  # physical units
+    epochs_run: int
+    seconds: float
+
+
+def model_config(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
+    return {**cfg.model, "input_dim": sum(ds.input_dims), "output_dim": ds.output_dim, "chunk": ds.chunk}
+
+
+@torch.no_grad()
+def evaluate(model: ChunkedModel, split: Split) -> tuple[float, np.ndarray]:
+    """MSE (normalised) over every validation chunk, each segment run from its start, and the
+    per-channel squared errors (normalised) to convert to physical units."""
+    model.eval()
+    sq = []
+    for x, y in zip(split.x, split.y, strict=True):
+        pred = model(torch.from_numpy(x.reshape(1, -1, x.shape[-1])))[0].numpy()
+        sq.append((pred - y) ** 2)
+    sq = np.concatenate(sq)
+    return float(sq.mean()), sq.mean(0)
+
+
+def _save_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Model and optimizer tensors in safetensors, everything else as JSON (no pickle)."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            tensors[f"opt.{idx}.{name}"] = torch.as_tensor(v).contiguous()
+    meta = {**meta, "param_groups": sd["param_groups"]}
+    atomic_write(path, save(tensors, metadata={"train_state": json.dumps(meta)}))
+
+
+def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["train_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot resume from it ({exc}); delete it to start afresh") from None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progress: bool = True) -> Result:
+    out.mkdir(parents=True, exist_ok=True)
+    s = cfg.train
+    torch.manual_seed(s.seed)
+    model = build_model(model_config(cfg, ds))
+    xw, yw = (torch.from_numpy(a) for a in windows(ds.train, s.seq_chunks))
+    steps_per_epoch = math.ceil(len(xw) / s.batch_size)
+    total = steps_per_epoch * s.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+
+    def lr_at(step: int) -> float:  # linear warm-up over one epoch, then cosine to 1% of lr
+        warm = steps_per_epoch
+        if step < warm:
+            return (step + 1) / warm
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    meta = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0}
+    if resume and (out / STATE_FILE).is_file():
+        meta = _load_state(out / STATE_FILE, model, opt)
+        log.info("resuming after epoch %d (best val_mse %.5f at epoch %d)", meta["epoch"], meta["best_val"],
+                 meta["best_epoch"])
+    csv_path = out / "metrics.csv"
+    if meta["epoch"] == 0:
+        csv_path.write_text("epoch,train_loss,val_mse,lr,seconds\n")
+    t_start = time.perf_counter()
+    bar = tqdm(total=s.epochs, initial=meta["epoch"], desc="training", unit="epoch", disable=not progress)
+    for epoch in range(meta["epoch"], s.epochs):
+        torch.manual_seed(s.seed * 100_003 + epoch)
+        model.train()
+        order = torch.randperm(len(xw))
+        losses = []
+        for i in range(steps_per_epoch):
+            for g in opt.param_groups:
+                g["lr"] = s.lr * lr_at(epoch * steps_per_epoch + i)
+            idx = order[i * s.batch_size:(i + 1) * s.batch_size]
+            loss = torch.nn.functional.mse_loss(model(xw[idx]), yw[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+        val, _ = evaluate(model, ds.val)
+        improved = val < meta["best_val"]
+        if improved:
+            meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
+            save_checkpoint(out / MODEL_FILE, model, ds.normalization, cfg.data_spec())
+        else:
+            meta["bad_epochs"] += 1
+        meta["epoch"] = epoch + 1
+        with csv_path.open("a", newline="") as f:
+            csv.writer(f).writerow([epoch, f"{np.mean(losses):.6f}", f"{val:.6f}", f"{opt.param_groups[0]['lr']:.3g}",
+                                    f"{time.perf_counter() - t_start:.1f}"])
+        _save_state(out / STATE_FILE, model, opt, meta)
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val:.4f}", best=f"{meta['best_val']:.4f}")
+        bar.update()
+        if meta["bad_epochs"] >= s.patience:
+            log.info("early stop: no validation improvement for %d epochs", s.patience)
+            break
+    bar.close()
+    return _finish(out, cfg, ds, meta, time.perf_counter() - t_start)
+
+
+def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seconds: float) -> Result:
+    best = load_checkpoint(out / MODEL_FILE).model
+    val, per_channel = evaluate(best, ds.val)
+    physical = (per_channel * np.asarray(ds.normalization["output_std"]) ** 2).tolist()
+    result = Result(meta["best_epoch"], val, physical, meta["epoch"], seconds)
+    names = [f"{s.topic}:{f}" for s in cfg.outputs for f in s.fields]
+    metrics = {
+        "val_mse": val, "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"],
+        "val_mse_per_channel": dict(zip(names, physical, strict=True)) if len(names) == len(physical) else physical,
+        "train_chunks": ds.train.chunks, "val_chunks": ds.val.chunks, "skipped_segments": ds.skipped_segments,
+        "pipeline": ds.pipeline_counters, "seconds": round(seconds, 1),
+        "parameters": sum(p.numel() for p in best.parameters()),
+    }
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    return result
