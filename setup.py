@@ -62,6 +62,8 @@ setup(
             "hiss-demo = hiss_ros.demo:main",
             "train = hiss_ros.train.cli:main",
             "hiss-train = hiss_ros.train.cli:main",
+            "eval = hiss_ros.train.evaluate:main",
+            "hiss-eval = hiss_ros.train.evaluate:main",
         ],
     },
 )

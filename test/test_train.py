@@ -12,6 +12,7 @@ import yaml
 from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.write import float_array, imu, wrench, write_bag
 from hiss_ros.train.cli import main
+from hiss_ros.train.evaluate import main as eval_main
 
 MS = 1_000_000
 
@@ -72,6 +73,19 @@ def test_trains_a_model_that_beats_the_mean_and_serves_from_its_checkpoint(tmp_p
     assert len(ckpt.normalization["input_mean"]) == 9
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,val_mse") and len(rows) == 1 + metrics["epochs_run"]
+
+    # hiss-eval on the same bag reproduces the trainer's validation metrics, and writes its report.
+    assert eval_main(["--model", str(tmp_path / "run"), "--bag", str(bag), "--out", str(tmp_path / "ev"),
+                      "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["val_mse"] == pytest.approx(metrics["val_mse"], rel=1e-6)
+    for ch, mse in metrics["val_mse_per_channel"].items():
+        assert ev["mse"][ch] == pytest.approx(mse, rel=1e-5)
+    lines = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
+    assert lines[0].split(",")[:2] == ["stamp_ns", "pred /wrench_gt:wrench.force.x"]
+    assert len(lines) == 1 + metrics["val_chunks"]
+    for png in ("predictions.png", "errors.png"):
+        assert (tmp_path / "ev" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_reaches_the_same_result(tmp_path, bag, monkeypatch):

@@ -84,6 +84,11 @@ class TrainConfig:
         )
 
     @classmethod
+    def from_checkpoint(cls, data: dict[str, Any], model: dict[str, Any]) -> TrainConfig:
+        """The config a checkpoint was trained with, from its data spec and model config."""
+        return cls.from_dict({**data, "model": model}, source="checkpoint data spec")
+
+    @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         try:
@@ -106,4 +111,5 @@ class TrainConfig:
             "output_rate_hz": self.output_rate_hz,
             "max_gap_s": self.max_gap_s,
             "filter": asdict(self.filter) if self.filter else None,
+            "train": asdict(self.train),  # so hiss-eval can rebuild the same validation split
         }

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class Split:
     x: list[np.ndarray] = field(default_factory=list)  # per segment (K, chunk, C) float32
     y: list[np.ndarray] = field(default_factory=list)  # per segment (K, O) float32
+    stamps: list[np.ndarray] = field(default_factory=list)  # per segment (K,) int64, chunk times
 
     @property
     def chunks(self) -> int:
@@ -66,14 +67,24 @@ def _segments(mask: np.ndarray) -> list[slice]:
     return [slice(a, b) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
-def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
-                 progress: bool = True) -> Dataset:
+@dataclass
+class Segments:
+    """Un-normalised chunks and targets, split in time into training and validation parts."""
+
+    train: Split
+    val: Split
+    input_dims: tuple[int, ...]
+    chunk: int
+    skipped: int
+    counters: dict[str, int]
+
+
+def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
+                     progress: bool = True) -> Segments:
     """Each bag is its own time line (its own pipeline run); all their segments are pooled."""
-    raw_train, raw_val = Split(), Split()
+    train, val = Split(), Split()
     dims: tuple[int, ...] | None = None
-    skipped = 0
-    counters: dict[str, int] = {}
-    chunk = 0
+    skipped, chunk, counters = 0, 0, {}
     for bag in bags:
         data = read_streams([bag], [*cfg.inputs, *cfg.outputs], cache_dir=cache_dir, progress=progress)
         inputs = [(data.streams[s.topic].stamps_ns, data.streams[s.topic].values) for s in cfg.inputs]
@@ -95,26 +106,33 @@ def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | 
                                 cfg.train.seq_chunks)
                     continue
                 cut = seg.start + n - n_val
-                raw_train.x.append(ep.x[seg.start:cut])
-                raw_train.y.append(y[seg.start:cut])
-                raw_val.x.append(ep.x[cut:seg.stop])
-                raw_val.y.append(y[cut:seg.stop])
+                for part, sl in ((train, slice(seg.start, cut)), (val, slice(cut, seg.stop))):
+                    part.x.append(ep.x[sl])
+                    part.y.append(y[sl])
+                    part.stamps.append(ep.stamps_ns[sl])
         for k, v in pipe.counters.items():
             counters[k] = counters.get(k, 0) + v
-    if not raw_train.y:
+    return Segments(train, val, dims or (), chunk, skipped, counters)
+
+
+def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
+                 progress: bool = True) -> Dataset:
+    """Segments of ``bags``, normalised with statistics of their training parts."""
+    seg = collect_segments(cfg, bags, cache_dir, progress)
+    if not seg.train.y:
         raise HissError(
             f"no training data: every segment of {', '.join(map(str, bags))} is shorter than one training "
             f"sequence ({cfg.train.seq_chunks} chunks = {cfg.train.seq_chunks / cfg.output_rate_hz:.1f} s) plus "
             f"its validation part; record longer runs or lower train.seq_chunks"
         )
-    xs = np.concatenate([x.reshape(-1, x.shape[-1]) for x in raw_train.x])
-    ys = np.concatenate(raw_train.y)
+    xs = np.concatenate([x.reshape(-1, x.shape[-1]) for x in seg.train.x])
+    ys = np.concatenate(seg.train.y)
     norm = {
-        "input_mean": xs.mean(0), "input_std": _safe_std(xs),
-        "output_mean": ys.mean(0), "output_std": _safe_std(ys),
+        "input_mean": xs.mean(0).tolist(), "input_std": _safe_std(xs).tolist(),
+        "output_mean": ys.mean(0).tolist(), "output_std": _safe_std(ys).tolist(),
     }
-    train, val = (_normalised(s, norm) for s in (raw_train, raw_val))
-    return Dataset(train, val, dims, ys.shape[1], chunk, {k: v.tolist() for k, v in norm.items()}, skipped, counters)
+    return Dataset(normalised(seg.train, norm), normalised(seg.val, norm), seg.input_dims, ys.shape[1], seg.chunk,
+                   norm, seg.skipped, seg.counters)
 
 
 def _safe_std(a: np.ndarray) -> np.ndarray:
@@ -122,11 +140,12 @@ def _safe_std(a: np.ndarray) -> np.ndarray:
     return np.where(s > 1e-8, s, 1.0)
 
 
-def _normalised(split: Split, norm: dict[str, np.ndarray]) -> Split:
-    return Split(
-        [((x - norm["input_mean"]) / norm["input_std"]).astype(np.float32) for x in split.x],
-        [((y - norm["output_mean"]) / norm["output_std"]).astype(np.float32) for y in split.y],
-    )
+def normalised(split: Split, norm: dict[str, list[float]]) -> Split:
+    """``split`` in the model's units: (value - mean) / std with the checkpoint's statistics."""
+    mx, sx = np.asarray(norm["input_mean"]), np.asarray(norm["input_std"])
+    my, sy = np.asarray(norm["output_mean"]), np.asarray(norm["output_std"])
+    return Split([((x - mx) / sx).astype(np.float32) for x in split.x],
+                 [((y - my) / sy).astype(np.float32) for y in split.y], split.stamps)
 
 
 def windows(split: Split, seq_chunks: int) -> tuple[np.ndarray, np.ndarray]:

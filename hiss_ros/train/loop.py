@@ -52,15 +52,16 @@ def model_config(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: ChunkedModel, split: Split) -> tuple[float, np.ndarray]:
-    """MSE (normalised) over every validation chunk, each segment run from its start, and the
-    per-channel squared errors (normalised) to convert to physical units."""
+def predict(model: ChunkedModel, split: Split) -> np.ndarray:
+    """(K, O) normalised predictions for every chunk of ``split``, each segment run from its
+    start (as the live node streams it)."""
     model.eval()
-    sq = []
-    for x, y in zip(split.x, split.y, strict=True):
-        pred = model(torch.from_numpy(x.reshape(1, -1, x.shape[-1])))[0].numpy()
-        sq.append((pred - y) ** 2)
-    sq = np.concatenate(sq)
+    return np.concatenate([model(torch.from_numpy(x.reshape(1, -1, x.shape[-1])))[0].numpy() for x in split.x])
+
+
+def evaluate(model: ChunkedModel, split: Split) -> tuple[float, np.ndarray]:
+    """MSE (normalised) over every chunk of ``split`` and its per-channel part."""
+    sq = (predict(model, split) - np.concatenate(split.y)) ** 2
     return float(sq.mean()), sq.mean(0)
 
 

@@ -1,0 +1,132 @@
+"""hiss-eval: a trained model on bags -> metrics.json, predictions.csv and PNG plots.
+
+    hiss-eval --model runs/contact --bag run3.mcap --out runs/contact/eval_run3 [--split val|all]
+
+``--split val`` (default) evaluates the validation part of each segment exactly as the trainer
+did, so its ``val_mse`` reproduces the trainer's; ``all`` evaluates every segment part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hiss_ros.checkpoint import atomic_write, load_checkpoint
+from hiss_ros.errors import HissError
+from hiss_ros.models import config_to_dict
+from hiss_ros.train.config import TrainConfig
+from hiss_ros.train.dataset import Split, collect_segments, normalised
+from hiss_ros.train.loop import MODEL_FILE, predict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    stamps_ns: np.ndarray  # (K,)
+    pred: np.ndarray  # (K, O) physical units
+    truth: np.ndarray  # (K, O)
+    channels: list[str]
+
+
+def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_dir: Path | None = None,
+                  progress: bool = True) -> Evaluation:
+    path = model_path / MODEL_FILE if model_path.is_dir() else model_path
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig.from_checkpoint(ckpt.data, config_to_dict(ckpt.config))
+    seg = collect_segments(cfg, bags, cache_dir, progress)
+    raw = seg.val if split == "val" else Split(seg.train.x + seg.val.x, seg.train.y + seg.val.y,
+                                                 seg.train.stamps + seg.val.stamps)
+    if not raw.y:
+        raise HissError(f"nothing to evaluate in {', '.join(map(str, bags))} (no segment long enough)")
+    data = normalised(raw, ckpt.normalization)
+    pred_n, truth_n = predict(ckpt.model, data), np.concatenate(data.y)
+    sy, my = np.asarray(ckpt.normalization["output_std"]), np.asarray(ckpt.normalization["output_mean"])
+    pred, truth = pred_n * sy + my, np.concatenate(raw.y)
+    channels = [f"{s.topic}:{f}" for s in cfg.outputs for f in s.fields]
+    if len(channels) != pred.shape[1]:
+        channels = [f"output_{i}" for i in range(pred.shape[1])]
+    mse = ((pred - truth) ** 2).mean(0)
+    metrics = {
+        "split": split,
+        "val_mse" if split == "val" else "mse_normalised": float(((pred_n - truth_n) ** 2).mean()),
+        "mse": dict(zip(channels, mse.tolist(), strict=True)),
+        "rmse": dict(zip(channels, np.sqrt(mse).tolist(), strict=True)),
+        "chunks": len(pred),
+        "model": str(path),
+        "bags": [str(b) for b in bags],
+    }
+    return Evaluation(metrics, np.concatenate(raw.stamps), pred, truth, channels)
+
+
+def write_report(ev: Evaluation, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "metrics.json", json.dumps(ev.metrics, indent=2).encode())
+    with (out / "predictions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["stamp_ns", *(f"pred {c}" for c in ev.channels), *(f"truth {c}" for c in ev.channels)])
+        for t, p, y in zip(ev.stamps_ns, ev.pred, ev.truth, strict=True):
+            w.writerow([int(t), *(f"{v:.6g}" for v in p), *(f"{v:.6g}" for v in y)])
+    _plots(ev, out)
+
+
+def _plots(ev: Evaluation, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = (ev.stamps_ns - ev.stamps_ns[0]) / 1e9
+    n = len(ev.channels)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 2.2 * n + 1), sharex=True, squeeze=False)
+    for i, ax in enumerate(axes[:, 0]):
+        ax.plot(t, ev.truth[:, i], ".", ms=2, color="k", label="ground truth")
+        ax.plot(t, ev.pred[:, i], ".", ms=2, color="C1", label="estimate")
+        ax.set_ylabel(ev.channels[i].split(":")[-1], fontsize=8)
+    axes[0, 0].legend(loc="upper right", markerscale=4)
+    axes[-1, 0].set_xlabel("time since first evaluated chunk [s] (segments concatenated)")
+    fig.suptitle(f"hiss-eval: estimate vs ground truth ({ev.metrics['split']} split)")
+    fig.tight_layout()
+    fig.savefig(out / "predictions.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, c in enumerate(ev.channels):
+        ax.hist(ev.pred[:, i] - ev.truth[:, i], bins=60, histtype="step", label=c.split(":")[-1])
+    ax.set_xlabel("error (estimate - ground truth), physical units")
+    ax.set_ylabel("chunks")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "errors.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hiss-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, type=Path, help="training output folder or a .safetensors checkpoint")
+    p.add_argument("--bag", required=True, action="append", type=Path, help="a bag (file or folder); repeatable")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--split", choices=["val", "all"], default="val")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hiss_ros")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        ev = evaluate_bags(args.model, args.bag, args.split, args.cache_dir, progress=not args.quiet)
+        write_report(ev, args.out)
+    except HissError as exc:
+        print(f"hiss-eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: ev.metrics[k] for k in ev.metrics if k not in ("bags", "model")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
