@@ -37,6 +37,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_mamba.py
 	$(PY) bench/bench_streaming.py
+	$(PY) bench/bench_bag.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -16,16 +16,17 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
-from hiss_ros.data.streams import StreamSpec, check_fields, message_stamp_ns, message_values
+from hiss_ros.data.streams import StreamSpec, check_fields, message_stamp_ns, value_reader
 from hiss_ros.errors import BagError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -128,15 +129,15 @@ def read_streams(
             _check_topics(reader, specs, paths)
             conns = [c for c in reader.connections if c.topic in by_topic]
             total = sum(c.msgcount for c in conns)
-            checked: set[str] = set()
+            readers: dict[str, Callable[[Any], np.ndarray]] = {}
             bar = tqdm(total=total, unit="msg", desc="reading bag", disable=not progress, leave=False)
             for conn, receive_ns, raw in reader.messages(connections=conns):
                 spec = by_topic[conn.topic]
                 msg = reader.deserialize(raw, conn.msgtype)
-                if spec.topic not in checked:
+                if spec.topic not in readers:
                     check_fields(spec, msg)
-                    checked.add(spec.topic)
-                row = message_values(spec, msg)
+                    readers[spec.topic] = value_reader(spec, msg)
+                row = readers[spec.topic](msg)
                 if values[spec.topic] and row.shape != values[spec.topic][0].shape:
                     raise BagError(
                         f"{spec.topic}: message {report[spec.topic].messages} has {row.size} values, "

@@ -8,7 +8,9 @@ spec extracts the same numbers in the trainer and in the estimator node.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -98,6 +100,17 @@ def _public_fields(msg: Any) -> list[str]:
 def message_values(spec: StreamSpec, msg: Any) -> np.ndarray:
     """The channels of one message as a float64 vector (scalars and arrays concatenated)."""
     return np.concatenate([np.atleast_1d(np.asarray(_resolve(msg, p), dtype=np.float64)) for p in spec.fields])
+
+
+def value_reader(spec: StreamSpec, example: Any) -> Callable[[Any], np.ndarray]:
+    """A faster ``message_values`` for messages shaped like ``example``: when every field is a
+    scalar, one attrgetter call and one array construction per message."""
+    if all(np.ndim(_resolve(example, p)) == 0 for p in spec.fields):
+        get = attrgetter(*spec.fields)
+        if len(spec.fields) == 1:
+            return lambda msg: np.array([get(msg)], dtype=np.float64)
+        return lambda msg: np.array(get(msg), dtype=np.float64)
+    return lambda msg: message_values(spec, msg)
 
 
 def message_stamp_ns(spec: StreamSpec, msg: Any, receive_ns: int) -> int:
