@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -144,3 +147,27 @@ def test_config_errors(tmp_path, bag, capsys, edit, message):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(tmp_path / "bad.yaml"), "--bag", str(bag), "--out", str(tmp_path / "o")]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, bag):
+    """torchrun with 2 CPU processes (gloo) ends with the same metrics as 1 process."""
+    cfg = config(tmp_path, epochs=3)
+    common = ["--config", str(cfg), "--bag", str(bag), "--quiet", "--cache-dir", str(tmp_path / "cache"),
+              "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "hiss_ros.train.cli", *common, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (one["processes"], two["processes"]) == (1, 2)  # really data-parallel
+    assert two["epochs_run"] == one["epochs_run"] == 3
+    assert two["val_mse"] == pytest.approx(one["val_mse"], rel=1e-3)
+    rows_one = [r.split(",")[1:3] for r in (tmp_path / "one" / "metrics.csv").read_text().splitlines()[1:]]
+    rows_two = [r.split(",")[1:3] for r in (tmp_path / "two" / "metrics.csv").read_text().splitlines()[1:]]
+    for a, b in zip(rows_one, rows_two, strict=True):  # train loss and val_mse per epoch
+        assert [float(v) for v in b] == pytest.approx([float(v) for v in a], rel=1e-3)

@@ -1,6 +1,7 @@
 """hiss-train: train an estimator from bags.
 
     hiss-train --config config/train.yaml --bag run1.mcap --bag run2.mcap --out runs/contact [--resume]
+    torchrun --nproc_per_node 4 -m hiss_ros.train.cli --config ... --device cuda   # data-parallel (DDP)
 """
 
 from __future__ import annotations
@@ -8,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from hiss_ros.errors import HissError
 from hiss_ros.train.config import TrainConfig
@@ -43,20 +47,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hiss_ros",
                    help="where extracted bag arrays are cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when available (one GPU per torchrun process), else CPU")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    device = _device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         cfg = with_model(TrainConfig.load(args.config), args.model)
         ds = load_dataset(cfg, args.bag, cache_dir=args.cache_dir, progress=not args.quiet)
         logging.info("train %d chunks, validation %d chunks, %d segment(s) skipped",
                      ds.train.chunks, ds.val.chunks, ds.skipped_segments)
-        result = train(cfg, ds, args.out, resume=args.resume, progress=not args.quiet)
+        result = train(cfg, ds, args.out, resume=args.resume, progress=not args.quiet, device=device)
     except HissError as exc:
         print(f"hiss-train: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     print(json.dumps({"out": str(args.out), "val_mse": result.val_mse, "best_epoch": result.best_epoch,
                       "epochs_run": result.epochs_run}))
     return 0
+
+
+def _device(choice: str) -> str:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("hiss-train: error: --device cuda, but torch sees no CUDA device")
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 if __name__ == "__main__":

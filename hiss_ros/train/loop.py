@@ -28,7 +28,7 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from hiss_ros.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from hiss_ros.errors import CheckpointError
+from hiss_ros.errors import CheckpointError, ConfigError
 from hiss_ros.models import ChunkedModel, build_model
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import Dataset, Split, windows
@@ -52,16 +52,17 @@ def model_config(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def predict(model: ChunkedModel, split: Split) -> np.ndarray:
+def predict(model: ChunkedModel, split: Split, device: str = "cpu") -> np.ndarray:
     """(K, O) normalised predictions for every chunk of ``split``, each segment run from its
     start (as the live node streams it)."""
     model.eval()
-    return np.concatenate([model(torch.from_numpy(x.reshape(1, -1, x.shape[-1])))[0].numpy() for x in split.x])
+    return np.concatenate([model(torch.from_numpy(x.reshape(1, -1, x.shape[-1])).to(device))[0].cpu().numpy()
+                           for x in split.x])
 
 
-def evaluate(model: ChunkedModel, split: Split) -> tuple[float, np.ndarray]:
+def evaluate(model: ChunkedModel, split: Split, device: str = "cpu") -> tuple[float, np.ndarray]:
     """MSE (normalised) over every chunk of ``split`` and its per-channel part."""
-    sq = (predict(model, split) - np.concatenate(split.y)) ** 2
+    sq = (predict(model, split, device) - np.concatenate(split.y)) ** 2
     return float(sq.mean()), sq.mean(0)
 
 
@@ -93,11 +94,29 @@ def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer) -> 
     return meta
 
 
-def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progress: bool = True) -> Result:
-    out.mkdir(parents=True, exist_ok=True)
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun's process group when one was initialised, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progress: bool = True,
+          device: str = "cpu") -> Result:
+    """Train on ``ds``; under torchrun every rank calls this with the same data, each takes its
+    share of every batch, and rank 0 alone writes files. The loss is normalised by the global
+    batch, so N processes take the same steps as one (up to float summation order)."""
+    rank, world = _distributed()
+    lead = rank == 0
     s = cfg.train
+    if s.batch_size < world:
+        raise ConfigError(f"train.batch_size = {s.batch_size} is smaller than the {world} processes")
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
-    model = build_model(model_config(cfg, ds))
+    model = build_model(model_config(cfg, ds)).to(device)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     xw, yw = (torch.from_numpy(a) for a in windows(ds.train, s.seq_chunks))
     steps_per_epoch = math.ceil(len(xw) / s.batch_size)
     total = steps_per_epoch * s.epochs
@@ -115,47 +134,57 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         log.info("resuming after epoch %d (best val_mse %.5f at epoch %d)", meta["epoch"], meta["best_val"],
                  meta["best_epoch"])
     csv_path = out / "metrics.csv"
-    if meta["epoch"] == 0:
+    if lead and meta["epoch"] == 0:
         csv_path.write_text("epoch,train_loss,val_mse,lr,seconds\n")
     t_start = time.perf_counter()
-    bar = tqdm(total=s.epochs, initial=meta["epoch"], desc="training", unit="epoch", disable=not progress)
+    bar = tqdm(total=s.epochs, initial=meta["epoch"], desc="training", unit="epoch", disable=not (progress and lead))
     for epoch in range(meta["epoch"], s.epochs):
-        torch.manual_seed(s.seed * 100_003 + epoch)
+        torch.manual_seed(s.seed * 100_003 + epoch)  # same order on every rank, and after --resume
         model.train()
         order = torch.randperm(len(xw))
-        losses = []
+        sq_sum, count = torch.zeros(2, dtype=torch.float64), 0
         for i in range(steps_per_epoch):
             for g in opt.param_groups:
                 g["lr"] = s.lr * lr_at(epoch * steps_per_epoch + i)
-            idx = order[i * s.batch_size:(i + 1) * s.batch_size]
-            loss = torch.nn.functional.mse_loss(model(xw[idx]), yw[idx])
+            batch = order[i * s.batch_size:(i + 1) * s.batch_size]
+            idx = batch[rank::world]  # this rank's share
+            y = yw[idx].to(device)
+            sq = torch.nn.functional.mse_loss(net(xw[idx].to(device)), y, reduction="sum")
+            loss = sq * world / (len(batch) * y[0].numel())  # DDP averages over ranks -> global mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             opt.step()
-            losses.append(loss.item())
-        val, _ = evaluate(model, ds.val)
-        improved = val < meta["best_val"]
-        if improved:
+            sq_sum[0] += sq.item()
+            count += len(batch) * y[0].numel()
+        if world > 1:
+            torch.distributed.all_reduce(sq_sum)
+        train_loss = float(sq_sum[0]) / count
+        val, _ = evaluate(model, ds.val, device)
+        if val < meta["best_val"]:
             meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
-            save_checkpoint(out / MODEL_FILE, model, ds.normalization, cfg.data_spec())
+            if lead:
+                save_checkpoint(out / MODEL_FILE, model, ds.normalization, cfg.data_spec())
         else:
             meta["bad_epochs"] += 1
         meta["epoch"] = epoch + 1
-        with csv_path.open("a", newline="") as f:
-            csv.writer(f).writerow([epoch, f"{np.mean(losses):.6f}", f"{val:.6f}", f"{opt.param_groups[0]['lr']:.3g}",
-                                    f"{time.perf_counter() - t_start:.1f}"])
-        _save_state(out / STATE_FILE, model, opt, meta)
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val:.4f}", best=f"{meta['best_val']:.4f}")
+        if lead:
+            with csv_path.open("a", newline="") as f:
+                csv.writer(f).writerow([epoch, f"{train_loss:.6f}", f"{val:.6f}", f"{opt.param_groups[0]['lr']:.3g}",
+                                        f"{time.perf_counter() - t_start:.1f}"])
+            _save_state(out / STATE_FILE, model, opt, meta)
+        bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{meta['best_val']:.4f}")
         bar.update()
         if meta["bad_epochs"] >= s.patience:
             log.info("early stop: no validation improvement for %d epochs", s.patience)
             break
     bar.close()
-    return _finish(out, cfg, ds, meta, time.perf_counter() - t_start)
+    if world > 1:
+        torch.distributed.barrier()  # rank 0's files are complete before anyone reads them
+    return _finish(out, cfg, ds, meta, time.perf_counter() - t_start, write=lead)
 
 
-def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seconds: float) -> Result:
+def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seconds: float, write: bool) -> Result:
     best = load_checkpoint(out / MODEL_FILE).model
     val, per_channel = evaluate(best, ds.val)
     physical = (per_channel * np.asarray(ds.normalization["output_std"]) ** 2).tolist()
@@ -167,6 +196,8 @@ def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seco
         "train_chunks": ds.train.chunks, "val_chunks": ds.val.chunks, "skipped_segments": ds.skipped_segments,
         "pipeline": ds.pipeline_counters, "seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in best.parameters()),
+        "processes": _distributed()[1],
     }
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    if write:
+        atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     return result
