@@ -171,3 +171,29 @@ def test_two_process_ddp_matches_one_process(tmp_path, bag):
     rows_two = [r.split(",")[1:3] for r in (tmp_path / "two" / "metrics.csv").read_text().splitlines()[1:]]
     for a, b in zip(rows_one, rows_two, strict=True):  # train loss and val_mse per epoch
         assert [float(v) for v in b] == pytest.approx([float(v) for v in a], rel=1e-3)
+
+
+def test_compare_trains_each_model_at_the_hiss_budget(tmp_path, bag):
+    out = tmp_path / "cmp"
+    code = main(["--config", str(config(tmp_path, epochs=2)), "--bag", str(bag), "--out", str(out), "--quiet",
+                 "--cache-dir", str(tmp_path / "cache"), "--compare", "hiss,flat-mamba,flat-lstm"])
+    assert code == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["name"] for r in rows] == ["hiss", "flat-mamba", "flat-lstm"]
+    for r in rows:
+        assert abs(r["budget_ratio"] - 1) <= 0.1, r
+        assert r["step_ms"] > 0 and np.isfinite(r["val_mse"])
+        assert (out / r["name"] / "model.safetensors").is_file()
+    assert "| flat-lstm |" in (out / "comparison.md").read_text()
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_chunk_sweep_trains_one_model_per_chunk(tmp_path, bag):
+    out = tmp_path / "sweep"
+    code = main(["--config", str(config(tmp_path, epochs=1, seq_chunks=16)), "--bag", str(bag), "--out", str(out),
+                 "--quiet", "--cache-dir", str(tmp_path / "cache"), "--sweep", "chunk=5,20"])
+    assert code == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [(r["chunk"], r["output_rate_hz"]) for r in rows] == [(5, 40.0), (20, 10.0)]
+    assert load_checkpoint(out / "chunk_20" / "model.safetensors").config.chunk == 20
+    assert main(["--config", str(config(tmp_path)), "--bag", str(bag), "--out", str(out), "--sweep", "width=3"]) == 2

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from hiss_ros.errors import HissError
+from hiss_ros.errors import ConfigError, HissError
+from hiss_ros.train.compare import run_compare, run_sweep
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import load_dataset
 from hiss_ros.train.loop import train
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hiss_ros",
                    help="where extracted bag arrays are cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--compare", metavar="MODELS",
+                   help="train each of a comma list (e.g. hiss,flat-mamba,flat-s4d,flat-lstm,flat-transformer) "
+                        "at the HiSS parameter budget into OUT/<model>, and write OUT/comparison.md")
+    p.add_argument("--sweep", metavar="chunk=LIST", help="train one HiSS per chunk size, e.g. chunk=5,10,20,40")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when available (one GPU per torchrun process), else CPU")
     args = p.parse_args(argv)
@@ -56,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         cfg = with_model(TrainConfig.load(args.config), args.model)
+        if args.compare or args.sweep:
+            rows = _comparison(cfg, args)
+            print(json.dumps(rows, indent=2))
+            return 0
         ds = load_dataset(cfg, args.bag, cache_dir=args.cache_dir, progress=not args.quiet)
         logging.info("train %d chunks, validation %d chunks, %d segment(s) skipped",
                      ds.train.chunks, ds.val.chunks, ds.skipped_segments)
@@ -69,6 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"out": str(args.out), "val_mse": result.val_mse, "best_epoch": result.best_epoch,
                       "epochs_run": result.epochs_run}))
     return 0
+
+
+def _comparison(cfg: TrainConfig, args: argparse.Namespace) -> list[dict]:
+    if args.compare:
+        models = [m.strip() for m in args.compare.split(",") if m.strip()]
+        return run_compare(cfg, args.bag, args.out, models, args.cache_dir, progress=not args.quiet)
+    key, _, values = args.sweep.partition("=")
+    try:
+        chunks = [int(v) for v in values.split(",")]
+    except ValueError:
+        chunks = []
+    if key != "chunk" or not chunks or min(chunks) < 1:
+        raise ConfigError(f"--sweep {args.sweep!r}: expected chunk=N,N,... with positive integers")
+    return run_sweep(cfg, args.bag, args.out, chunks, args.cache_dir, progress=not args.quiet)
 
 
 def _device(choice: str) -> str:
