@@ -98,3 +98,36 @@ def test_missing_empty_and_truncated_bags(tmp_path):
     mcap.write_bytes(mcap.read_bytes()[: mcap.stat().st_size // 2])
     with pytest.raises(BagError, match="cannot read bag"):
         read_streams([bag], [IMU], progress=False)
+
+
+@pytest.mark.parametrize("frame", ["world_velocity", "body_velocity"])
+def test_velocity_derived_from_motion_capture_pose(tmp_path, frame):
+    """A body circling at 1 rad/s with radius 2 m, yawing with its motion: world velocity is
+    tangential, body velocity is constant forward (x) at 2 m/s."""
+    from scipy.spatial.transform import Rotation
+
+    from hiss_ros.data.write import pose
+
+    t = np.arange(0, 6, 0.01)  # 100 Hz mocap
+    recs = []
+    for ti in t:
+        yaw = ti + np.pi / 2  # heading along the tangent
+        q = Rotation.from_euler("z", yaw).as_quat()
+        stamp = int(1e9 + ti * 1e9)
+        recs.append(("/mocap", stamp, pose(stamp, (2 * np.cos(ti), 2 * np.sin(ti), 1.0), q)))
+    bag = write_bag(tmp_path / "b", recs)
+    spec = StreamSpec.from_dict({"topic": "/mocap", "type": "geometry_msgs/msg/PoseStamped", "derive": frame})
+    v = read_streams([bag], [spec], progress=False).streams["/mocap"].values[20:-20]  # away from the ends
+    if frame == "world_velocity":
+        expected = np.stack([-2 * np.sin(t), 2 * np.cos(t), 0 * t], 1)[20:-20]
+    else:
+        expected = np.tile([2.0, 0.0, 0.0], (len(v), 1))
+    np.testing.assert_allclose(v, expected, atol=2e-3)
+    assert spec.channel_names == [f"{frame}.{a}" for a in "xyz"]
+
+
+def test_derive_needs_a_pose_stream():
+    with pytest.raises(ConfigError, match="derive needs a pose stream"):
+        StreamSpec.from_dict({"topic": "/imu", "type": "sensor_msgs/msg/Imu", "derive": "body_velocity"})
+    with pytest.raises(ConfigError, match="derive = 'speed'"):
+        StreamSpec.from_dict({"topic": "/p", "type": "geometry_msgs/msg/PoseStamped", "derive": "speed"})

@@ -26,6 +26,7 @@ from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
+from hiss_ros.data.derive import velocity_from_pose
 from hiss_ros.data.streams import StreamSpec, check_fields, message_stamp_ns, value_reader
 from hiss_ros.errors import BagError, ConfigError
 
@@ -155,8 +156,14 @@ def read_streams(
                        "is it truncated or still being recorded?") from None
     seconds = time.perf_counter() - t0
     n = sum(r.messages for r in report.values())
-    data = BagData({t: _finish(by_topic[t], stamps[t], values[t], report[t]) for t in by_topic}, report,
-                   n / seconds if seconds > 0 else 0.0)
+    streams = {t: _finish(by_topic[t], stamps[t], values[t], report[t]) for t in by_topic}
+    for t, spec in by_topic.items():
+        if spec.derive:
+            if len(streams[t].stamps_ns) < 5:
+                raise BagError(f"{spec.topic}: {len(streams[t].stamps_ns)} poses are too few to derive {spec.derive}")
+            streams[t] = StreamData(streams[t].stamps_ns,
+                                    velocity_from_pose(streams[t].stamps_ns, streams[t].values, spec.derive))
+    data = BagData(streams, report, n / seconds if seconds > 0 else 0.0)
     log.info("read %d messages from %d bag(s) in %.1f s (%.0f msg/s)", n, len(paths), seconds, data.messages_per_s)
     if cache is not None:
         _save_cache(cache, data)

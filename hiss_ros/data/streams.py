@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from hiss_ros.data.derive import DERIVATIONS, POSE_FIELDS
 from hiss_ros.errors import ConfigError
 
 # Supported message types -> whether they carry std_msgs/Header (stamp = header.stamp);
@@ -39,6 +40,7 @@ class StreamSpec:
     topic: str
     type: str
     fields: tuple[str, ...] = field(default_factory=tuple)
+    derive: str | None = None  # "world_velocity" | "body_velocity" from a pose stream (hiss_ros.data.derive)
 
     def __post_init__(self) -> None:
         where = f"stream {self.topic!r}"
@@ -48,6 +50,14 @@ class StreamSpec:
             raise ConfigError(
                 f"{where}: message type {self.type!r} is not supported; supported: {sorted(SUPPORTED_TYPES)}"
             )
+        if self.derive is not None:
+            if self.derive not in DERIVATIONS:
+                raise ConfigError(f"{where}: derive = {self.derive!r}: expected one of {list(DERIVATIONS)}")
+            if self.type not in POSE_FIELDS:
+                raise ConfigError(f"{where}: derive needs a pose stream ({sorted(POSE_FIELDS)}), not {self.type}")
+            if self.fields:
+                raise ConfigError(f"{where}: give either fields or derive, not both")
+            object.__setattr__(self, "fields", POSE_FIELDS[self.type])
         fields = tuple(self.fields) if not isinstance(self.fields, str) else (self.fields,)
         if not fields or not all(isinstance(f, str) and f for f in fields):
             raise ConfigError(f"{where}: fields must be a non-empty list of dotted paths, got {self.fields!r}")
@@ -57,16 +67,25 @@ class StreamSpec:
     def has_header(self) -> bool:
         return SUPPORTED_TYPES[self.type]
 
+    @property
+    def channel_names(self) -> list[str]:
+        """Names of the channels this stream yields (after any derivation)."""
+        if self.derive:
+            return [f"{self.derive}.{a}" for a in "xyz"]
+        return list(self.fields)
+
     @classmethod
     def from_dict(cls, data: Any) -> StreamSpec:
-        if not isinstance(data, dict) or set(data) - {"topic", "type", "fields"}:
-            raise ConfigError(f"stream: expected {{topic, type, fields}}, got {data!r}")
+        if not isinstance(data, dict) or set(data) - {"topic", "type", "fields", "derive"}:
+            raise ConfigError(f"stream: expected {{topic, type, fields}} (or derive instead of fields), got {data!r}")
         try:
-            return cls(data["topic"], data["type"], tuple(data.get("fields") or ()))
+            return cls(data["topic"], data["type"], tuple(data.get("fields") or ()), data.get("derive"))
         except KeyError as exc:
             raise ConfigError(f"stream {data.get('topic')!r}: missing key {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
+        if self.derive:
+            return {"topic": self.topic, "type": self.type, "derive": self.derive}
         return {"topic": self.topic, "type": self.type, "fields": list(self.fields)}
 
 

@@ -70,3 +70,11 @@ def write_bag(path: str | Path, records: Iterable[tuple[str, int, Any]], storage
                 conns[topic] = writer.add_connection(topic, msgtype, typestore=TYPESTORE)
             writer.write(conns[topic], int(stamp_ns), TYPESTORE.serialize_cdr(msg, msgtype))
     return path
+
+
+def pose(stamp_ns: int, position: Sequence[float], orientation: Sequence[float], frame_id: str = "world") -> Any:
+    """geometry_msgs/msg/PoseStamped; orientation as (x, y, z, w)."""
+    q = _T["geometry_msgs/msg/Quaternion"](x=orientation[0], y=orientation[1], z=orientation[2], w=orientation[3])
+    p = _T["geometry_msgs/msg/Point"](x=float(position[0]), y=float(position[1]), z=float(position[2]))
+    return _T["geometry_msgs/msg/PoseStamped"](header=_header(stamp_ns, frame_id),
+                                               pose=_T["geometry_msgs/msg/Pose"](position=p, orientation=q))

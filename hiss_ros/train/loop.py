@@ -189,7 +189,7 @@ def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seco
     val, per_channel = evaluate(best, ds.val)
     physical = (per_channel * np.asarray(ds.normalization["output_std"]) ** 2).tolist()
     result = Result(meta["best_epoch"], val, physical, meta["epoch"], seconds)
-    names = [f"{s.topic}:{f}" for s in cfg.outputs for f in s.fields]
+    names = [f"{s.topic}:{f}" for s in cfg.outputs for f in s.channel_names]
     metrics = {
         "val_mse": val, "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"],
         "val_mse_per_channel": dict(zip(names, physical, strict=True)) if len(names) == len(physical) else physical,

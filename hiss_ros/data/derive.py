@@ -1,0 +1,39 @@
+"""Targets derived from a pose stream: linear velocity in the world or the body frame.
+
+For rigs whose ground truth is motion capture: the position is resampled on a uniform grid,
+differentiated with a Savitzky-Golay filter (a local polynomial fit: smooth and unbiased for
+smooth motion), and, for the body frame, rotated by the inverse of the pose's orientation
+(v_body = R^T v_world). Offline only: these are training targets, not estimator inputs, so the
+symmetric (non-causal) smoothing window is fine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.signal import savgol_filter
+from scipy.spatial.transform import Rotation
+
+DERIVATIONS = ("world_velocity", "body_velocity")
+# Fields read from each pose-carrying type: position xyz, then orientation xyzw.
+POSE_FIELDS = {
+    "geometry_msgs/msg/PoseStamped": tuple(f"pose.position.{a}" for a in "xyz")
+    + tuple(f"pose.orientation.{a}" for a in "xyzw"),
+    "nav_msgs/msg/Odometry": tuple(f"pose.pose.position.{a}" for a in "xyz")
+    + tuple(f"pose.pose.orientation.{a}" for a in "xyzw"),
+}
+
+
+def velocity_from_pose(stamps_ns: np.ndarray, pose: np.ndarray, frame: str, window_s: float = 0.05,
+                       polyorder: int = 2) -> np.ndarray:
+    """(n, 3) velocity at ``stamps_ns`` from (n, 7) poses [x, y, z, qx, qy, qz, qw]."""
+    t = (stamps_ns - stamps_ns[0]) / 1e9
+    dt = float(np.median(np.diff(t)))
+    grid = np.arange(0.0, t[-1] + dt / 2, dt)
+    pos = np.stack([np.interp(grid, t, pose[:, i]) for i in range(3)], axis=1)
+    window = max(polyorder + 2, round(window_s / dt) | 1)  # odd, longer than the polynomial
+    window = min(window, len(grid) - (1 - len(grid) % 2))
+    v_grid = savgol_filter(pos, window, polyorder, deriv=1, delta=dt, axis=0)
+    v = np.stack([np.interp(t, grid, v_grid[:, i]) for i in range(3)], axis=1)
+    if frame == "world_velocity":
+        return v
+    return Rotation.from_quat(pose[:, 3:7]).inv().apply(v)
