@@ -60,7 +60,7 @@ setup(
         "console_scripts": [
             "demo = hiss_ros.demo:main",
             "hiss-demo = hiss_ros.demo:main",
-            "train = hiss_ros.train.cli:main",
+            "train = hiss_ros.nodes.trainer:main",
             "hiss-train = hiss_ros.train.cli:main",
             "eval = hiss_ros.train.evaluate:main",
             "hiss-eval = hiss_ros.train.evaluate:main",

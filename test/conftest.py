@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from hiss_ros.models import LAYER_KINDS
 
 CHUNK = 10
+
+# DDS tests of this run talk in a domain of their own (valid domains 1..101 here) and discover
+# peers on this host only, so parallel test runs do not hear each other.
+ROS_ENV = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
 
 
 def stack(kind: str, d_model: int = 16, n_layers: int = 2) -> dict:

@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from conftest import ROS_ENV
 
 import hiss_ros
 
@@ -84,9 +85,7 @@ def test_rclpy_pub_sub_over_real_dds():
         assert got == sorted(got)
         print("ok")
     """)
-    # A domain of its own per test run (valid domains 1..101 here), discovery on this host only.
-    env = {**os.environ, "ROS_DOMAIN_ID": str(1 + os.getpid() % 101),
-           "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+    env = {**os.environ, **ROS_ENV}
     try:
         import rclpy  # noqa: F401
     except ImportError:

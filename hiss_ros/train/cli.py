@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def with_model(cfg: TrainConfig, choice: str) -> TrainConfig:
     return replace(cfg, model=model)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None = None) -> int:
+    """Returns the exit code: 0 trained, 2 a user error (printed as one line, no traceback)."""
     p = argparse.ArgumentParser(prog="hiss-train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, type=Path, help="training config YAML (see config/train.yaml)")
     p.add_argument("--bag", required=True, action="append", type=Path, help="a bag (file or folder); repeatable")
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         ds = load_dataset(cfg, args.bag, cache_dir=args.cache_dir, progress=not args.quiet)
         logging.info("train %d chunks, validation %d chunks, %d segment(s) skipped",
                      ds.train.chunks, ds.val.chunks, ds.skipped_segments)
-        result = train(cfg, ds, args.out, resume=args.resume, progress=not args.quiet, device=device)
+        result = train(cfg, ds, args.out, resume=args.resume, progress=not args.quiet, device=device,
+                       on_epoch=on_epoch)
     except HissError as exc:
         print(f"hiss-train: error: {exc}", file=sys.stderr)
         return 2

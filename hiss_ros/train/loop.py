@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,15 @@ def _distributed() -> tuple[int, int]:
 
 
 def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progress: bool = True,
-          device: str = "cpu") -> Result:
+          device: str = "cpu", on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Result:
     """Train on ``ds``; under torchrun every rank calls this with the same data, each takes its
     share of every batch, and rank 0 alone writes files. The loss is normalised by the global
     batch, so N processes take the same steps as one (up to float summation order)."""
     rank, world = _distributed()
     lead = rank == 0
     s = cfg.train
+    # ``on_epoch`` gets {epoch, epochs, train_loss, val_mse, best_val_mse, seconds} after each epoch
+    # (rank 0 only): the ROS trainer node publishes it on /diagnostics.
     if s.batch_size < world:
         raise ConfigError(f"train.batch_size = {s.batch_size} is smaller than the {world} processes")
     if lead:
@@ -173,6 +176,9 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
                 csv.writer(f).writerow([epoch, f"{train_loss:.6f}", f"{val:.6f}", f"{opt.param_groups[0]['lr']:.3g}",
                                         f"{time.perf_counter() - t_start:.1f}"])
             _save_state(out / STATE_FILE, model, opt, meta)
+        if lead and on_epoch is not None:
+            on_epoch({"epoch": epoch + 1, "epochs": s.epochs, "train_loss": train_loss, "val_mse": val,
+                      "best_val_mse": meta["best_val"], "seconds": time.perf_counter() - t_start})
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{meta['best_val']:.4f}")
         bar.update()
         if meta["bad_epochs"] >= s.patience:
