@@ -28,7 +28,7 @@ def test_trainer_node_reports_epochs_on_diagnostics(tmp_path, monkeypatch):
     executor = SingleThreadedExecutor(context=ctx)
     executor.add_node(node)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hiss_ros.nodes.trainer", "--config", str(config(tmp_path, epochs=4)), "--bag",
+        [sys.executable, "-m", "hiss_ros.nodes.trainer", "--config", str(config(tmp_path, epochs=12, patience=20)), "--bag",
          str(bag), "--out", str(tmp_path / "run"), "--quiet", "--cache-dir", str(tmp_path / "cache"),
          "--ros-args", "-r", "__node:=trainer_under_test"],
         env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -51,9 +51,11 @@ def test_trainer_node_reports_epochs_on_diagnostics(tmp_path, monkeypatch):
         node.destroy_node()
         rclpy.shutdown(context=ctx)
     assert proc.returncode == 0, out[-3000:]
+    # Discovery takes a moment: the first epochs may go out before the listener is matched, so
+    # the run is long enough (12 epochs) for later ones to arrive.
     epochs = [s for s in statuses if s.message.startswith("epoch")]
     assert epochs, f"no progress received; got {[s.message for s in statuses]}"
     values = {kv.key: kv.value for kv in epochs[-1].values}
     assert {"epoch", "epochs", "train_loss", "val_mse", "best_val_mse", "eta_s"} <= set(values)
-    assert values["epochs"] == "4"
+    assert values["epochs"] == "12"
     assert statuses[-1].message == "training finished"
