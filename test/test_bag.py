@@ -30,9 +30,9 @@ def records(n=40, header_offset_ms=3):
     return out
 
 
-@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
-def test_streams_come_out_with_header_or_receive_stamps(tmp_path, storage):
-    bag = write_bag(tmp_path / "b", records(), storage=storage)
+@pytest.mark.parametrize("storage, zstd", [("mcap", False), ("sqlite3", False), ("mcap", True), ("sqlite3", True)])
+def test_streams_come_out_with_header_or_receive_stamps(tmp_path, storage, zstd):
+    bag = write_bag(tmp_path / "b", records(), storage=storage, zstd=zstd)
     data = read_streams([bag], [IMU, TACTILE, FORCE], progress=False)
     s = data.streams["/imu"]
     assert s.values.shape == (40, 6)
@@ -131,3 +131,30 @@ def test_derive_needs_a_pose_stream():
         StreamSpec.from_dict({"topic": "/imu", "type": "sensor_msgs/msg/Imu", "derive": "body_velocity"})
     with pytest.raises(ConfigError, match="derive = 'speed'"):
         StreamSpec.from_dict({"topic": "/p", "type": "geometry_msgs/msg/PoseStamped", "derive": "speed"})
+
+
+def test_ros1_bags_are_read_too(tmp_path):
+    """A ROS 1 .bag (written with rosbags' ROS 1 writer and Noetic message definitions)."""
+    from rosbags.rosbag1 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS1_NOETIC)
+    T = ts.types
+    path = tmp_path / "old.bag"
+    with Writer(path) as w:
+        conn = w.add_connection("/imu", "sensor_msgs/msg/Imu", typestore=ts)
+        for k in range(20):
+            stamp = (1000 + 5 * k) * MS
+            sec, nsec = divmod(stamp, 1_000_000_000)
+            vec = T["geometry_msgs/msg/Vector3"]
+            msg = T["sensor_msgs/msg/Imu"](
+                header=T["std_msgs/msg/Header"](seq=k, stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec),
+                                                frame_id="imu"),
+                orientation=T["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0),
+                orientation_covariance=np.zeros(9), angular_velocity=vec(x=float(k), y=0.0, z=0.0),
+                angular_velocity_covariance=np.zeros(9), linear_acceleration=vec(x=0.0, y=0.0, z=9.81),
+                linear_acceleration_covariance=np.zeros(9))
+            w.write(conn, stamp, ts.serialize_ros1(msg, "sensor_msgs/msg/Imu"))
+    data = read_streams([path], [IMU], progress=False)
+    np.testing.assert_array_equal(data.streams["/imu"].values[:, 0], np.arange(20))
+    np.testing.assert_array_equal(data.streams["/imu"].stamps_ns, (1000 + 5 * np.arange(20)) * MS)

@@ -28,8 +28,8 @@ def test_trainer_node_reports_epochs_on_diagnostics(tmp_path, monkeypatch):
     executor = SingleThreadedExecutor(context=ctx)
     executor.add_node(node)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hiss_ros.nodes.trainer", "--config", str(config(tmp_path, epochs=12, patience=20)), "--bag",
-         str(bag), "--out", str(tmp_path / "run"), "--quiet", "--cache-dir", str(tmp_path / "cache"),
+        [sys.executable, "-m", "hiss_ros.nodes.trainer", "--config", str(config(tmp_path, epochs=12, patience=20)),
+         "--bag", str(bag), "--out", str(tmp_path / "run"), "--quiet", "--cache-dir", str(tmp_path / "cache"),
          "--ros-args", "-r", "__node:=trainer_under_test"],
         env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

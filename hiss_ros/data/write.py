@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 TYPESTORE = get_typestore(Stores.ROS2_JAZZY)
@@ -58,12 +58,17 @@ def twist(stamp_ns: int, linear: Sequence[float], angular: Sequence[float], fram
     return _T["geometry_msgs/msg/TwistStamped"](header=_header(stamp_ns, frame_id), twist=t)
 
 
-def write_bag(path: str | Path, records: Iterable[tuple[str, int, Any]], storage: str = "mcap") -> Path:
-    """Write ``(topic, receive_stamp_ns, message)`` records (any order of topics) to a new bag."""
+def write_bag(path: str | Path, records: Iterable[tuple[str, int, Any]], storage: str = "mcap",
+              zstd: bool = False) -> Path:
+    """Write ``(topic, receive_stamp_ns, message)`` records (any order of topics) to a new ROS 2
+    bag folder; ``zstd`` compresses each message."""
     plugin = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[storage]
     path = Path(path)
     conns: dict[str, Any] = {}
-    with Writer(path, version=9, storage_plugin=plugin) as writer:
+    writer = Writer(path, version=9, storage_plugin=plugin)
+    if zstd:
+        writer.set_compression(CompressionMode.MESSAGE, CompressionFormat.ZSTD)
+    with writer:
         for topic, stamp_ns, msg in records:
             msgtype = msg.__msgtype__
             if topic not in conns:
