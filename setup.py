@@ -47,7 +47,8 @@ setup(
         "rosbags>=0.11,<0.12",  # its reader/writer API changed between minor releases
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "ruff==0.17.5", "mambapy==1.2.0"],
+        "test": ["pytest==9.2.0", "ruff==0.17.5", "mambapy==1.2.0", "tensorboard>=2.14"],
+        "tensorboard": ["tensorboard>=2.14"],
         "ros": ROS_WHEELS,
         "cuda": ["mamba-ssm>=2.2"],
     },

@@ -76,6 +76,7 @@ def test_trains_a_model_that_beats_the_mean_and_serves_from_its_checkpoint(tmp_p
     assert len(ckpt.normalization["input_mean"]) == 9
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,val_mse") and len(rows) == 1 + metrics["epochs_run"]
+    assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))  # TensorBoard is in "test"
 
     # hiss-eval on the same bag reproduces the trainer's validation metrics, and writes its report.
     assert eval_main(["--model", str(tmp_path / "run"), "--bag", str(bag), "--out", str(tmp_path / "ev"),

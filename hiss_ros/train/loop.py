@@ -3,7 +3,7 @@
 Writes into ``out``:
     model.safetensors   best checkpoint (weights, model config, normalisation, data spec)
     train_state.safetensors  last epoch's weights + optimizer state, for --resume
-    metrics.csv         one row per epoch
+    metrics.csv         one row per epoch (and tensorboard/ event files when TensorBoard is installed)
     metrics.json        val_mse (normalised) and per-channel MSE in physical units of the best epoch
 
 Deterministic on CPU for a fixed seed: each epoch reseeds from (seed, epoch), so a resumed run
@@ -95,6 +95,15 @@ def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer) -> 
     return meta
 
 
+def _tensorboard(out: Path) -> Any:
+    """A SummaryWriter into ``out/tensorboard`` when TensorBoard is installed (extra "tensorboard")."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size): torchrun's process group when one was initialised, else (0, 1)."""
     dist = torch.distributed
@@ -139,6 +148,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
     csv_path = out / "metrics.csv"
     if lead and meta["epoch"] == 0:
         csv_path.write_text("epoch,train_loss,val_mse,lr,seconds\n")
+    board = _tensorboard(out) if lead else None
     t_start = time.perf_counter()
     bar = tqdm(total=s.epochs, initial=meta["epoch"], desc="training", unit="epoch", disable=not (progress and lead))
     for epoch in range(meta["epoch"], s.epochs):
@@ -176,6 +186,10 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
                 csv.writer(f).writerow([epoch, f"{train_loss:.6f}", f"{val:.6f}", f"{opt.param_groups[0]['lr']:.3g}",
                                         f"{time.perf_counter() - t_start:.1f}"])
             _save_state(out / STATE_FILE, model, opt, meta)
+        if board is not None:
+            board.add_scalars("mse", {"train": train_loss, "val": val}, epoch + 1)
+            board.add_scalar("lr", opt.param_groups[0]["lr"], epoch + 1)
+            board.flush()
         if lead and on_epoch is not None:
             on_epoch({"epoch": epoch + 1, "epochs": s.epochs, "train_loss": train_loss, "val_mse": val,
                       "best_val_mse": meta["best_val"], "seconds": time.perf_counter() - t_start})
@@ -185,6 +199,8 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
             log.info("early stop: no validation improvement for %d epochs", s.patience)
             break
     bar.close()
+    if board is not None:
+        board.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0's files are complete before anyone reads them
     return _finish(out, cfg, ds, meta, time.perf_counter() - t_start, write=lead)
