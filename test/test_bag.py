@@ -93,6 +93,14 @@ def test_unsupported_type_is_refused_in_the_spec():
 def test_missing_empty_and_truncated_bags(tmp_path):
     with pytest.raises(BagError, match="no such bag"):
         read_streams([tmp_path / "nope.mcap"], [IMU], progress=False)
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    from hiss_ros.data.write import TYPESTORE
+
+    with Writer(tmp_path / "empty", version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        w.add_connection("/imu", IMU.type, typestore=TYPESTORE)
+    with pytest.raises(BagError, match="topic '/imu' has no messages"):
+        read_streams([tmp_path / "empty"], [IMU], progress=False)
     bag = write_bag(tmp_path / "b", records(n=200))
     mcap = next(bag.glob("*.mcap"))
     mcap.write_bytes(mcap.read_bytes()[: mcap.stat().st_size // 2])

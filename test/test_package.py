@@ -16,7 +16,9 @@ from conftest import ROS_ENV
 import hiss_ros
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE_MODULES = ["hiss_ros", "hiss_ros.models", "hiss_ros.checkpoint", "hiss_ros.errors", "hiss_ros.demo"]
+CORE_MODULES = ["hiss_ros", "hiss_ros.models", "hiss_ros.checkpoint", "hiss_ros.errors", "hiss_ros.demo",
+                "hiss_ros.data", "hiss_ros.data.write", "hiss_ros.pipeline", "hiss_ros.train", "hiss_ros.train.cli",
+                "hiss_ros.train.evaluate", "hiss_ros.train.compare"]
 
 
 def test_core_imports_with_rclpy_unimportable():
@@ -51,7 +53,7 @@ def test_package_xml_declares_ros_dependencies():
 
 def test_console_scripts_resolve():
     scripts = {e.name: e for e in entry_points(group="console_scripts") if e.value.startswith("hiss_ros.")}
-    assert {"demo", "hiss-demo"} <= set(scripts)
+    assert {"demo", "hiss-demo", "train", "hiss-train", "eval", "hiss-eval"} <= set(scripts)
     for ep in scripts.values():
         assert callable(ep.load()), ep
 
