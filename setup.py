@@ -64,6 +64,7 @@ setup(
             "train = hiss_ros.nodes.trainer:main",
             "hiss-train = hiss_ros.train.cli:main",
             "eval = hiss_ros.train.evaluate:main",
+            "estimator = hiss_ros.nodes.estimator:main",
             "hiss-eval = hiss_ros.train.evaluate:main",
         ],
     },

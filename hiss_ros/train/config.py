@@ -86,7 +86,8 @@ class TrainConfig:
     @classmethod
     def from_checkpoint(cls, data: dict[str, Any], model: dict[str, Any]) -> TrainConfig:
         """The config a checkpoint was trained with, from its data spec and model config."""
-        return cls.from_dict({**data, "model": model}, source="checkpoint data spec")
+        spec = {k: v for k, v in data.items() if k != "input_dims"}  # the data's, not the config's
+        return cls.from_dict({**spec, "model": model}, source="checkpoint data spec")
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:

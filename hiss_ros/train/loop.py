@@ -177,7 +177,8 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         if val < meta["best_val"]:
             meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
             if lead:
-                save_checkpoint(out / MODEL_FILE, model, ds.normalization, cfg.data_spec())
+                save_checkpoint(out / MODEL_FILE, model, ds.normalization,
+                                {**cfg.data_spec(), "input_dims": list(ds.input_dims)})
         else:
             meta["bad_epochs"] += 1
         meta["epoch"] = epoch + 1

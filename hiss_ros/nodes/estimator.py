@@ -1,0 +1,203 @@
+"""``ros2 run hiss_ros estimator``: live estimates from a trained checkpoint.
+
+The node is a thin adapter. Everything it needs comes from the checkpoint: the input streams
+(topic, type, fields), rates, chunk, filter, normalisation and the output streams. Callbacks
+only turn a message into ``(stamp_ns, values)`` with the trainer's own extraction code and
+push it into the trainer's own ``Pipeline``; each completed chunk advances the model one
+``step_chunk`` with the state carried, and the estimate is published stamped with the chunk's
+last-sample time. A break in the input (gap, time going back) resets the model state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import rclpy
+import torch
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.time import Time
+
+from hiss_ros.checkpoint import load_checkpoint
+from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
+from hiss_ros.errors import HissError
+from hiss_ros.models import config_to_dict
+from hiss_ros.pipeline import Normalization, Pipeline
+from hiss_ros.train.config import TrainConfig
+
+# What an estimate of each ground-truth type is published as, and where its channels go.
+ESTIMATE_FIELDS = {"world_velocity": "twist.linear", "body_velocity": "twist.linear"}
+
+
+def message_class(type_name: str) -> type:
+    """'sensor_msgs/msg/Imu' -> the rclpy message class."""
+    package, _, name = type_name.split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), name)
+
+
+def _set(msg: Any, path: str, value: float) -> None:
+    *parents, leaf = path.split(".")
+    obj = msg
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, float(value))
+
+
+class Estimator(Node):
+    def __init__(self) -> None:
+        super().__init__("hiss_estimator")
+        self.declare_parameter("model_path", "")
+        self.declare_parameter("device", "auto")
+        self.declare_parameter("num_threads", 0)
+        self.declare_parameter("frame_id", "tool")
+        self.declare_parameter("output_prefix", "/hiss")
+        self.declare_parameter("qos_depth", 100)
+        self.declare_parameter("diagnostics_period_s", 1.0)
+        threads = self.get_parameter("num_threads").value
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = self._device(self.get_parameter("device").value)
+        self._load(self.get_parameter("model_path").value)
+        self.latencies: deque[float] = deque(maxlen=1000)
+        self.estimates = 0
+        self.resets = 0
+        self.received = [0] * len(self.inputs)
+        self._last_received_ns = [None] * len(self.inputs)
+        depth = self.get_parameter("qos_depth").value
+        qos = QoSProfile(depth=depth, reliability=qos_profile_sensor_data.reliability,
+                         durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
+        self._readers: list[Any] = [None] * len(self.inputs)
+        for i, spec in enumerate(self.inputs):
+            self.create_subscription(message_class(spec.type), spec.topic, lambda m, i=i: self._on_sample(i, m), qos)
+        prefix = self.get_parameter("output_prefix").value.rstrip("/")
+        self.publishers_ = [
+            self.create_publisher(message_class(self._estimate_type(s)), f"{prefix}{s.topic}", 10) for s in self.outputs
+        ]
+        self.diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(self.get_parameter("diagnostics_period_s").value, self._report)
+        self._warmup()
+        self.get_logger().info(
+            f"estimating {[s.topic for s in self.outputs]} from {[s.topic for s in self.inputs]} on {self.device}, "
+            f"chunk {self.pipeline.config.chunk} at {self.pipeline.config.input_rate_hz} Hz"
+        )
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _device(choice: str) -> str:
+        if choice == "cuda" and not torch.cuda.is_available():
+            raise HissError("device:=cuda, but torch sees no CUDA device")
+        return "cuda" if choice in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+
+    def _load(self, path: str) -> None:
+        if not path:
+            raise HissError("parameter model_path is empty: give a checkpoint (model.safetensors from hiss-train)")
+        ckpt = load_checkpoint(path)
+        dims = tuple(ckpt.data.get("input_dims") or ())
+        if not dims:
+            raise HissError(f"{path}: the checkpoint's data spec has no input_dims (made by an older hiss-train?)")
+        cfg = TrainConfig.from_checkpoint(ckpt.data, config_to_dict(ckpt.config))
+        self.inputs, self.outputs = cfg.inputs, cfg.outputs
+        self.model = ckpt.model.to(self.device).eval()
+        norm = ckpt.normalization
+        self.out_mean, self.out_std = np.asarray(norm["output_mean"]), np.asarray(norm["output_std"])
+        self.pipeline = Pipeline(cfg.pipeline_config(dims),
+                                 Normalization(np.asarray(norm["input_mean"]), np.asarray(norm["input_std"])))
+        self.state = self.model.init_state(1)
+        self.episode = 0
+
+    def _estimate_type(self, spec: StreamSpec) -> str:
+        return "geometry_msgs/msg/TwistStamped" if spec.derive else spec.type
+
+    def _warmup(self) -> None:
+        """Run the model once so the first real estimate pays no lazy initialisation."""
+        cfg = self.model.config
+        with torch.inference_mode():
+            self.model.step_chunk(torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device),
+                                  self.model.init_state(1))
+
+    # --- data path --------------------------------------------------------------------------
+
+    def _on_sample(self, i: int, msg: Any) -> None:
+        spec = self.inputs[i]
+        now_ns = self.get_clock().now().nanoseconds
+        if self._readers[i] is None:
+            self._readers[i] = value_reader(spec, msg)
+        values = self._readers[i](msg)
+        stamp = message_stamp_ns(spec, msg, now_ns)
+        self.received[i] += 1
+        self._last_received_ns[i] = now_ns
+        for chunk in self.pipeline.push(i, stamp, values):
+            self._estimate(chunk)
+
+    def _estimate(self, chunk: Any) -> None:
+        t0 = time.perf_counter()
+        if chunk.episode != self.episode:  # the input broke: start from a fresh state
+            self.state = self.model.init_state(1)
+            self.episode = chunk.episode
+            self.resets += 1
+        with torch.inference_mode():
+            y, self.state = self.model.step_chunk(torch.from_numpy(chunk.x).unsqueeze(0).to(self.device), self.state)
+        y = y[0].cpu().numpy().astype(np.float64) * self.out_std + self.out_mean
+        stamp = Time(nanoseconds=chunk.stamp_ns).to_msg()
+        frame = self.get_parameter("frame_id").value
+        k = 0
+        for spec, pub in zip(self.outputs, self.publishers_, strict=True):
+            msg = pub.msg_type()
+            msg.header.stamp = stamp
+            msg.header.frame_id = frame
+            names = spec.channel_names
+            paths = [f"{ESTIMATE_FIELDS[spec.derive]}.{a}" for a in "xyz"] if spec.derive else names
+            for path in paths:
+                _set(msg, path, y[k])
+                k += 1
+            pub.publish(msg)
+        self.estimates += 1
+        self.latencies.append(time.perf_counter() - t0)
+
+    # --- diagnostics ------------------------------------------------------------------------
+
+    def _report(self) -> None:
+        for i, spec in enumerate(self.inputs):
+            if self.received[i] == 0:
+                self.get_logger().warn(f"waiting for data on {spec.topic}", throttle_duration_sec=5.0)
+        lat = np.asarray(self.latencies) * 1e3 if self.latencies else np.zeros(1)
+        values = {
+            "estimates": self.estimates, "resets": self.resets, "device": self.device,
+            "inference_ms_p50": f"{np.percentile(lat, 50):.3f}", "inference_ms_p99": f"{np.percentile(lat, 99):.3f}",
+            **{f"received {s.topic}": n for s, n in zip(self.inputs, self.received, strict=True)},
+            **{f"pipeline {k}": v for k, v in self.pipeline.counters.items()},
+        }
+        status = DiagnosticStatus(level=DiagnosticStatus.OK, name="hiss_ros estimator", hardware_id="hiss_ros",
+                                  message=f"{self.estimates} estimates")
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.diag.publish(msg)
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    try:
+        node = Estimator()
+    except HissError as exc:
+        print(f"hiss_estimator: error: {exc}")
+        rclpy.try_shutdown()
+        return 2
+    try:
+        rclpy.spin(node)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
