@@ -15,11 +15,13 @@ from conftest import ROS_ENV
 from test_train import config, contact_bag
 
 from hiss_ros.checkpoint import load_checkpoint
-from hiss_ros.data import read_streams
+from hiss_ros.data import StreamSpec, read_streams
 from hiss_ros.models import config_to_dict
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.train.cli import main as train_main
 from hiss_ros.train.config import TrainConfig
+
+IMU_FIELDS = tuple(f"{p}.{a}" for p in ("angular_velocity", "linear_acceleration") for a in "xyz")
 
 
 def spin_until(executor, condition, timeout_s: float) -> bool:
@@ -58,59 +60,126 @@ def offline_estimates(bag, model_path):
     return dict(zip(ep.stamps_ns.tolist(), y, strict=True))
 
 
+class Driver:
+    """The estimator node in its own process, and a test node that talks to it over DDS."""
+
+    def __init__(self, model_path, *params: str) -> None:
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import WrenchStamped
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Imu
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p", f"model_path:={model_path}",
+             "-p", "num_threads:=1", "-p", "diagnostics_period_s:=0.2", *params],
+            env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx)
+        self.node = rclpy.create_node("estimator_test_driver", context=self.ctx)
+        self.executor = SingleThreadedExecutor(context=self.ctx)
+        self.executor.add_node(self.node)
+        self.got: dict[int, np.ndarray] = {}
+        self.diagnostics: dict[str, str] = {}
+        subs = [self.node.create_subscription(WrenchStamped, "/hiss/wrench_gt", self._on_estimate, 1000),
+                self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)]
+        self.pub = self.node.create_publisher(Imu, "/imu/data",
+                                              QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+        self.Imu = Imu
+        # Both directions discovered before any data flows (a volatile topic keeps nothing for late joiners).
+        assert self.spin_until(lambda: self.pub.get_subscription_count() > 0
+                               and all(sub.get_publisher_count() > 0 for sub in subs), 60), "estimator not discovered"
+
+    def _on_estimate(self, m) -> None:
+        t = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
+        self.got[t] = np.array([m.wrench.force.x, m.wrench.force.y, m.wrench.force.z])
+
+    def _on_diagnostics(self, m) -> None:
+        for st in m.status:
+            if st.name == "hiss_ros estimator":
+                self.diagnostics = {kv.key: kv.value for kv in st.values}
+
+    def spin_until(self, condition, timeout_s: float) -> bool:
+        return spin_until(self.executor, condition, timeout_s)
+
+    def publish(self, stamp_ns: int, gyro, accel) -> None:
+        msg = self.Imu()
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(stamp_ns), 1_000_000_000)
+        for dst, v in ((msg.angular_velocity, gyro), (msg.linear_acceleration, accel)):
+            dst.x, dst.y, dst.z = (float(a) for a in v)
+        self.pub.publish(msg)
+
+    def close(self) -> str:
+        import rclpy
+
+        self.proc.terminate()
+        out = self.proc.communicate(timeout=30)[0]
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.ctx)
+        return out
+
+
+def bag_imu(bag):
+    """(stamps_ns, gyro, accel) of the bag's IMU messages, in order."""
+    data = read_streams([bag], [StreamSpec("/imu/data", "sensor_msgs/msg/Imu", IMU_FIELDS)], progress=False)
+    s = data.streams["/imu/data"]
+    return s.stamps_ns, s.values[:, :3], s.values[:, 3:]
+
+
 def test_live_estimates_equal_offline(imu_model, monkeypatch):
     bag, model_path = imu_model
     expected = offline_estimates(bag, model_path)
     for k, v in ROS_ENV.items():
         monkeypatch.setenv(k, v)
-    import rclpy
-    from geometry_msgs.msg import WrenchStamped
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from rosbags.highlevel import AnyReader
-    from sensor_msgs.msg import Imu
-
-    from hiss_ros.data.write import TYPESTORE
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p", f"model_path:={model_path}",
-         "-p", "num_threads:=1"],
-        env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = rclpy.create_node("estimator_test_driver", context=ctx)
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    got: dict[int, np.ndarray] = {}
-
-    def on_estimate(m):
-        t = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
-        got[t] = np.array([m.wrench.force.x, m.wrench.force.y, m.wrench.force.z])
-
-    node.create_subscription(WrenchStamped, "/hiss/wrench_gt", on_estimate, 1000)
-    pub = node.create_publisher(Imu, "/imu/data", QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+    d = Driver(model_path)
     try:
-        assert spin_until(executor, lambda: pub.get_subscription_count() > 0, 60), "estimator never subscribed"
-        with AnyReader([bag], default_typestore=TYPESTORE) as reader:
-            conns = [c for c in reader.connections if c.topic == "/imu/data"]
-            for n, (conn, _, raw) in enumerate(reader.messages(connections=conns), start=1):
-                m = reader.deserialize(raw, conn.msgtype)
-                msg = Imu()
-                msg.header.stamp.sec, msg.header.stamp.nanosec = m.header.stamp.sec, m.header.stamp.nanosec
-                for part in ("angular_velocity", "linear_acceleration"):
-                    src, dst = getattr(m, part), getattr(msg, part)
-                    dst.x, dst.y, dst.z = src.x, src.y, src.z
-                pub.publish(msg)
-                if n % 10 == 0:  # flow control: let the estimate of this chunk arrive first
-                    assert spin_until(executor, lambda n=n: len(got) >= n // 10 - 1, 20), f"stalled at {len(got)}"
-        assert spin_until(executor, lambda: len(got) >= len(expected), 20)
+        stamps, gyro, accel = bag_imu(bag)
+        for n in range(len(stamps)):
+            d.publish(stamps[n], gyro[n], accel[n])
+            if (n + 1) % 10 == 0:  # flow control: let the estimate of this chunk arrive first
+                assert d.spin_until(lambda n=n: len(d.got) >= (n + 1) // 10 - 1, 20), f"stalled at {len(d.got)}"
+        assert d.spin_until(lambda: len(d.got) >= len(expected), 20)
     finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0]
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
-    assert sorted(got) == sorted(expected), f"{len(got)} estimates received, {len(expected)} expected\n{out[-2000:]}"
-    diff = max(np.abs(got[t] - expected[t]).max() for t in expected)
+        out = d.close()
+    assert sorted(d.got) == sorted(expected), f"{len(d.got)} estimates, {len(expected)} expected\n{out[-2000:]}"
+    diff = max(np.abs(d.got[t] - expected[t]).max() for t in expected)
     assert diff <= 1e-4, diff
+
+
+def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):
+    """NaN, a duplicated stamp, time jumping back and a long gap: the node survives, counts each,
+    resets its state, and estimates later good data."""
+    _, model_path = imu_model
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    d = Driver(model_path)
+    period = 5_000_000  # 200 Hz
+    rng = np.random.default_rng(0)
+
+    def burst(t0, n=60):
+        for k in range(n):
+            d.publish(t0 + k * period, rng.standard_normal(3), rng.standard_normal(3))
+            if k % 10 == 9:
+                d.executor.spin_once(timeout_sec=0.01)
+
+    try:
+        t0 = 10_000_000_000
+        burst(t0)
+        assert d.spin_until(lambda: len(d.got) >= 5, 20)
+        d.publish(t0 + 60 * period, [np.nan, 0, 0], [0, 0, 0])  # non-finite
+        d.publish(t0 + 59 * period, [0, 0, 0], [0, 0, 0])  # duplicate of the last good stamp
+        burst(t0 - 5_000_000_000)  # time jumps back 5 s (a bag loop)
+        burst(t0 + 20_000_000_000)  # then a 25 s gap
+        assert d.spin_until(lambda: sum(t > t0 + 20_000_000_000 for t in d.got) >= 5, 20), "no estimates after gap"
+        assert d.spin_until(lambda: int(d.diagnostics.get("resets", 0)) >= 2, 10), d.diagnostics
+        diag = d.diagnostics
+    finally:
+        out = d.close()
+    assert d.proc.returncode is not None and "Traceback" not in out, out[-3000:]
+    assert int(diag["pipeline nonfinite"]) >= 1
+    assert int(diag["pipeline duplicate_or_late"]) >= 1
+    assert int(diag["pipeline time_backwards"]) >= 1
+    assert int(diag["pipeline gap"]) >= 1

@@ -19,6 +19,7 @@ import numpy as np
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.time import Time
@@ -67,6 +68,7 @@ class Estimator(Node):
         self.estimates = 0
         self.resets = 0
         self.received = [0] * len(self.inputs)
+        self.rejected = [0] * len(self.inputs)
         self._last_received_ns = [None] * len(self.inputs)
         depth = self.get_parameter("qos_depth").value
         qos = QoSProfile(depth=depth, reliability=qos_profile_sensor_data.reliability,
@@ -126,9 +128,15 @@ class Estimator(Node):
     def _on_sample(self, i: int, msg: Any) -> None:
         spec = self.inputs[i]
         now_ns = self.get_clock().now().nanoseconds
-        if self._readers[i] is None:
-            self._readers[i] = value_reader(spec, msg)
-        values = self._readers[i](msg)
+        try:
+            if self._readers[i] is None:
+                self._readers[i] = value_reader(spec, msg)
+            values = self._readers[i](msg)
+        except (AttributeError, TypeError, ValueError) as exc:  # a message the checkpoint's fields do not fit
+            self.rejected[i] += 1
+            self.get_logger().warn(f"{spec.topic}: cannot read {list(spec.fields)} ({exc}); sample dropped",
+                                   throttle_duration_sec=5.0)
+            return
         stamp = message_stamp_ns(spec, msg, now_ns)
         self.received[i] += 1
         self._last_received_ns[i] = now_ns
@@ -171,6 +179,7 @@ class Estimator(Node):
             "estimates": self.estimates, "resets": self.resets, "device": self.device,
             "inference_ms_p50": f"{np.percentile(lat, 50):.3f}", "inference_ms_p99": f"{np.percentile(lat, 99):.3f}",
             **{f"received {s.topic}": n for s, n in zip(self.inputs, self.received, strict=True)},
+            **{f"unreadable {s.topic}": n for s, n in zip(self.inputs, self.rejected, strict=True)},
             **{f"pipeline {k}": v for k, v in self.pipeline.counters.items()},
         }
         status = DiagnosticStatus(level=DiagnosticStatus.OK, name="hiss_ros estimator", hardware_id="hiss_ros",
@@ -191,7 +200,7 @@ def main(args: list[str] | None = None) -> int:
         return 2
     try:
         rclpy.spin(node)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C, or SIGTERM from launch
         pass
     finally:
         node.destroy_node()
