@@ -183,3 +183,56 @@ def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):
     assert int(diag["pipeline duplicate_or_late"]) >= 1
     assert int(diag["pipeline time_backwards"]) >= 1
     assert int(diag["pipeline gap"]) >= 1
+
+
+def test_hot_reload_swaps_good_checkpoints_and_refuses_bad_ones(imu_model, monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bag, model_path = imu_model
+    other = tmp_path / "other.safetensors"
+    shutil.copy(model_path, other)  # same streams: swapped in
+    wrong = tmp_path / "wrong.safetensors"  # expects another IMU topic: refused
+    with safe_open(str(model_path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["hiss_ros"])
+    meta["data"]["inputs"][0]["topic"] = "/imu/other"
+    save_file(tensors, str(wrong), metadata={"hiss_ros": json.dumps(meta)})
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    d = Driver(model_path)
+    client = d.node.create_client(SetParameters, "/hiss_estimator/set_parameters")
+
+    def set_model(path) -> tuple[bool, str]:
+        assert d.spin_until(client.service_is_ready, 30)
+        future = client.call_async(SetParameters.Request(
+            parameters=[Parameter("model_path", value=str(path)).to_parameter_msg()]))
+        assert d.spin_until(future.done, 30)
+        result = future.result().results[0]
+        return result.successful, result.reason
+
+    try:
+        ok, reason = set_model(garbage)
+        assert not ok and "not a readable safetensors file" in reason
+        ok, reason = set_model(wrong)
+        assert not ok and "/imu/other" in reason and "restart the node" in reason
+        stamps, gyro, accel = bag_imu(bag)
+        for n in range(100):
+            d.publish(stamps[n], gyro[n], accel[n])
+        assert d.spin_until(lambda: len(d.got) >= 9, 20), "the old model stopped estimating after refusals"
+        ok, reason = set_model(other)
+        assert ok, reason
+        for n in range(100, 200):
+            d.publish(stamps[n], gyro[n], accel[n])
+        assert d.spin_until(lambda: len(d.got) >= 19 and d.diagnostics.get("reloads") == "1"
+                            and d.diagnostics.get("model_path") == str(other), 20), d.diagnostics
+    finally:
+        out = d.close()
+    assert "Traceback" not in out, out[-3000:]

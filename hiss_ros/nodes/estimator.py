@@ -13,14 +13,17 @@ from __future__ import annotations
 import importlib
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.time import Time
 
@@ -33,6 +36,18 @@ from hiss_ros.train.config import TrainConfig
 
 # What an estimate of each ground-truth type is published as, and where its channels go.
 ESTIMATE_FIELDS = {"world_velocity": "twist.linear", "body_velocity": "twist.linear"}
+
+
+@dataclass
+class _Loaded:
+    """A validated checkpoint, ready to swap in."""
+
+    path: str
+    cfg: TrainConfig
+    model: Any
+    pipeline: Pipeline
+    out_mean: np.ndarray
+    out_std: np.ndarray
 
 
 def message_class(type_name: str) -> type:
@@ -63,7 +78,8 @@ class Estimator(Node):
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = self._device(self.get_parameter("device").value)
-        self._load(self.get_parameter("model_path").value)
+        self._install(self._load(self.get_parameter("model_path").value))
+        self.reloads = 0
         self.latencies: deque[float] = deque(maxlen=1000)
         self.estimates = 0
         self.resets = 0
@@ -82,7 +98,8 @@ class Estimator(Node):
         ]
         self.diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(self.get_parameter("diagnostics_period_s").value, self._report)
-        self._warmup()
+        self._warmup(self.model)
+        self.add_on_set_parameters_callback(self._on_parameters)
         self.get_logger().info(
             f"estimating {[s.topic for s in self.outputs]} from {[s.topic for s in self.inputs]} on {self.device}, "
             f"chunk {self.pipeline.config.chunk} at {self.pipeline.config.input_rate_hz} Hz"
@@ -96,7 +113,8 @@ class Estimator(Node):
             raise HissError("device:=cuda, but torch sees no CUDA device")
         return "cuda" if choice in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
 
-    def _load(self, path: str) -> None:
+    def _load(self, path: str) -> _Loaded:
+        """Read and validate a checkpoint; nothing of the running node changes."""
         if not path:
             raise HissError("parameter model_path is empty: give a checkpoint (model.safetensors from hiss-train)")
         ckpt = load_checkpoint(path)
@@ -104,24 +122,54 @@ class Estimator(Node):
         if not dims:
             raise HissError(f"{path}: the checkpoint's data spec has no input_dims (made by an older hiss-train?)")
         cfg = TrainConfig.from_checkpoint(ckpt.data, config_to_dict(ckpt.config))
-        self.inputs, self.outputs = cfg.inputs, cfg.outputs
-        self.model = ckpt.model.to(self.device).eval()
         norm = ckpt.normalization
-        self.out_mean, self.out_std = np.asarray(norm["output_mean"]), np.asarray(norm["output_std"])
-        self.pipeline = Pipeline(cfg.pipeline_config(dims),
-                                 Normalization(np.asarray(norm["input_mean"]), np.asarray(norm["input_std"])))
+        pipeline = Pipeline(cfg.pipeline_config(dims),
+                            Normalization(np.asarray(norm["input_mean"]), np.asarray(norm["input_std"])))
+        return _Loaded(path, cfg, ckpt.model.to(self.device).eval(), pipeline,
+                       np.asarray(norm["output_mean"]), np.asarray(norm["output_std"]))
+
+    def _install(self, new: _Loaded) -> None:
+        old_counters = self.pipeline.counters if getattr(self, "pipeline", None) else None
+        self.model_path, self.inputs, self.outputs = new.path, new.cfg.inputs, new.cfg.outputs
+        self.model, self.pipeline = new.model, new.pipeline
+        self.out_mean, self.out_std = new.out_mean, new.out_std
+        if old_counters is not None:
+            self.pipeline.counters.update(old_counters)
         self.state = self.model.init_state(1)
-        self.episode = 0
+        self.episode = self.pipeline.episode
+
+    def _on_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Hot reload: a new model_path is loaded and validated, then swapped in; a checkpoint
+        that cannot be read or expects other streams is refused and the old model keeps running."""
+        for p in params:
+            if p.name != "model_path":
+                continue
+            try:
+                new = self._load(p.value)
+            except (HissError, OSError) as exc:
+                return SetParametersResult(successful=False, reason=f"model_path refused: {exc}")
+            mine = (self.inputs, self.outputs, self.pipeline.config)
+            theirs = (new.cfg.inputs, new.cfg.outputs, new.pipeline.config)
+            if mine != theirs:
+                return SetParametersResult(successful=False, reason=(
+                    f"model_path refused: {p.value} expects inputs {[s.to_dict() for s in new.cfg.inputs]}, outputs "
+                    f"{[s.to_dict() for s in new.cfg.outputs]} at {new.pipeline.config}; the running model has "
+                    f"{[s.to_dict() for s in self.inputs]}, {[s.to_dict() for s in self.outputs]} at "
+                    f"{self.pipeline.config} (restart the node to change streams)"))
+            self._warmup(new.model)
+            self._install(new)
+            self.reloads += 1
+            self.get_logger().info(f"model swapped in: {p.value}")
+        return SetParametersResult(successful=True)
 
     def _estimate_type(self, spec: StreamSpec) -> str:
         return "geometry_msgs/msg/TwistStamped" if spec.derive else spec.type
 
-    def _warmup(self) -> None:
+    def _warmup(self, model: Any) -> None:
         """Run the model once so the first real estimate pays no lazy initialisation."""
-        cfg = self.model.config
+        cfg = model.config
         with torch.inference_mode():
-            self.model.step_chunk(torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device),
-                                  self.model.init_state(1))
+            model.step_chunk(torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device), model.init_state(1))
 
     # --- data path --------------------------------------------------------------------------
 
@@ -177,6 +225,7 @@ class Estimator(Node):
         lat = np.asarray(self.latencies) * 1e3 if self.latencies else np.zeros(1)
         values = {
             "estimates": self.estimates, "resets": self.resets, "device": self.device,
+            "model_path": self.model_path, "reloads": self.reloads,
             "inference_ms_p50": f"{np.percentile(lat, 50):.3f}", "inference_ms_p99": f"{np.percentile(lat, 99):.3f}",
             **{f"received {s.topic}": n for s, n in zip(self.inputs, self.received, strict=True)},
             **{f"unreadable {s.topic}": n for s, n in zip(self.inputs, self.rejected, strict=True)},
