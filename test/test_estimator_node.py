@@ -70,6 +70,7 @@ class Driver:
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Imu
+        from visualization_msgs.msg import MarkerArray
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p", f"model_path:={model_path}",
@@ -83,8 +84,12 @@ class Driver:
         self.executor.add_node(self.node)
         self.got: dict[int, np.ndarray] = {}
         self.diagnostics: dict[str, str] = {}
+        self.arrows: list = []
         subs = [self.node.create_subscription(WrenchStamped, "/hiss/wrench_gt", self._on_estimate, 1000),
                 self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)]
+        if "publish_markers:=true" in params:
+            subs.append(self.node.create_subscription(MarkerArray, "/hiss/markers",
+                                                      lambda m: self.arrows.append(m.markers), 1000))
         self.pub = self.node.create_publisher(Imu, "/imu/data",
                                               QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
         self.Imu = Imu
@@ -103,6 +108,9 @@ class Driver:
 
     def spin_until(self, condition, timeout_s: float) -> bool:
         return spin_until(self.executor, condition, timeout_s)
+
+    def arrow_stamps(self) -> list[int]:
+        return [a[0].header.stamp.sec * 1_000_000_000 + a[0].header.stamp.nanosec for a in self.arrows]
 
     def publish(self, stamp_ns: int, gyro, accel) -> None:
         msg = self.Imu()
@@ -134,7 +142,7 @@ def test_live_estimates_equal_offline(imu_model, monkeypatch):
     expected = offline_estimates(bag, model_path)
     for k, v in ROS_ENV.items():
         monkeypatch.setenv(k, v)
-    d = Driver(model_path)
+    d = Driver(model_path, "-p", "publish_markers:=true")
     try:
         stamps, gyro, accel = bag_imu(bag)
         for n in range(len(stamps)):
@@ -142,11 +150,17 @@ def test_live_estimates_equal_offline(imu_model, monkeypatch):
             if (n + 1) % 10 == 0:  # flow control: let the estimate of this chunk arrive first
                 assert d.spin_until(lambda n=n: len(d.got) >= (n + 1) // 10 - 1, 20), f"stalled at {len(d.got)}"
         assert d.spin_until(lambda: len(d.got) >= len(expected), 20)
+        last = max(expected)
+        d.spin_until(lambda: last in d.arrow_stamps(), 10)
     finally:
         out = d.close()
     assert sorted(d.got) == sorted(expected), f"{len(d.got)} estimates, {len(expected)} expected\n{out[-2000:]}"
     diff = max(np.abs(d.got[t] - expected[t]).max() for t in expected)
     assert diff <= 1e-4, diff
+    # RViz arrows: one per output, from the origin to the estimated force.
+    assert last in d.arrow_stamps(), "no marker for the last estimate"
+    tip = d.arrows[d.arrow_stamps().index(last)][0].points[1]
+    np.testing.assert_allclose([tip.x, tip.y, tip.z], expected[last], atol=1e-4)
 
 
 def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):

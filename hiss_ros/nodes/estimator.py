@@ -20,12 +20,14 @@ import numpy as np
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Point
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.time import Time
+from visualization_msgs.msg import Marker, MarkerArray
 
 from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
@@ -74,6 +76,7 @@ class Estimator(Node):
         self.declare_parameter("output_prefix", "/hiss")
         self.declare_parameter("qos_depth", 100)
         self.declare_parameter("diagnostics_period_s", 1.0)
+        self.declare_parameter("publish_markers", False)
         threads = self.get_parameter("num_threads").value
         if threads > 0:
             torch.set_num_threads(threads)
@@ -97,6 +100,8 @@ class Estimator(Node):
             self.create_publisher(message_class(self._estimate_type(s)), f"{prefix}{s.topic}", 10) for s in self.outputs
         ]
         self.diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.markers = (self.create_publisher(MarkerArray, f"{prefix}/markers", 10)
+                        if self.get_parameter("publish_markers").value else None)
         self.create_timer(self.get_parameter("diagnostics_period_s").value, self._report)
         self._warmup(self.model)
         self.add_on_set_parameters_callback(self._on_parameters)
@@ -213,8 +218,25 @@ class Estimator(Node):
                 _set(msg, path, y[k])
                 k += 1
             pub.publish(msg)
+        if self.markers is not None:
+            self._publish_markers(y, stamp, frame)
         self.estimates += 1
         self.latencies.append(time.perf_counter() - t0)
+
+    def _publish_markers(self, y: np.ndarray, stamp: Any, frame: str) -> None:
+        """One arrow from the frame origin per output stream, along its first three channels."""
+        arrows, k = MarkerArray(), 0
+        for i, spec in enumerate(self.outputs):
+            n = len(spec.channel_names)
+            if n >= 3:
+                m = Marker(type=Marker.ARROW, action=Marker.ADD, id=i, ns="hiss_estimates")
+                m.header.stamp, m.header.frame_id = stamp, frame
+                m.points = [Point(), Point(x=float(y[k]), y=float(y[k + 1]), z=float(y[k + 2]))]
+                m.scale.x, m.scale.y, m.scale.z = 0.01, 0.02, 0.03
+                m.color.a, m.color.r, m.color.g, m.color.b = 1.0, 0.9 - 0.5 * i, 0.3, 0.2 + 0.5 * i
+                arrows.markers.append(m)
+            k += n
+        self.markers.publish(arrows)
 
     # --- diagnostics ------------------------------------------------------------------------
 
