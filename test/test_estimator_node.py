@@ -63,7 +63,12 @@ def offline_estimates(bag, model_path):
 class Driver:
     """The estimator node in its own process, and a test node that talks to it over DDS."""
 
+    runs = 0
+
     def __init__(self, model_path, *params: str) -> None:
+        # Topics of their own per run: a node of an earlier test may linger in DDS discovery.
+        Driver.runs += 1
+        self.imu_topic, self.prefix = f"/imu_{Driver.runs}/data", f"/hiss_{Driver.runs}"
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import WrenchStamped
@@ -74,7 +79,8 @@ class Driver:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p", f"model_path:={model_path}",
-             "-p", "num_threads:=1", "-p", "diagnostics_period_s:=0.2", *params],
+             "-p", "num_threads:=1", "-p", "diagnostics_period_s:=0.2", "-p", f"output_prefix:={self.prefix}",
+             "-r", f"/imu/data:={self.imu_topic}", *params],
             env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.ctx = rclpy.Context()
@@ -85,17 +91,19 @@ class Driver:
         self.got: dict[int, np.ndarray] = {}
         self.diagnostics: dict[str, str] = {}
         self.arrows: list = []
-        subs = [self.node.create_subscription(WrenchStamped, "/hiss/wrench_gt", self._on_estimate, 1000),
+        subs = [self.node.create_subscription(WrenchStamped, f"{self.prefix}/wrench_gt", self._on_estimate, 1000),
                 self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)]
         if "publish_markers:=true" in params:
-            subs.append(self.node.create_subscription(MarkerArray, "/hiss/markers",
+            subs.append(self.node.create_subscription(MarkerArray, f"{self.prefix}/markers",
                                                       lambda m: self.arrows.append(m.markers), 1000))
-        self.pub = self.node.create_publisher(Imu, "/imu/data",
+        self.pub = self.node.create_publisher(Imu, self.imu_topic,
                                               QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
         self.Imu = Imu
         # Both directions discovered before any data flows (a volatile topic keeps nothing for late joiners).
         assert self.spin_until(lambda: self.pub.get_subscription_count() > 0
                                and all(sub.get_publisher_count() > 0 for sub in subs), 60), "estimator not discovered"
+        # ... including the estimator's side of our IMU topic, or its first samples would be lost.
+        assert self.spin_until(lambda: self.diagnostics.get("publishers /imu/data") == "1", 30), self.diagnostics
 
     def _on_estimate(self, m) -> None:
         t = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
@@ -182,7 +190,7 @@ def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):
     try:
         t0 = 10_000_000_000
         burst(t0)
-        assert d.spin_until(lambda: len(d.got) >= 5, 20)
+        assert d.spin_until(lambda: len(d.got) >= 5, 20), d.diagnostics
         d.publish(t0 + 60 * period, [np.nan, 0, 0], [0, 0, 0])  # non-finite
         d.publish(t0 + 59 * period, [0, 0, 0], [0, 0, 0])  # duplicate of the last good stamp
         burst(t0 - 5_000_000_000)  # time jumps back 5 s (a bag loop)

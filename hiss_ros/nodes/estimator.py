@@ -93,8 +93,10 @@ class Estimator(Node):
         qos = QoSProfile(depth=depth, reliability=qos_profile_sensor_data.reliability,
                          durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
         self._readers: list[Any] = [None] * len(self.inputs)
-        for i, spec in enumerate(self.inputs):
+        self.subscriptions_ = [
             self.create_subscription(message_class(spec.type), spec.topic, lambda m, i=i: self._on_sample(i, m), qos)
+            for i, spec in enumerate(self.inputs)
+        ]
         prefix = self.get_parameter("output_prefix").value.rstrip("/")
         self.publishers_ = [
             self.create_publisher(message_class(self._estimate_type(s)), f"{prefix}{s.topic}", 10) for s in self.outputs
@@ -249,6 +251,8 @@ class Estimator(Node):
             "estimates": self.estimates, "resets": self.resets, "device": self.device,
             "model_path": self.model_path, "reloads": self.reloads,
             "inference_ms_p50": f"{np.percentile(lat, 50):.3f}", "inference_ms_p99": f"{np.percentile(lat, 99):.3f}",
+            **{f"publishers {s.topic}": sub.get_publisher_count()
+               for s, sub in zip(self.inputs, self.subscriptions_, strict=True)},
             **{f"received {s.topic}": n for s, n in zip(self.inputs, self.received, strict=True)},
             **{f"unreadable {s.topic}": n for s, n in zip(self.inputs, self.rejected, strict=True)},
             **{f"pipeline {k}": v for k, v in self.pipeline.counters.items()},
@@ -273,6 +277,9 @@ def main(args: list[str] | None = None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C, or SIGTERM from launch
         pass
+    except Exception:  # noqa: BLE001 - SIGTERM can also land while the executor builds its wait set
+        if rclpy.ok():
+            raise
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
