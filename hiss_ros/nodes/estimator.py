@@ -277,7 +277,7 @@ def main(args: list[str] | None = None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C, or SIGTERM from launch
         pass
-    except Exception:  # noqa: BLE001 - SIGTERM can also land while the executor builds its wait set
+    except Exception:
         if rclpy.ok():
             raise
     finally:
