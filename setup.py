@@ -66,6 +66,7 @@ setup(
             "hiss-train = hiss_ros.train.cli:main",
             "eval = hiss_ros.train.evaluate:main",
             "estimator = hiss_ros.nodes.estimator:main",
+            "replay = hiss_ros.nodes.replay:main",
             "hiss-eval = hiss_ros.train.evaluate:main",
         ],
     },

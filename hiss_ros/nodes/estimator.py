@@ -10,7 +10,6 @@ last-sample time. A break in the input (gap, time going back) resets the model s
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import config_to_dict
+from hiss_ros.nodes.common import message_class
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.train.config import TrainConfig
 
@@ -50,12 +50,6 @@ class _Loaded:
     pipeline: Pipeline
     out_mean: np.ndarray
     out_std: np.ndarray
-
-
-def message_class(type_name: str) -> type:
-    """'sensor_msgs/msg/Imu' -> the rclpy message class."""
-    package, _, name = type_name.split("/")
-    return getattr(importlib.import_module(f"{package}.msg"), name)
 
 
 def _set(msg: Any, path: str, value: float) -> None:
