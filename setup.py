@@ -60,8 +60,8 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "demo = hiss_ros.demo:main",
-            "hiss-demo = hiss_ros.demo:main",
+            "demo = hiss_ros.nodes.demo:main",
+            "hiss-demo = hiss_ros.nodes.demo:main",
             "train = hiss_ros.nodes.trainer:main",
             "hiss-train = hiss_ros.train.cli:main",
             "eval = hiss_ros.train.evaluate:main",

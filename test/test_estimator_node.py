@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 from conftest import ROS_ENV
-from test_train import config, contact_bag
+from test_train import config
 
 from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data import StreamSpec, read_streams
+from hiss_ros.data.synthetic import contact_bag
 from hiss_ros.models import config_to_dict
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.train.cli import main as train_main

@@ -16,7 +16,7 @@ from conftest import ROS_ENV
 import hiss_ros
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE_MODULES = ["hiss_ros", "hiss_ros.models", "hiss_ros.checkpoint", "hiss_ros.errors", "hiss_ros.demo",
+CORE_MODULES = ["hiss_ros", "hiss_ros.models", "hiss_ros.checkpoint", "hiss_ros.errors",
                 "hiss_ros.data", "hiss_ros.data.write", "hiss_ros.pipeline", "hiss_ros.train", "hiss_ros.train.cli",
                 "hiss_ros.train.evaluate", "hiss_ros.train.compare"]
 

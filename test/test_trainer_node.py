@@ -8,7 +8,9 @@ import sys
 import time
 
 from conftest import ROS_ENV
-from test_train import config, contact_bag
+from test_train import config
+
+from hiss_ros.data.synthetic import contact_bag
 
 
 def test_trainer_node_reports_epochs_on_diagnostics(tmp_path, monkeypatch):
