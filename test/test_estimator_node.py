@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROS_ENV
+from conftest import ROS_ENV, Listener
 from test_train import config
 
 from hiss_ros.checkpoint import load_checkpoint
@@ -23,13 +22,6 @@ from hiss_ros.train.cli import main as train_main
 from hiss_ros.train.config import TrainConfig
 
 IMU_FIELDS = tuple(f"{p}.{a}" for p in ("angular_velocity", "linear_acceleration") for a in "xyz")
-
-
-def spin_until(executor, condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        executor.spin_once(timeout_sec=0.05)
-    return condition()
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +62,8 @@ class Driver:
         # Topics of their own per run: a node of an earlier test may linger in DDS discovery.
         Driver.runs += 1
         self.imu_topic, self.prefix = f"/imu_{Driver.runs}/data", f"/hiss_{Driver.runs}"
-        import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import WrenchStamped
-        from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Imu
         from visualization_msgs.msg import MarkerArray
@@ -84,11 +74,8 @@ class Driver:
              "-r", f"/imu/data:={self.imu_topic}", *params],
             env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.ctx = rclpy.Context()
-        rclpy.init(context=self.ctx)
-        self.node = rclpy.create_node("estimator_test_driver", context=self.ctx)
-        self.executor = SingleThreadedExecutor(context=self.ctx)
-        self.executor.add_node(self.node)
+        self.ros = Listener("estimator_test_driver")
+        self.node = self.ros.node
         self.got: dict[int, np.ndarray] = {}
         self.diagnostics: dict[str, str] = {}
         self.arrows: list = []
@@ -116,7 +103,7 @@ class Driver:
                 self.diagnostics = {kv.key: kv.value for kv in st.values}
 
     def spin_until(self, condition, timeout_s: float) -> bool:
-        return spin_until(self.executor, condition, timeout_s)
+        return self.ros.spin_until(condition, timeout_s)
 
     def arrow_stamps(self) -> list[int]:
         return [a[0].header.stamp.sec * 1_000_000_000 + a[0].header.stamp.nanosec for a in self.arrows]
@@ -129,13 +116,9 @@ class Driver:
         self.pub.publish(msg)
 
     def close(self) -> str:
-        import rclpy
-
         self.proc.terminate()
         out = self.proc.communicate(timeout=30)[0]
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.ctx)
+        self.ros.close()
         return out
 
 
@@ -186,7 +169,7 @@ def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):
         for k in range(n):
             d.publish(t0 + k * period, rng.standard_normal(3), rng.standard_normal(3))
             if k % 10 == 9:
-                d.executor.spin_once(timeout_sec=0.01)
+                d.ros.executor.spin_once(timeout_sec=0.01)
 
     try:
         t0 = 10_000_000_000

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
-from conftest import ROS_ENV
+from conftest import ROS_ENV, Listener
 
 from hiss_ros.data.write import float_array, imu, write_bag
 
@@ -18,8 +17,6 @@ MS = 1_000_000
 def test_replay_publishes_every_message_with_clock(tmp_path, monkeypatch):
     for k, v in ROS_ENV.items():
         monkeypatch.setenv(k, v)
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import Imu
     from std_msgs.msg import Float32MultiArray
@@ -32,17 +29,14 @@ def test_replay_publishes_every_message_with_clock(tmp_path, monkeypatch):
             recs.append(("/replay_test/tactile", t, float_array([k, -k])))
     bag = write_bag(tmp_path / "bag", recs)
 
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = rclpy.create_node("replay_listener", context=ctx)
+    ros = Listener("replay_listener")
     imu_x, tactile, clock = [], [], []
-    node.create_subscription(Imu, "/replay_test/imu", lambda m: imu_x.append(
+    ros.node.create_subscription(Imu, "/replay_test/imu", lambda m: imu_x.append(
         (m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec, m.angular_velocity.x)), 200)
-    node.create_subscription(Float32MultiArray, "/replay_test/tactile", lambda m: tactile.append(list(m.data)), 200)
-    node.create_subscription(Clock, "/clock", lambda m: clock.append(m.clock.sec * 1_000_000_000 + m.clock.nanosec),
-                             200)
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
+    ros.node.create_subscription(Float32MultiArray, "/replay_test/tactile", lambda m: tactile.append(list(m.data)),
+                                 200)
+    ros.node.create_subscription(Clock, "/clock",
+                                 lambda m: clock.append(m.clock.sec * 1_000_000_000 + m.clock.nanosec), 200)
     proc = subprocess.Popen(
         [sys.executable, "-m", "hiss_ros.nodes.replay", str(bag), "--rate", "5", "--clock",
          "--wait-for-subscribers", "30"],
@@ -50,15 +44,11 @@ def test_replay_publishes_every_message_with_clock(tmp_path, monkeypatch):
     )
     try:
         last = 5_000 * MS + 99 * 5 * MS  # /clock keeps only the latest few: wait for the final time
-        deadline = time.monotonic() + 60
-        while (len(imu_x) < 100 or not clock or clock[-1] != last) and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.1)
+        ros.spin_until(lambda: len(imu_x) >= 100 and clock and clock[-1] == last, 60)
         out = proc.communicate(timeout=30)[0]
     finally:
         proc.kill()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
+        ros.close()
     assert proc.returncode == 0, out
     assert [x for _, x in imu_x] == list(range(100)), out
     assert [t for t, _ in imu_x] == [5_000 * MS + k * 5 * MS - MS for k in range(100)]

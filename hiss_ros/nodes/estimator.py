@@ -21,7 +21,6 @@ import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
@@ -32,7 +31,7 @@ from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import config_to_dict
-from hiss_ros.nodes.common import message_class
+from hiss_ros.nodes.common import message_class, running
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.train.config import TrainConfig
 
@@ -267,16 +266,8 @@ def main(args: list[str] | None = None) -> int:
         print(f"hiss_estimator: error: {exc}")
         rclpy.try_shutdown()
         return 2
-    try:
+    with running(node):
         rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C, or SIGTERM from launch
-        pass
-    except Exception:
-        if rclpy.ok():
-            raise
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
     return 0
 
 

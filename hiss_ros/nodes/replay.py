@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
@@ -27,7 +26,7 @@ from rosbags.interfaces import QosReliability
 from rosgraph_msgs.msg import Clock
 
 from hiss_ros.data.write import TYPESTORE
-from hiss_ros.nodes.common import message_class
+from hiss_ros.nodes.common import message_class, running
 
 
 def _qos(conn) -> QoSProfile:
@@ -101,17 +100,12 @@ def main(args: list[str] | None = None) -> int:
         p.error("--rate must be positive")
     rclpy.init(args=argv)
     node = Replay(opts.bag, opts.rate, opts.clock, opts.topics, opts.wait_for_subscribers)
-    try:
+    with running(node):
         while rclpy.ok():
             node.play_once()
             node.get_logger().info(f"replayed {node.sent} messages from {opts.bag}")
             if not opts.loop:
                 break
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
     return 0
 
 
