@@ -242,3 +242,45 @@ def test_hot_reload_swaps_good_checkpoints_and_refuses_bad_ones(imu_model, monke
     finally:
         out = d.close()
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_sim_time_replay_with_header_less_tactile(tmp_path, monkeypatch):
+    """Replay node with /clock + estimator with use_sim_time: the header-less tactile stream is
+    stamped with the bag's time, so every chunk of the recording is estimated, in bag time."""
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    from geometry_msgs.msg import WrenchStamped
+
+    bag = contact_bag(tmp_path / "train_bag", seconds=20.0, seed=3)
+    assert train_main(["--config", str(config(tmp_path, epochs=1)), "--bag", str(bag), "--out", str(tmp_path / "run"),
+                       "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0
+    demo = contact_bag(tmp_path / "demo_bag", seconds=5.0, seed=4)
+    est = subprocess.Popen(
+        [sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p",
+         f"model_path:={tmp_path / 'run' / 'model.safetensors'}", "-p", "use_sim_time:=true",
+         "-p", "output_prefix:=/simtime"],
+        env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    ros = Listener("sim_time_listener")
+    stamps: list[int] = []
+    sub = ros.node.create_subscription(WrenchStamped, "/simtime/wrench_gt", lambda m: stamps.append(
+        m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec), 1000)
+    replay = None
+    try:
+        assert ros.spin_until(lambda: sub.get_publisher_count() > 0, 60), "estimator not up"
+        replay = subprocess.Popen(
+            [sys.executable, "-m", "hiss_ros.nodes.replay", str(demo), "--clock", "--rate", "2", "--topics",
+             "/imu/data", "/tactile",
+             "--wait-for-subscribers", "30"],
+            env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        ros.spin_until(lambda: len(stamps) >= 95, 60)
+    finally:
+        for p in (replay, est):
+            if p is not None:
+                p.terminate()
+        out = est.communicate(timeout=30)[0]
+        ros.close()
+    # 5 s at 20 Hz = 100 chunks; the first starts at the first IMU sample (bag time 1.0 s).
+    assert len(stamps) >= 95, f"{len(stamps)} estimates\n{out[-2000:]}"
+    assert 1_000_000_000 < stamps[0] < 1_200_000_000 and np.all(np.diff(stamps) == 50_000_000)
