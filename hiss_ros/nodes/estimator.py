@@ -81,7 +81,6 @@ class Estimator(Node):
         self.resets = 0
         self.received = [0] * len(self.inputs)
         self.rejected = [0] * len(self.inputs)
-        self._last_received_ns = [None] * len(self.inputs)
         depth = self.get_parameter("qos_depth").value
         qos = QoSProfile(depth=depth, reliability=qos_profile_sensor_data.reliability,
                          durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
@@ -187,7 +186,6 @@ class Estimator(Node):
             return
         stamp = message_stamp_ns(spec, msg, now_ns)
         self.received[i] += 1
-        self._last_received_ns[i] = now_ns
         for chunk in self.pipeline.push(i, stamp, values):
             self._estimate(chunk)
 
