@@ -68,6 +68,10 @@ setup(
             "estimator = hiss_ros.nodes.estimator:main",
             "replay = hiss_ros.nodes.replay:main",
             "hiss-eval = hiss_ros.train.evaluate:main",
+            "sim = hiss_ros.sim.cli:main",
+            "hiss-sim = hiss_ros.sim.cli:main",
+            "import = hiss_ros.importers.cli:main",
+            "hiss-import = hiss_ros.importers.cli:main",
         ],
     },
 )

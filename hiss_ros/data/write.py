@@ -61,13 +61,15 @@ def twist(stamp_ns: int, linear: Sequence[float], angular: Sequence[float], fram
 def write_bag(path: str | Path, records: Iterable[tuple[str, int, Any]], storage: str = "mcap",
               zstd: bool = False) -> Path:
     """Write ``(topic, receive_stamp_ns, message)`` records (any order of topics) to a new ROS 2
-    bag folder; ``zstd`` compresses each message."""
+    bag folder; ``zstd`` compresses an mcap bag per chunk (the storage's own compression: small
+    and fast), a sqlite3 bag per message."""
     plugin = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[storage]
     path = Path(path)
     conns: dict[str, Any] = {}
     writer = Writer(path, version=9, storage_plugin=plugin)
     if zstd:
-        writer.set_compression(CompressionMode.MESSAGE, CompressionFormat.ZSTD)
+        mode = CompressionMode.STORAGE if storage == "mcap" else CompressionMode.MESSAGE
+        writer.set_compression(mode, CompressionFormat.ZSTD)
     with writer:
         for topic, stamp_ns, msg in records:
             msgtype = msg.__msgtype__

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
+
+DEFAULT_MODEL = "contact.safetensors"
+
+
+def default_model_path() -> Path:
+    """The shipped ``contact`` model: in the package share of a colcon/pip install, or in the
+    source tree's ``models/`` for an editable (development) install."""
+    candidates = []
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+        try:
+            candidates.append(Path(get_package_share_directory("hiss_ros")) / "models")
+        except PackageNotFoundError:
+            pass
+    except ImportError:  # the PyPI ROS wheels may come without ament_index_python
+        pass
+    candidates += [Path(sys.prefix) / "share/hiss_ros/models", Path(__file__).resolve().parents[2] / "models"]
+    for folder in candidates:
+        if (folder / DEFAULT_MODEL).is_file():
+            return folder / DEFAULT_MODEL
+    return candidates[-1] / DEFAULT_MODEL  # missing: loading it names this path
 
 
 def message_class(type_name: str) -> type:

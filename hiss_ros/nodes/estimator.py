@@ -10,6 +10,7 @@ last-sample time. A break in the input (gap, time going back) resets the model s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,12 +32,17 @@ from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import config_to_dict
-from hiss_ros.nodes.common import message_class, running
+from hiss_ros.nodes.common import default_model_path, message_class, running
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.train.config import TrainConfig
 
 # What an estimate of each ground-truth type is published as, and where its channels go.
 ESTIMATE_FIELDS = {"world_velocity": "twist.linear", "body_velocity": "twist.linear"}
+TWIST, TWIST_COV, WRENCH = ("geometry_msgs/msg/TwistStamped", "geometry_msgs/msg/TwistWithCovarianceStamped",
+                            "geometry_msgs/msg/WrenchStamped")
+# Row of a TwistWithCovariance covariance (6 x 6, row-major: vx vy vz wx wy wz) per channel.
+_COV_ROW = {f"{part}.{a}": 3 * j + i for j, part in enumerate(("linear", "angular")) for i, a in enumerate("xyz")}
+UNKNOWN_VARIANCE = 1.0e6  # a twist component the model does not estimate (robot_localization's convention)
 
 
 @dataclass
@@ -49,6 +55,7 @@ class _Loaded:
     pipeline: Pipeline
     out_mean: np.ndarray
     out_std: np.ndarray
+    out_variance: np.ndarray | None  # per output channel, physical units: the validation MSE
 
 
 def _set(msg: Any, path: str, value: float) -> None:
@@ -66,6 +73,10 @@ class Estimator(Node):
         self.declare_parameter("device", "auto")
         self.declare_parameter("num_threads", 0)
         self.declare_parameter("frame_id", "tool")
+        self.declare_parameter("wrench_frame_id", "")
+        self.declare_parameter("twist_frame_id", "")
+        self.declare_parameter("max_gap_s", 0.0)
+        self.declare_parameter("velocity_covariance", False)
         self.declare_parameter("output_prefix", "/hiss")
         self.declare_parameter("qos_depth", 100)
         self.declare_parameter("diagnostics_period_s", 1.0)
@@ -74,13 +85,16 @@ class Estimator(Node):
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = self._device(self.get_parameter("device").value)
-        self._install(self._load(self.get_parameter("model_path").value))
+        self.max_gap_s = self.get_parameter("max_gap_s").value
+        self.velocity_covariance = self.get_parameter("velocity_covariance").value
+        self._install(self._load(self.get_parameter("model_path").value or str(default_model_path())))
         self.reloads = 0
         self.latencies: deque[float] = deque(maxlen=1000)
         self.estimates = 0
         self.resets = 0
         self.received = [0] * len(self.inputs)
         self.rejected = [0] * len(self.inputs)
+        self._rate_mark = (time.monotonic(), 0, [0] * len(self.inputs))  # for rates between reports
         depth = self.get_parameter("qos_depth").value
         qos = QoSProfile(depth=depth, reliability=qos_profile_sensor_data.reliability,
                          durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
@@ -90,8 +104,14 @@ class Estimator(Node):
             for i, spec in enumerate(self.inputs)
         ]
         prefix = self.get_parameter("output_prefix").value.rstrip("/")
+        self.estimate_types = [self._estimate_type(s) for s in self.outputs]
+        if self.velocity_covariance and TWIST_COV in self.estimate_types and self.out_variance is None:
+            raise HissError(f"velocity_covariance:=true, but {self.model_path} holds no validation error "
+                            "(trained by an older hiss-train?): retrain it, or set velocity_covariance:=false")
+        self.frame_ids = [self._frame_id(t) for t in self.estimate_types]
         self.publishers_ = [
-            self.create_publisher(message_class(self._estimate_type(s)), f"{prefix}{s.topic}", 10) for s in self.outputs
+            self.create_publisher(message_class(t), f"{prefix}{s.topic}", 10)
+            for s, t in zip(self.outputs, self.estimate_types, strict=True)
         ]
         self.diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.markers = (self.create_publisher(MarkerArray, f"{prefix}/markers", 10)
@@ -116,22 +136,26 @@ class Estimator(Node):
         """Read and validate a checkpoint; nothing of the running node changes."""
         if not path:
             raise HissError("parameter model_path is empty: give a checkpoint (model.safetensors from hiss-train)")
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path)  # raises CheckpointError (a HissError) saying what is wrong
         dims = tuple(ckpt.data.get("input_dims") or ())
         if not dims:
             raise HissError(f"{path}: the checkpoint's data spec has no input_dims (made by an older hiss-train?)")
         cfg = TrainConfig.from_checkpoint(ckpt.data, config_to_dict(ckpt.config))
         norm = ckpt.normalization
-        pipeline = Pipeline(cfg.pipeline_config(dims),
-                            Normalization(np.asarray(norm["input_mean"]), np.asarray(norm["input_std"])))
+        pipe_cfg = cfg.pipeline_config(dims)
+        if self.max_gap_s > 0:  # the deployment's own tolerance for gaps instead of the training one
+            pipe_cfg = dataclasses.replace(pipe_cfg, max_gap_s=self.max_gap_s)
+        pipeline = Pipeline(pipe_cfg, Normalization(np.asarray(norm["input_mean"]), np.asarray(norm["input_std"])))
+        variance = ckpt.data.get("validation", {}).get("mse_per_channel")
         return _Loaded(path, cfg, ckpt.model.to(self.device).eval(), pipeline,
-                       np.asarray(norm["output_mean"]), np.asarray(norm["output_std"]))
+                       np.asarray(norm["output_mean"]), np.asarray(norm["output_std"]),
+                       None if variance is None else np.asarray(variance, dtype=np.float64))
 
     def _install(self, new: _Loaded) -> None:
         old_counters = self.pipeline.counters if getattr(self, "pipeline", None) else None
         self.model_path, self.inputs, self.outputs = new.path, new.cfg.inputs, new.cfg.outputs
         self.model, self.pipeline = new.model, new.pipeline
-        self.out_mean, self.out_std = new.out_mean, new.out_std
+        self.out_mean, self.out_std, self.out_variance = new.out_mean, new.out_std, new.out_variance
         if old_counters is not None:
             self.pipeline.counters.update(old_counters)
         self.state = self.model.init_state(1)
@@ -155,6 +179,10 @@ class Estimator(Node):
                     f"{[s.to_dict() for s in new.cfg.outputs]} at {new.pipeline.config}; the running model has "
                     f"{[s.to_dict() for s in self.inputs]}, {[s.to_dict() for s in self.outputs]} at "
                     f"{self.pipeline.config} (restart the node to change streams)"))
+            if TWIST_COV in self.estimate_types and new.out_variance is None:
+                return SetParametersResult(successful=False, reason=(
+                    f"model_path refused: {p.value} holds no validation error for the velocity covariance "
+                    "(trained by an older hiss-train?)"))
             self._warmup(new.model)
             self._install(new)
             self.reloads += 1
@@ -162,7 +190,22 @@ class Estimator(Node):
         return SetParametersResult(successful=True)
 
     def _estimate_type(self, spec: StreamSpec) -> str:
-        return "geometry_msgs/msg/TwistStamped" if spec.derive else spec.type
+        """The ground truth's own type; velocity derived from a pose is a twist, and twists carry
+        a covariance (the validation error) when ``velocity_covariance`` is set."""
+        kind = TWIST if spec.derive else spec.type
+        return TWIST_COV if kind == TWIST and self.velocity_covariance else kind
+
+    def _frame_id(self, msg_type: str) -> str:
+        own = {WRENCH: "wrench_frame_id", TWIST: "twist_frame_id", TWIST_COV: "twist_frame_id"}.get(msg_type)
+        return (own and self.get_parameter(own).value) or self.get_parameter("frame_id").value
+
+    @staticmethod
+    def _channel_paths(spec: StreamSpec, msg_type: str) -> list[str]:
+        """Where each estimated channel goes in the published message."""
+        paths = [f"{ESTIMATE_FIELDS[spec.derive]}.{a}" for a in "xyz"] if spec.derive else list(spec.channel_names)
+        if msg_type == TWIST_COV and spec.type != TWIST_COV:  # twist.linear.x -> twist.twist.linear.x
+            paths = [f"twist.{p}" for p in paths]
+        return paths
 
     def _warmup(self, model: Any) -> None:
         """Run the model once so the first real estimate pays no lazy initialisation."""
@@ -196,25 +239,45 @@ class Estimator(Node):
             self.episode = chunk.episode
             self.resets += 1
         with torch.inference_mode():
-            y, self.state = self.model.step_chunk(torch.from_numpy(chunk.x).unsqueeze(0).to(self.device), self.state)
-        y = y[0].cpu().numpy().astype(np.float64) * self.out_std + self.out_mean
-        stamp = Time(nanoseconds=chunk.stamp_ns).to_msg()
-        frame = self.get_parameter("frame_id").value
+            y = self._infer(torch.from_numpy(chunk.x).unsqueeze(0).to(self.device))
+        self._publish(y[0].cpu().numpy().astype(np.float64) * self.out_std + self.out_mean, chunk.stamp_ns)
+        self.estimates += 1
+        self.latencies.append(time.perf_counter() - t0)
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        """One chunk x (1, chunk, I) -> normalised estimate (1, O); the state is carried."""
+        y, self.state = self.model.step_chunk(x, self.state)
+        return y
+
+    def _publish(self, y: np.ndarray, stamp_ns: int) -> None:
+        """Publish the physical-unit estimate y (O,) of the chunk ending at ``stamp_ns``."""
+        stamp = Time(nanoseconds=stamp_ns).to_msg()
         k = 0
-        for spec, pub in zip(self.outputs, self.publishers_, strict=True):
+        for spec, pub, msg_type, frame in zip(self.outputs, self.publishers_, self.estimate_types, self.frame_ids,
+                                              strict=True):
             msg = pub.msg_type()
             msg.header.stamp = stamp
             msg.header.frame_id = frame
-            names = spec.channel_names
-            paths = [f"{ESTIMATE_FIELDS[spec.derive]}.{a}" for a in "xyz"] if spec.derive else names
+            paths = self._channel_paths(spec, msg_type)
             for path in paths:
                 _set(msg, path, y[k])
                 k += 1
+            if msg_type == TWIST_COV:
+                msg.twist.covariance = self._covariance(paths, k - len(paths))
             pub.publish(msg)
         if self.markers is not None:
-            self._publish_markers(y, stamp, frame)
-        self.estimates += 1
-        self.latencies.append(time.perf_counter() - t0)
+            self._publish_markers(y, stamp, self.frame_ids[0])
+
+    def _covariance(self, paths: list[str], first: int) -> np.ndarray:
+        """Diagonal 6 x 6 covariance: the validation MSE of each estimated channel, a large
+        variance for components the model does not estimate."""
+        cov = np.zeros(36)
+        cov[[7 * i for i in range(6)]] = UNKNOWN_VARIANCE
+        if self.out_variance is not None:
+            for j, path in enumerate(paths):
+                row = _COV_ROW[".".join(path.split(".")[-2:])]  # (twist.)twist.linear.x -> linear.x
+                cov[7 * row] = self.out_variance[first + j]
+        return cov
 
     def _publish_markers(self, y: np.ndarray, stamp: Any, frame: str) -> None:
         """One arrow from the frame origin per output stream, along its first three channels."""
@@ -238,13 +301,20 @@ class Estimator(Node):
             if self.received[i] == 0:
                 self.get_logger().warn(f"waiting for data on {spec.topic}", throttle_duration_sec=5.0)
         lat = np.asarray(self.latencies) * 1e3 if self.latencies else np.zeros(1)
+        t_then, est_then, recv_then = self._rate_mark
+        now = time.monotonic()
+        span = max(now - t_then, 1e-9)
+        self._rate_mark = (now, self.estimates, list(self.received))
         values = {
-            "estimates": self.estimates, "resets": self.resets, "device": self.device,
+            "estimates": self.estimates, "estimate_rate_hz": f"{(self.estimates - est_then) / span:.1f}",
+            "resets": self.resets, "device": self.device,
             "model_path": self.model_path, "reloads": self.reloads,
             "inference_ms_p50": f"{np.percentile(lat, 50):.3f}", "inference_ms_p99": f"{np.percentile(lat, 99):.3f}",
             **{f"publishers {s.topic}": sub.get_publisher_count()
                for s, sub in zip(self.inputs, self.subscriptions_, strict=True)},
             **{f"received {s.topic}": n for s, n in zip(self.inputs, self.received, strict=True)},
+            **{f"rate_hz {s.topic}": f"{(n - m) / span:.1f}"
+               for s, n, m in zip(self.inputs, self.received, recv_then, strict=True)},
             **{f"unreadable {s.topic}": n for s, n in zip(self.inputs, self.rejected, strict=True)},
             **{f"pipeline {k}": v for k, v in self.pipeline.counters.items()},
         }
@@ -256,10 +326,10 @@ class Estimator(Node):
         self.diag.publish(msg)
 
 
-def main(args: list[str] | None = None) -> int:
+def main(args: list[str] | None = None, node_class: type[Estimator] = Estimator) -> int:
     rclpy.init(args=args)
     try:
-        node = Estimator()
+        node = node_class()
     except HissError as exc:
         print(f"hiss_estimator: error: {exc}")
         rclpy.try_shutdown()

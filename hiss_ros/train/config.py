@@ -86,7 +86,8 @@ class TrainConfig:
     @classmethod
     def from_checkpoint(cls, data: dict[str, Any], model: dict[str, Any]) -> TrainConfig:
         """The config a checkpoint was trained with, from its data spec and model config."""
-        spec = {k: v for k, v in data.items() if k != "input_dims"}  # the data's, not the config's
+        # input_dims are the data's, validation the trained model's: neither is part of the config
+        spec = {k: v for k, v in data.items() if k not in ("input_dims", "validation")}
         return cls.from_dict({**spec, "model": model}, source="checkpoint data spec")
 
     @classmethod

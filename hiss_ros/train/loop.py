@@ -223,4 +223,8 @@ def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seco
     }
     if write:
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        # The validation error travels with the model: the node's velocity covariance.
+        save_checkpoint(out / MODEL_FILE, best, ds.normalization,
+                        {**cfg.data_spec(), "input_dims": list(ds.input_dims),
+                         "validation": {"mse_per_channel": physical, "chunks": ds.val.chunks}})
     return result

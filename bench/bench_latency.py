@@ -1,0 +1,333 @@
+"""End-to-end latency of the estimator node over real DDS, against a node that recomputes a window.
+
+What is measured, and why:
+- Three processes, as on a robot: a sensor publisher (stream 0 of the checkpoint, e.g. the IMU,
+  at ``--clock-rate`` Hz, 1 kHz by default; every other input, e.g. the tactile skin, at
+  ``--other-rate`` Hz, 100 Hz by default), the estimator node, and a receiver of the estimates.
+  The node runs with ``num_threads:=1`` (it shares the robot's CPU).
+- Latency of an estimate: the wall time it is received minus the wall time the publisher
+  published the sample that completed its chunk (the first stream-0 sample stamped at or after
+  the chunk's last tick: the node emits a chunk on that sample). p50 / p99 over the run.
+- Node CPU: user + system time of the node process over the publishing period, as % of one core.
+- Dropped: published inputs the node never received (its ``/diagnostics`` counters), and
+  estimates that never arrived (expected = one per chunk of the published stream-0 stamps).
+- The same run with ``bench/naive_estimator.py``: the same node, except that every estimate
+  reruns ``model(window)`` over the last 10 s of chunks instead of one carried-state step.
+Targets (streaming node): p99 <= 5 ms, zero dropped, CPU < 50 % of one core.
+
+Usage (from the repository root):
+    .venv/bin/python bench/bench_latency.py                  # 60 s each, writes docs/BENCHMARKS.md
+    .venv/bin/python bench/bench_latency.py --quick          # 10 s, streaming node only, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchutil import (
+    DEFAULT_DOC,
+    REPO,
+    environment,
+    load_average,
+    markdown_table,
+    percentile,
+    text_table,
+    write_section,
+)
+
+SECTION = "bench_latency"
+DEFAULT_MODEL = REPO / "models" / "contact.safetensors"
+TARGET_P99_MS, TARGET_CPU_PCT = 5.0, 50.0
+ENV = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+NODES = {
+    "streaming (step_chunk, state carried)": [sys.executable, "-m", "hiss_ros.nodes.estimator"],
+    "naive (model over the last 10 s per estimate)": [sys.executable, str(REPO / "bench" / "naive_estimator.py")],
+}
+
+
+def checkpoint_streams(model: Path) -> tuple[Any, tuple[int, ...]]:
+    from hiss_ros.checkpoint import load_checkpoint
+    from hiss_ros.models import config_to_dict
+    from hiss_ros.train.config import TrainConfig
+
+    ckpt = load_checkpoint(model)
+    return TrainConfig.from_checkpoint(ckpt.data, config_to_dict(ckpt.config)), tuple(ckpt.data["input_dims"])
+
+
+# --- the sensor publisher (its own process) --------------------------------------------------
+
+
+def _fill(msg: Any, fields: tuple[str, ...], values: np.ndarray) -> None:
+    if fields == ("data",):
+        msg.data = values.astype(np.float32).tolist()
+        return
+    for path, v in zip(fields, values, strict=True):
+        *parents, leaf = path.split(".")
+        obj = msg
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, leaf, float(v))
+
+
+def publish(model: Path, seconds: float, clock_rate: float, other_rate: float, out: Path) -> int:
+    """Publish every input stream of ``model`` in real time; save (stream, stamp, publish time)."""
+    import rclpy
+    from rclpy.qos import qos_profile_sensor_data
+
+    from hiss_ros.data.streams import SUPPORTED_TYPES
+    from hiss_ros.nodes.common import message_class
+
+    cfg, dims = checkpoint_streams(model)
+    rclpy.init()
+    node = rclpy.create_node("bench_sensors")
+    pubs = [node.create_publisher(message_class(s.type), s.topic, qos_profile_sensor_data) for s in cfg.inputs]
+    deadline = time.monotonic() + 60
+    while not all(p.get_subscription_count() > 0 for p in pubs):  # discovery: no sample may be lost to it
+        if time.monotonic() > deadline:
+            print("no subscriber for", [s.topic for s, p in zip(cfg.inputs, pubs, strict=True)
+                                        if p.get_subscription_count() == 0], flush=True)
+            return 1
+        rclpy.spin_once(node, timeout_sec=0.05)
+    rates = [clock_rate] + [other_rate] * (len(pubs) - 1)
+    # The schedule: (offset ns, stream), all streams merged in time order.
+    events = sorted((round(k * 1e9 / rate), i) for i, rate in enumerate(rates) for k in range(int(seconds * rate)))
+    rng = np.random.default_rng(0)
+    log = np.zeros((len(events), 3), dtype=np.int64)  # stream, header stamp (0: none), publish time
+    print("START", flush=True)
+    t0 = time.time_ns() + 50_000_000
+    for n, (offset, i) in enumerate(events):
+        while (wait := t0 + offset - time.time_ns()) > 0:
+            time.sleep(wait / 1e9 if wait > 200_000 else 0)  # sleep, then spin the last 0.2 ms
+        spec, msg = cfg.inputs[i], pubs[i].msg_type()
+        _fill(msg, spec.fields, rng.standard_normal(dims[i]))
+        stamp = time.time_ns()
+        if SUPPORTED_TYPES[spec.type]:
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+        pubs[i].publish(msg)
+        log[n] = (i, stamp if SUPPORTED_TYPES[spec.type] else 0, time.time_ns())
+    np.save(out, log)
+    node.destroy_node()
+    rclpy.shutdown()
+    return 0
+
+
+# --- one run: node under test + publisher + receiver -----------------------------------------
+
+
+@dataclass
+class Run:
+    node: str
+    latencies_ms: np.ndarray
+    expected: int
+    received: int
+    published: dict[str, int]
+    node_received: dict[str, int]
+    cpu_pct: float
+
+    @property
+    def dropped_inputs(self) -> int:
+        return sum(self.published[t] - self.node_received.get(t, 0) for t in self.published)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def expected_estimates(cfg: Any, dims: tuple[int, ...], log: np.ndarray) -> int:
+    """How many chunks the trainer's pipeline makes of the published samples (header-less
+    streams stamped at their publish time; the node stamps them on receipt, a little later)."""
+    from hiss_ros.pipeline import Pipeline
+
+    streams = []
+    for i, d in enumerate(dims):
+        rows = log[log[:, 0] == i]
+        stamps = np.where(rows[:, 1] > 0, rows[:, 1], rows[:, 2])
+        streams.append((stamps, np.zeros((len(rows), d))))
+    return sum(len(e.stamps_ns) for e in Pipeline(cfg.pipeline_config(dims)).process(streams))
+
+
+def run_node(name: str, command: list[str], model: Path, seconds: float, clock_rate: float,
+             other_rate: float, work: Path) -> Run:
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import SingleThreadedExecutor
+
+    from hiss_ros.data.streams import SUPPORTED_TYPES
+    from hiss_ros.nodes.common import message_class
+    from hiss_ros.nodes.estimator import TWIST
+
+    cfg, dims = checkpoint_streams(model)
+    if not SUPPORTED_TYPES[cfg.inputs[0].type]:
+        raise SystemExit(f"stream 0 ({cfg.inputs[0].topic}) has no header: its publish times cannot be matched")
+    node_proc = subprocess.Popen(
+        [*command, "--ros-args", "-p", f"model_path:={model}", "-p", "num_threads:=1", "-p", "output_prefix:=/bench",
+         "-p", "diagnostics_period_s:=0.5", "-p", "qos_depth:=1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    receiver = rclpy.create_node("bench_receiver", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(receiver)
+    out = cfg.outputs[0]
+    got: list[tuple[int, int]] = []
+    diag: dict[str, str] = {}
+
+    def on_estimate(m: Any) -> None:
+        got.append((m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec, time.time_ns()))
+
+    def on_diagnostics(m: Any) -> None:
+        for st in m.status:
+            if st.name == "hiss_ros estimator":
+                diag.update({kv.key: kv.value for kv in st.values})
+
+    sub = receiver.create_subscription(message_class(TWIST if out.derive else out.type), f"/bench{out.topic}",
+                                       on_estimate, 10_000)
+    receiver.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        wait_for(lambda: sub.get_publisher_count() > 0, 120, f"{name}: the node did not come up")
+        log_path = work / "published.npy"
+        pub = subprocess.Popen(
+            [sys.executable, __file__, "--publish", "--model", str(model), "--seconds", str(seconds),
+             "--clock-rate", str(clock_rate), "--other-rate", str(other_rate), "--log", str(log_path)],
+            stdout=subprocess.PIPE, text=True)
+        said = []
+        for line in pub.stdout:
+            if line.startswith("START"):
+                break
+            said.append(line)
+        cpu0, t0 = cpu_seconds(node_proc.pid), time.monotonic()
+        if pub.wait() != 0:
+            raise SystemExit(f"publisher failed: {''.join(said)}{pub.stdout.read()}")
+        cpu1, t1 = cpu_seconds(node_proc.pid), time.monotonic()
+        log = np.load(log_path)
+        clock = log[log[:, 0] == 0]
+        expected = expected_estimates(cfg, dims, log)
+        # Wait for the estimates in flight (a slow node works through its queue), then settle.
+        wait_for(lambda: len(got) >= expected or stalled(got), 120, None)
+        wait_for(lambda: all(f"received {s.topic}" in diag for s in cfg.inputs), 10, None)
+    finally:
+        node_proc.terminate()
+        node_out = node_proc.communicate(timeout=30)[0]
+        executor.shutdown()
+        receiver.destroy_node()
+        rclpy.try_shutdown(context=context)
+    if "Traceback" in node_out:
+        raise SystemExit(f"{name} failed:\n{node_out[-3000:]}")
+    stamps = np.array([g[0] for g in got], dtype=np.int64)
+    received_at = np.array([g[1] for g in got], dtype=np.int64)
+    trigger = np.searchsorted(clock[:, 1], stamps, side="left")  # the sample that completed the chunk
+    ok = trigger < len(clock)
+    latencies = (received_at[ok] - clock[trigger[ok], 2]) / 1e6
+    published = {s.topic: int((log[:, 0] == i).sum()) for i, s in enumerate(cfg.inputs)}
+    node_received = {s.topic: int(diag.get(f"received {s.topic}", 0)) for s in cfg.inputs}
+    return Run(name, latencies, expected, len(got), published, node_received,
+               100 * (cpu1 - cpu0) / (t1 - t0))
+
+
+def wait_for(condition, timeout_s: float, message: str | None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            if message:
+                raise SystemExit(message)
+            return
+        time.sleep(0.05)  # polling the receiver thread's progress, not synchronising with it
+
+
+def stalled(got: list, quiet_s: float = 3.0) -> bool:
+    """True once no estimate has arrived for ``quiet_s`` (a node that dropped some never sends them)."""
+    return bool(got) and time.time_ns() - got[-1][1] > quiet_s * 1e9
+
+
+# --- report ------------------------------------------------------------------------------------
+
+HEADERS = ["node", "estimates received / expected", "latency p50 (ms)", "latency p99 (ms)", "latency max (ms)",
+           "node CPU (% of one core)", "inputs dropped"]
+
+
+def rows(runs: list[Run]) -> list[list[str]]:
+    return [[r.node, f"{r.received} / {r.expected}", f"{np.percentile(r.latencies_ms, 50):.2f}",
+             f"{percentile(list(r.latencies_ms), 99):.2f}", f"{r.latencies_ms.max():.2f}", f"{r.cpu_pct:.1f}",
+             f"{r.dropped_inputs} of {sum(r.published.values())}"] for r in runs]
+
+
+def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str) -> str:
+    cfg, dims = checkpoint_streams(model)
+    s = runs[0]
+    p99 = percentile(list(s.latencies_ms), 99)
+    verdicts = [
+        f"p99 {p99:.2f} ms (target <= {TARGET_P99_MS:g} ms: {'met' if p99 <= TARGET_P99_MS else 'NOT met'})",
+        f"dropped {s.dropped_inputs} inputs, {s.expected - s.received} estimates (target 0: "
+        f"{'met' if s.dropped_inputs == 0 and s.received == s.expected else 'NOT met'})",
+        f"CPU {s.cpu_pct:.1f} % of one core (target < {TARGET_CPU_PCT:g} %: "
+        f"{'met' if s.cpu_pct < TARGET_CPU_PCT else 'NOT met'})",
+    ]
+    body = (
+        "## Estimator node: end-to-end latency over DDS\n\n"
+        f"Model `{model.relative_to(REPO) if model.is_relative_to(REPO) else model}`: inputs "
+        f"{', '.join(f'`{i.topic}` ({d} ch)' for i, d in zip(cfg.inputs, dims, strict=True))}, "
+        f"input clock {cfg.input_rate_hz:g} Hz, one estimate per {cfg.input_rate_hz / cfg.output_rate_hz:g} samples "
+        f"({cfg.output_rate_hz:g} Hz). Published: `{cfg.inputs[0].topic}` at {args.clock_rate:g} Hz"
+        + (f", the other inputs at {args.other_rate:g} Hz" if len(cfg.inputs) > 1 else "")
+        + f", {args.seconds:g} s per node, random values. Publisher, node and receiver are separate processes "
+        "(Fast DDS, localhost); the node runs with one torch thread. Latency = receipt of an estimate minus the "
+        "publish of the sample that completed its chunk.\n\n"
+        + environment("1 (node)", load) + "\n"
+        + markdown_table(HEADERS, rows(runs)) + "\n"
+        + "Streaming node: " + "; ".join(verdicts) + ".\n"
+    )
+    if len(runs) > 1:
+        n = runs[1]
+        ratio = np.percentile(n.latencies_ms, 50) / np.percentile(s.latencies_ms, 50)
+        body += (f"\nNaive / streaming: latency p50 {ratio:.0f}x, "
+                 f"CPU {n.cpu_pct / max(s.cpu_pct, 1e-9):.1f}x (the naive node cannot keep up when its CPU "
+                 "reaches 100 %: its queue then grows and inputs are dropped).\n")
+    return body
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--clock-rate", type=float, default=1000.0, help="Hz of input stream 0 (the IMU)")
+    ap.add_argument("--other-rate", type=float, default=100.0, help="Hz of the other inputs (tactile)")
+    ap.add_argument("--quick", action="store_true", help="10 s, streaming node only, write nothing")
+    ap.add_argument("--doc", type=Path, default=DEFAULT_DOC)
+    ap.add_argument("--publish", action="store_true", help=argparse.SUPPRESS)  # internal: the sensor process
+    ap.add_argument("--log", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.publish:  # in the domain its parent gave it
+        return publish(args.model, args.seconds, args.clock_rate, args.other_rate, args.log)
+    os.environ.update(ENV)  # this process's receiver and the child processes share one domain
+    if not args.model.is_file():
+        raise SystemExit(f"{args.model}: no such checkpoint (train one, or give --model)")
+    if args.quick:
+        args.seconds = 10.0
+    load = load_average()
+    runs = []
+    for name, command in list(NODES.items())[: 1 if args.quick else None]:
+        with tempfile.TemporaryDirectory() as work:
+            print(f"{name}: {args.seconds:g} s ...", flush=True)
+            runs.append(run_node(name, command, args.model, args.seconds, args.clock_rate, args.other_rate,
+                                 Path(work)))
+    print(text_table(HEADERS, rows(runs)))
+    if not args.quick:
+        write_section(args.doc, SECTION, report(runs, args.model, args, load))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

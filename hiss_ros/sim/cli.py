@@ -1,0 +1,96 @@
+"""hiss-sim: simulate a sensorized end-effector doing contact work and write a ROS 2 bag.
+
+    hiss-sim --out sim0 [--seconds 60] [--seed 0] [--storage mcap|sqlite3] [--zstd]
+             [--imu-rate 400] [--tactile-rate 100] [--gt-rate 100] [--taxels 5]
+             [--noise-scale 1.0] [--magnetic-field] [--config sim.yaml] [--force]
+
+``--out`` is the bag folder (ROS 2 convention: it holds metadata.yaml and sim0.mcap or
+sim0.db3). Flags override the values of ``--config`` (a YAML mapping of SimConfig fields).
+Exit status 2 on a bad setting or an existing output (unless ``--force``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from hiss_ros.errors import HissError
+from hiss_ros.sim.config import SimConfig
+
+BAG_SUFFIXES = (".mcap", ".db3", ".zstd")  # and metadata.yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hiss-sim", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path, help="output bag folder")
+    p.add_argument("--config", type=Path, help="YAML file of SimConfig fields (flags override it)")
+    p.add_argument("--seconds", type=float, help="duration (default 60)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
+    p.add_argument("--zstd", action="store_true", help="compress (mcap: per chunk, ~4x smaller; sqlite3: per message)")
+    p.add_argument("--imu-rate", dest="imu_rate_hz", type=float, help="Hz (default 400)")
+    p.add_argument("--tactile-rate", dest="tactile_rate_hz", type=float, help="Hz (default 100)")
+    p.add_argument("--gt-rate", dest="gt_rate_hz", type=float, help="ground-truth Hz (default 100)")
+    p.add_argument("--taxels", type=int, help="magnetometers, 3 channels each (default 5)")
+    p.add_argument("--noise-scale", dest="noise_scale", type=float, help="sensor noise/bias/drift factor (default 1)")
+    p.add_argument("--magnetic-field", action="store_true",
+                   help="also publish sensor_msgs/MagneticField per taxel on /tactile/mag<i>")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output bag")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _remove_bag(path: Path) -> None:
+    """Delete an existing bag at ``path``; refuse anything that does not look like one."""
+    def is_bag_file(f: Path) -> bool:
+        return f.is_file() and not f.is_symlink() and (f.suffix in BAG_SUFFIXES or f.name == "metadata.yaml")
+
+    if is_bag_file(path):
+        path.unlink()
+        return
+    if path.is_dir() and not path.is_symlink() and all(is_bag_file(f) for f in path.iterdir()):
+        shutil.rmtree(path)
+        return
+    raise HissError(f"--out {path}: exists and is not a bag folder (only .mcap/.db3/metadata.yaml); "
+                    "not overwriting it")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {k: getattr(args, k) for k in ("seconds", "seed", "imu_rate_hz", "tactile_rate_hz", "gt_rate_hz",
+                                               "taxels", "noise_scale")}
+    try:
+        if args.config is not None:
+            cfg = SimConfig.load(args.config, **overrides)
+        else:
+            cfg = SimConfig(**{k: v for k, v in overrides.items() if v is not None})
+        if args.out.exists() or args.out.is_symlink():
+            if not args.force:
+                raise HissError(f"--out {args.out}: already exists (use --force to overwrite)")
+            _remove_bag(args.out)
+        from hiss_ros.sim.bag import topic_counts, write_sim_bag  # rosbags: only when writing
+        from hiss_ros.sim.endeffector import simulate
+
+        t0 = time.perf_counter()
+        res = simulate(cfg)
+        try:
+            write_sim_bag(args.out, res, args.storage, args.zstd, args.magnetic_field,
+                          progress=not args.quiet and sys.stderr.isatty())
+        except BaseException:
+            shutil.rmtree(args.out, ignore_errors=True)  # no half-written bag left behind
+            raise
+    except HissError as exc:
+        print(f"hiss-sim: error: {exc}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    counts = ", ".join(f"{t} {n}" for t, n in topic_counts(res, args.magnetic_field).items())
+    print(f"hiss-sim: wrote {args.out} ({args.storage}{'+zstd' if args.zstd else ''}, {cfg.seconds:g} s, "
+          f"seed {cfg.seed}, {size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s): {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
