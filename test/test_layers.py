@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hiss_ros.models import StackConfig
+from hiss_ros.models.linear import linear
 from hiss_ros.models.mamba import Mamba
 from hiss_ros.models.s4d import S4D
 from hiss_ros.models.scan import selective_scan
@@ -159,3 +160,20 @@ def test_mamba_matches_mambapy_with_copied_weights():
     peer.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 100, 32, dtype=torch.float64)
     torch.testing.assert_close(ours(x), peer(x), atol=1e-10, rtol=0)
+
+
+def test_linear_keeps_its_transposed_storage():
+    """``linear`` is an nn.Linear (same values, names, shapes) whose weight.t() is contiguous, the
+    layout its fast batch-1 product depends on, through conversion, loading and optimizer steps."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(6, 4)
+    torch.manual_seed(0)
+    layer = linear(6, 4)
+    assert {k: v.shape for k, v in layer.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    torch.testing.assert_close(layer.weight, ref.weight, atol=0, rtol=0)
+    layer.double()
+    layer.load_state_dict(ref.double().state_dict())
+    opt = torch.optim.AdamW(layer.parameters())
+    layer(torch.randn(3, 6, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert layer.weight.t().is_contiguous() and layer.weight.dtype == torch.float64

@@ -173,3 +173,43 @@ def test_paper_presets_build_and_stream():
         x = torch.randn(1, 3 * preset["chunk"], 6)
         with torch.no_grad():
             torch.testing.assert_close(stream(model, x), model(x), atol=1e-4, rtol=0, msg=name)
+
+
+def test_fast_step_equals_module_path_and_follows_weight_changes():
+    """HiSS (S4D low, Mamba high) streams through the fast path in eval without autograd; it agrees
+    with the module path (autograd on) and re-gathers its weights after any parameter change."""
+    model = build_model(hiss_config("s4d", "mamba")).double().eval()
+    x = torch.randn(2, 8 * CHUNK, 6, dtype=torch.float64)
+
+    def module_path():
+        with torch.enable_grad():
+            return stream(model, x).detach()
+
+    def fast_path():
+        with torch.no_grad():
+            assert model._fast_step.applies(model)
+            return stream(model, x), model(x)
+
+    online, offline = fast_path()
+    assert (online - module_path()).abs().max().item() < 1e-12
+    assert (online - offline).abs().max().item() < 1e-9
+    with torch.inference_mode():  # weights gathered in inference mode, then used under no_grad
+        stream(model, x)
+    changes = [  # in place as an optimizer step does, then parameters replaced
+        lambda: model.low.blocks[0].mixer.log_dt.add_(0.3),  # the S4D chunk operator
+        lambda: model.high.blocks[1].mixer.A_log.add_(1.0),  # Mamba's -exp(A_log)
+        lambda: model.high.blocks[0].mixer.in_proj.weight.mul_(1.5),
+        lambda: model.load_state_dict(build_model(hiss_config("s4d", "mamba")).double().state_dict(), assign=True),
+    ]
+    for change in changes:
+        before = online
+        with torch.no_grad():
+            change()
+        online, offline = fast_path()
+        assert (online - before).abs().max().item() > 1e-6
+        assert (online - offline).abs().max().item() < 1e-9
+    model.float()  # converted: storage moved
+    x = x.float()
+    online, offline = fast_path()
+    assert online.dtype == torch.float32
+    assert (online - offline).abs().max().item() < 1e-4

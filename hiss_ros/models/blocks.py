@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hiss_ros.models.config import StackConfig
+from hiss_ros.models.linear import linear
 from hiss_ros.models.mamba import Mamba
 from hiss_ros.models.recurrent import LSTM, CausalTransformer
 from hiss_ros.models.s4d import S4D
@@ -52,7 +53,7 @@ class StackState(NamedTuple):
 class Stack(nn.Module):
     def __init__(self, in_dim: int, cfg: StackConfig) -> None:
         super().__init__()
-        self.encoder = nn.Linear(in_dim, cfg.d_model)
+        self.encoder = linear(in_dim, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_f = nn.LayerNorm(cfg.d_model)
 

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from hiss_ros.errors import ShapeError
 from hiss_ros.models.blocks import Stack, StackState
 from hiss_ros.models.config import FlatConfig, HiSSConfig, ModelConfig
+from hiss_ros.models.linear import linear
+from hiss_ros.models.streaming import FastStep
 
 
 class StreamState(NamedTuple):
@@ -86,7 +88,8 @@ class HiSS(ChunkedModel):
         self.config = config
         self.low = Stack(self.feature_dim, config.low)
         self.high = Stack(config.low.d_model, config.high)
-        self.head = nn.Linear(config.high.d_model, config.output_dim)
+        self.head = linear(config.high.d_model, config.output_dim)
+        self._fast_step = FastStep()
 
     @property
     def stack_for_state(self) -> Stack:
@@ -104,6 +107,8 @@ class HiSS(ChunkedModel):
         return self.head(self.high(self._chunk_features(x)))
 
     def _step(self, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
+        if self._fast_step.applies(self):
+            return self._fast_step(self, x, state)
         h, state = self.high.step(self._chunk_features(x)[:, 0], state)
         return self.head(h), state
 
@@ -113,7 +118,7 @@ class Flat(ChunkedModel):
         super().__init__()
         self.config = config
         self.layers = Stack(self.feature_dim, config.layers)
-        self.head = nn.Linear(config.layers.d_model, config.output_dim)
+        self.head = linear(config.layers.d_model, config.output_dim)
 
     @property
     def stack_for_state(self) -> Stack:

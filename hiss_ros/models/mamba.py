@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from hiss_ros.models.cache import DerivedTensor
 from hiss_ros.models.config import StackConfig
+from hiss_ros.models.linear import linear
 from hiss_ros.models.scan import selective_scan, selective_scan_step
 
 try:  # optional fast path (extra "cuda"); mamba_ssm imports only where CUDA is present
@@ -35,6 +36,32 @@ class MambaState(NamedTuple):
     ssm: Tensor  # (B, E, N)
 
 
+class StepWeights(NamedTuple):
+    """What one step reads, in the layout it reads it (``Mamba.step_weights``)."""
+
+    in_t: Tensor  # (D, 2E) in_proj.weight.t()
+    conv_w: Tensor  # (E, W)
+    conv_b: Tensor  # (E,)
+    x_t: Tensor  # (E, R + 2N) x_proj.weight.t()
+    dt_t: Tensor  # (R, E) dt_proj.weight.t()
+    dt_b: Tensor  # (E,)
+    A: Tensor  # (E, N) -exp(A_log)
+    D: Tensor  # (E,)
+    out_t: Tensor  # (E, D) out_proj.weight.t()
+
+
+def inner_step(w: StepWeights, hidden: Tensor, state: MambaState) -> tuple[Tensor, MambaState]:
+    """hidden (B, D) -> gated SSM output (B, E) before out_proj, and the new state. Plain matmuls
+    on pre-transposed weights and fused multiply-adds: at batch 1 the per-op cost is the cost."""
+    x, z = torch.mm(hidden, w.in_t).chunk(2, dim=-1)  # (B, E) each
+    window = torch.cat([state.conv, x.unsqueeze(-1)], dim=-1)  # (B, E, W)
+    x = F.silu(torch.linalg.vecdot(window, w.conv_w) + w.conv_b)  # causal depthwise conv, newest tap
+    dt, Bm, C = torch.mm(x, w.x_t).split([w.dt_t.shape[0], w.A.shape[1], w.A.shape[1]], dim=-1)
+    delta = F.softplus(torch.addmm(w.dt_b, dt, w.dt_t))  # (B, E)
+    y, ssm = selective_scan_step(state.ssm, x, delta, w.A, Bm, C)
+    return torch.addcmul(y, x, w.D) * F.silu(z), MambaState(window[..., 1:], ssm)
+
+
 class Mamba(nn.Module):
     def __init__(
         self, cfg: StackConfig, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4
@@ -44,10 +71,10 @@ class Mamba(nn.Module):
         e = cfg.expand * d
         self.d_inner, self.d_state, self.d_conv = e, n, w
         self.dt_rank = math.ceil(d / 16)
-        self.in_proj = nn.Linear(d, 2 * e, bias=False)
+        self.in_proj = linear(d, 2 * e, bias=False)
         self.conv1d = nn.Conv1d(e, e, kernel_size=w, groups=e, padding=w - 1, bias=True)
-        self.x_proj = nn.Linear(e, self.dt_rank + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, e, bias=True)
+        self.x_proj = linear(e, self.dt_rank + 2 * n, bias=False)
+        self.dt_proj = linear(self.dt_rank, e, bias=True)
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
         dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
@@ -55,7 +82,7 @@ class Mamba(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32).repeat(e, 1)))  # (E, N)
         self.D = nn.Parameter(torch.ones(e))  # (E,)
-        self.out_proj = nn.Linear(e, d, bias=False)
+        self.out_proj = linear(e, d, bias=False)
         self._A = DerivedTensor(lambda: -torch.exp(self.A_log))  # (E, N), cached while streaming
 
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,12 +115,14 @@ class Mamba(nn.Module):
             torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype),
         )
 
+    def step_weights(self) -> StepWeights:
+        return StepWeights(
+            self.in_proj.weight.t(), self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight.t(),
+            self.dt_proj.weight.t(), self.dt_proj.bias, self._A.get([self.A_log]), self.D, self.out_proj.weight.t(),
+        )
+
     def step(self, hidden: Tensor, state: MambaState) -> tuple[Tensor, MambaState]:
         """hidden (B, D) -> (B, D), one sample."""
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, E) each
-        window = torch.cat([state.conv, x.unsqueeze(-1)], dim=-1)  # (B, E, W)
-        x = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
-        delta, Bm, C = self._ssm_inputs(x)
-        y, ssm = selective_scan_step(state.ssm, x, delta, self._A.get([self.A_log]), Bm, C)
-        y = (y + x * self.D) * F.silu(z)
-        return self.out_proj(y), MambaState(window[..., 1:], ssm)
+        w = self.step_weights()
+        y, state = inner_step(w, hidden, state)
+        return torch.mm(y, w.out_t), state

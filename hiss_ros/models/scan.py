@@ -122,5 +122,5 @@ def selective_scan_step(
     h: Tensor, u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, C: Tensor
 ) -> tuple[Tensor, Tensor]:
     """One step: h (B, E, N), u/delta (B, E), Bm/C (B, N) -> (y (B, E), new h)."""
-    h = torch.exp(delta.unsqueeze(-1) * A) * h + (delta * u).unsqueeze(-1) * Bm.unsqueeze(1)
-    return (h * C.unsqueeze(1)).sum(-1), h  # a multiply-sum: einsum's overhead dominates at this size
+    h = torch.addcmul(torch.exp(delta.unsqueeze(-1) * A) * h, (delta * u).unsqueeze(-1), Bm.unsqueeze(1))
+    return torch.bmm(h, C.unsqueeze(-1)).squeeze(-1), h  # (B, E, N) @ (B, N, 1): einsum's overhead dominates here

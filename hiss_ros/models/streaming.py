@@ -1,0 +1,146 @@
+"""Inference fast path for ``HiSS.step_chunk``: the same arithmetic with the overhead taken out.
+
+Shapes: B batch, L chunk, I' feature width, D width of a stack, H low width, E Mamba inner width.
+
+At batch 1 a step is a few hundred tiny tensor operations (~16 MFLOP in all), so its cost is
+per-operation overhead, Python's (module calls, attribute lookups) as much as the dispatcher's
+(~2-4 us an operation on the benchmark CPU; the module path took ~2x longer). In eval mode
+with autograd off, for an S4D low stack and a Mamba high stack, ``FastStep`` computes what the
+modules compute, up to summation order, with:
+- every weight gathered once into plain tuples, in the layout the products read (the S4D chunk
+  operator, Mamba's ``-exp(A_log)`` and transposed matrices included); gathered again whenever
+  a parameter is replaced, updated in place, moved or converted (checked each call);
+- the residual adds fused into the output products (``addmm``) and dropout (identity) dropped;
+- the low stack's last block evaluated at the chunk's last sample only, the one HiSS reads.
+Anything else (training, autograd, other layer kinds, chunks too long for the chunk operator)
+takes the module path.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hiss_ros.models.blocks import Stack, StackState
+from hiss_ros.models.mamba import StepWeights, inner_step
+from hiss_ros.models.s4d import TOEPLITZ_MAX_LEN, apply_chunk_operator
+
+_VERSION = attrgetter("_version")
+
+
+class Norm(NamedTuple):
+    weight: Tensor  # (D,)
+    bias: Tensor  # (D,)
+    eps: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def _norm(layer: nn.LayerNorm) -> Norm:
+    return Norm(layer.weight, layer.bias, layer.eps)
+
+
+class S4DBlock(NamedTuple):
+    norm: Norm
+    T: Tensor  # (L_t, L_s, H) chunk operator
+    out_t: Tensor  # (H, 2H) out.weight.t()
+    out_b: Tensor  # (2H,)
+
+
+class MambaBlock(NamedTuple):
+    norm: Norm
+    mamba: StepWeights
+
+
+class StackWeights(NamedTuple):
+    enc_t: Tensor  # (I, D) encoder.weight.t()
+    enc_b: Tensor  # (D,)
+    blocks: tuple  # S4DBlock or MambaBlock per block
+    norm_f: Norm
+
+
+def _stack(stack: Stack, blocks: list) -> StackWeights:
+    return StackWeights(stack.encoder.weight.t(), stack.encoder.bias, tuple(blocks), _norm(stack.norm_f))
+
+
+class Weights(NamedTuple):
+    low: StackWeights  # of S4DBlock
+    high: StackWeights  # of MambaBlock
+    head_t: Tensor  # (D_high, O) head.weight.t()
+    head_b: Tensor  # (O,)
+
+
+def gather(model: nn.Module) -> Weights:
+    """The weights of a HiSS model (S4D low, Mamba high) as the fast step reads them."""
+    low = [S4DBlock(_norm(b.norm), b.mixer.chunk_operator(model.config.chunk), b.mixer.out.weight.t(), b.mixer.out.bias)
+           for b in model.low.blocks]
+    high = [MambaBlock(_norm(b.norm), b.mixer.step_weights()) for b in model.high.blocks]
+    return Weights(_stack(model.low, low), _stack(model.high, high), model.head.weight.t(), model.head.bias)
+
+
+def low_last(w: StackWeights, x: Tensor) -> Tensor:
+    """S4D stack over one chunk from zero state: x (B, L, I') -> its output at the last sample (B, H)."""
+    B, L, _ = x.shape
+    h = torch.addmm(w.enc_b, x.reshape(B * L, -1), w.enc_t).view(B, L, -1)  # (B, L, H)
+    *blocks, last = w.blocks
+    for b in blocks:
+        y = apply_chunk_operator(b.T, b.norm(h)).view(B * L, -1)  # (B*L, H)
+        y = F.gelu(y.t()).t()  # over a transposed view: the native kernel, ~2x faster here than oneDNN's
+        h = h + F.glu(torch.addmm(b.out_b, y, b.out_t), dim=-1).view(B, L, -1)
+    y = F.gelu(apply_chunk_operator(last.T[-1:], last.norm(h))[:, 0])  # (B, H), last sample only
+    return w.norm_f(h[:, -1] + F.glu(torch.addmm(last.out_b, y, last.out_t), dim=-1))
+
+
+def high_step(w: StackWeights, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
+    """Mamba stack, one step: x (B, I) -> (B, D)."""
+    h = torch.addmm(w.enc_b, x, w.enc_t)  # (B, D)
+    layers = []
+    for b, s in zip(w.blocks, state.layers, strict=True):
+        y, s = inner_step(b.mamba, b.norm(h), s)
+        h = torch.addmm(h, y, b.mamba.out_t)  # residual + out_proj(y)
+        layers.append(s)
+    return w.norm_f(h), StackState(tuple(layers))
+
+
+class FastStep:
+    """The fast ``_step`` of one HiSS model, with its gathered weights.
+
+    The weights are gathered again when a parameter's version counter (in-place update: optimizer
+    step, ``load_state_dict``) or storage address (replaced, moved, converted) changed since; a
+    submodule swapped for another after the first step is not seen."""
+
+    def __init__(self) -> None:
+        self._slots: list[tuple[dict, str]] = []  # (module._parameters, name) of every parameter
+        self._key: tuple[list[int], list[int]] | None = None
+        self._weights: Weights | None = None
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        cfg = model.config
+        return (
+            not model.training and not torch.is_grad_enabled() and cfg.low.kind == "s4d"
+            and cfg.high.kind == "mamba" and cfg.chunk <= TOEPLITZ_MAX_LEN
+        )
+
+    def _current_key(self) -> tuple[list[int], list[int]]:
+        params = [d[name] for d, name in self._slots]  # ~130 for the paper model: ~15 us a call
+        return list(map(_VERSION, params)), list(map(Tensor.data_ptr, params))
+
+    def weights(self, model: nn.Module) -> Weights:
+        if self._key is None or self._current_key() != self._key:
+            self._slots = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
+                           if p is not None]
+            self._weights = gather(model)
+            self._key = self._current_key()
+        return self._weights
+
+    def __call__(self, model: nn.Module, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
+        """x (B, L, I') chunk features -> (y (B, O), new high-stack state)."""
+        w = self.weights(model)
+        h, state = high_step(w.high, low_last(w.low, x), state)
+        return torch.addmm(w.head_b, h, w.head_t), state
