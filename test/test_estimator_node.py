@@ -58,7 +58,7 @@ class Driver:
 
     runs = 0
 
-    def __init__(self, model_path, *params: str) -> None:
+    def __init__(self, model_path, *params: str, twist_type: type | None = None) -> None:
         # Topics of their own per run: a node of an earlier test may linger in DDS discovery.
         Driver.runs += 1
         self.imu_topic, self.prefix = f"/imu_{Driver.runs}/data", f"/hiss_{Driver.runs}"
@@ -79,8 +79,12 @@ class Driver:
         self.got: dict[int, np.ndarray] = {}
         self.diagnostics: dict[str, str] = {}
         self.arrows: list = []
+        self.wrenches: list = []
+        self.twists: list = []
         subs = [self.node.create_subscription(WrenchStamped, f"{self.prefix}/wrench_gt", self._on_estimate, 1000),
                 self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)]
+        if twist_type is not None:
+            subs.append(self.node.create_subscription(twist_type, f"{self.prefix}/twist_gt", self.twists.append, 1000))
         if "publish_markers:=true" in params:
             subs.append(self.node.create_subscription(MarkerArray, f"{self.prefix}/markers",
                                                       lambda m: self.arrows.append(m.markers), 1000))
@@ -94,6 +98,7 @@ class Driver:
         assert self.spin_until(lambda: self.diagnostics.get("publishers /imu/data") == "1", 30), self.diagnostics
 
     def _on_estimate(self, m) -> None:
+        self.wrenches.append(m)
         t = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
         self.got[t] = np.array([m.wrench.force.x, m.wrench.force.y, m.wrench.force.z])
 
@@ -284,3 +289,52 @@ def test_sim_time_replay_with_header_less_tactile(tmp_path, monkeypatch):
     # 5 s at 20 Hz = 100 chunks; the first starts at the first IMU sample (bag time 1.0 s).
     assert len(stamps) >= 95, f"{len(stamps)} estimates\n{out[-2000:]}"
     assert 1_000_000_000 < stamps[0] < 1_200_000_000 and np.all(np.diff(stamps) == 50_000_000)
+
+
+def test_frame_ids_velocity_covariance_and_max_gap_override(tmp_path, monkeypatch):
+    """Per-kind frame ids, twists with the checkpoint's validation error as covariance, and a
+    deployment max_gap_s tighter than the training one."""
+    from geometry_msgs.msg import TwistWithCovarianceStamped
+
+    from hiss_ros.sim import SimConfig, simulate
+    from hiss_ros.sim.bag import write_sim_bag
+    from hiss_ros.sim.train_config import train_config_dict
+
+    bag = write_sim_bag(tmp_path / "sim", simulate(SimConfig(seconds=20.0, seed=1)))
+    cfg = train_config_dict()
+    cfg["inputs"] = cfg["inputs"][:1]  # the IMU: header stamps only
+    cfg["model"] = {"kind": "hiss", "low": {"kind": "s4d", "d_model": 8, "n_layers": 1},
+                    "high": {"kind": "mamba", "d_model": 8, "n_layers": 1}}
+    cfg["train"] = {"epochs": 1, "batch_size": 8, "seq_chunks": 16}
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(tmp_path / "sim.yaml"), "--bag", str(bag), "--out", str(tmp_path / "run"),
+                       "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0
+    model_path = tmp_path / "run" / "model.safetensors"
+    variance = load_checkpoint(model_path).data["validation"]["mse_per_channel"]  # wrench 6, then twist 6
+    assert len(variance) == 12 and all(v > 0 for v in variance)
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    d = Driver(model_path, "-p", "wrench_frame_id:=ft_sensor", "-p", "twist_frame_id:=base_link",
+               "-p", "velocity_covariance:=true", "-p", "max_gap_s:=0.05", twist_type=TwistWithCovarianceStamped)
+    period = 2_500_000  # 400 Hz
+    rng = np.random.default_rng(0)
+    gravity = np.array([0.0, 0.0, 9.81])
+    try:
+        t0 = 10_000_000_000
+        for burst_start in (t0, t0 + 100 * period + 100_000_000):  # then a 0.1 s gap: < 0.5 s trained, > 0.05 s
+            for k in range(100):
+                d.publish(burst_start + k * period, rng.standard_normal(3), rng.standard_normal(3) + gravity)
+                if k % 10 == 9:
+                    d.ros.executor.spin_once(timeout_sec=0.01)
+        assert d.spin_until(lambda: len(d.twists) >= 15 and int(d.diagnostics.get("pipeline gap", 0)) >= 1, 20), (
+            len(d.twists), d.diagnostics)
+        diag = d.diagnostics
+    finally:
+        out = d.close()
+    assert "Traceback" not in out, out[-3000:]
+    assert {m.header.frame_id for m in d.wrenches} == {"ft_sensor"}
+    assert {m.header.frame_id for m in d.twists} == {"base_link"}
+    cov = np.asarray(d.twists[-1].twist.covariance).reshape(6, 6)
+    np.testing.assert_allclose(np.diag(cov), variance[6:], rtol=1e-12)
+    assert not (cov - np.diag(np.diag(cov))).any()
+    assert int(diag["resets"]) >= 1  # the 0.1 s gap broke the input under the tighter max_gap_s

@@ -12,26 +12,33 @@ import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 
-DEFAULT_MODEL = "contact.safetensors"
+DEFAULT_MODEL = "models/contact.safetensors"
+SAMPLE_BAG = "data/sample/contact_sim"
 
 
-def default_model_path() -> Path:
-    """The shipped ``contact`` model: in the package share of a colcon/pip install, or in the
-    source tree's ``models/`` for an editable (development) install."""
-    candidates = []
+def shipped_path(relative: str) -> Path:
+    """A file the package ships (``models/...``, ``data/sample/...``): in the source tree when
+    running from one (an editable install: its share copy may be stale), else in the package
+    share of a colcon or pip install."""
+    roots = [Path(__file__).resolve().parents[2]]
     try:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
         try:
-            candidates.append(Path(get_package_share_directory("hiss_ros")) / "models")
+            roots.append(Path(get_package_share_directory("hiss_ros")))
         except PackageNotFoundError:
             pass
     except ImportError:  # the PyPI ROS wheels may come without ament_index_python
         pass
-    candidates += [Path(sys.prefix) / "share/hiss_ros/models", Path(__file__).resolve().parents[2] / "models"]
-    for folder in candidates:
-        if (folder / DEFAULT_MODEL).is_file():
-            return folder / DEFAULT_MODEL
-    return candidates[-1] / DEFAULT_MODEL  # missing: loading it names this path
+    roots.append(Path(sys.prefix) / "share" / "hiss_ros")
+    for root in roots:
+        if (root / relative).exists():
+            return root / relative
+    return roots[0] / relative  # missing: whoever opens it names this path
+
+
+def default_model_path() -> Path:
+    """The shipped ``contact`` model."""
+    return shipped_path(DEFAULT_MODEL)
 
 
 def message_class(type_name: str) -> type:
