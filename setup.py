@@ -1,5 +1,6 @@
 """hiss_ros: ament_python package; also a plain pip package (see README)."""
 
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
@@ -33,7 +34,8 @@ setup(
         (f"share/{package_name}", ["package.xml"]),
         (f"share/{package_name}/launch", glob("launch/*.launch.py")),
         (f"share/{package_name}/config", glob("config/*")),
-        (f"share/{package_name}/models", glob("models/*")),
+        (f"share/{package_name}/models", glob("models/*.safetensors") + glob("models/*.json") + glob("models/*.md")),
+        *((f"share/{package_name}/{d}", glob(f"{d}/*")) for d in sorted(glob("data/sample/*")) if os.path.isdir(d)),
     ],
     python_requires=">=3.10",
     # torch: any release from 2.2 on; a CPU or CUDA build already installed is kept.

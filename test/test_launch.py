@@ -65,7 +65,8 @@ def test_referenced_files_are_installed():
         if ref[0] == "config":
             assert path in installed, path
     assert ["models", "contact.safetensors"] in refs  # the shipped default model (installed from models/)
-    assert "glob(\"models/*\")" in (ROOT / "setup.py").read_text()
+    assert (ROOT / "models" / "contact.safetensors").is_file()
+    assert "glob(\"models/*.safetensors\")" in (ROOT / "setup.py").read_text()
 
 
 def test_params_file_has_only_declared_parameters():

@@ -2,7 +2,7 @@
 
 Not the physically grounded simulator (``hiss-sim``): a quick, deterministic stand-in whose
 force needs memory across chunks (a leaky integral of acceleration and a lagged tactile
-response), used by the tests and by ``make demo``.
+response), used by the tests: seconds to generate, quick to learn.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import config_to_dict
-from hiss_ros.nodes.common import default_model_path, message_class, running
+from hiss_ros.nodes.common import message_class, running, shipped_model, spin
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.train.config import TrainConfig
 
@@ -69,7 +69,7 @@ def _set(msg: Any, path: str, value: float) -> None:
 class Estimator(Node):
     def __init__(self) -> None:
         super().__init__("hiss_estimator")
-        self.declare_parameter("model_path", "")
+        self.declare_parameter("model_path", "contact")
         self.declare_parameter("device", "auto")
         self.declare_parameter("num_threads", 0)
         self.declare_parameter("frame_id", "tool")
@@ -77,6 +77,7 @@ class Estimator(Node):
         self.declare_parameter("twist_frame_id", "")
         self.declare_parameter("max_gap_s", 0.0)
         self.declare_parameter("velocity_covariance", False)
+        self.declare_parameter("executor", "events")
         self.declare_parameter("output_prefix", "/hiss")
         self.declare_parameter("qos_depth", 100)
         self.declare_parameter("diagnostics_period_s", 1.0)
@@ -87,7 +88,7 @@ class Estimator(Node):
         self.device = self._device(self.get_parameter("device").value)
         self.max_gap_s = self.get_parameter("max_gap_s").value
         self.velocity_covariance = self.get_parameter("velocity_covariance").value
-        self._install(self._load(self.get_parameter("model_path").value or str(default_model_path())))
+        self._install(self._load(self.get_parameter("model_path").value))
         self.reloads = 0
         self.latencies: deque[float] = deque(maxlen=1000)
         self.estimates = 0
@@ -135,7 +136,9 @@ class Estimator(Node):
     def _load(self, path: str) -> _Loaded:
         """Read and validate a checkpoint; nothing of the running node changes."""
         if not path:
-            raise HissError("parameter model_path is empty: give a checkpoint (model.safetensors from hiss-train)")
+            raise HissError("parameter model_path is empty: give a checkpoint (model.safetensors from hiss-train) "
+                            "or the name of a shipped model (contact, broad_velocity)")
+        path = str(shipped_model(path))
         ckpt = load_checkpoint(path)  # raises CheckpointError (a HissError) saying what is wrong
         dims = tuple(ckpt.data.get("input_dims") or ())
         if not dims:
@@ -334,8 +337,14 @@ def main(args: list[str] | None = None, node_class: type[Estimator] = Estimator)
         print(f"hiss_estimator: error: {exc}")
         rclpy.try_shutdown()
         return 2
+    executor = node.get_parameter("executor").value
+    if executor not in ("events", "single_threaded"):
+        node.get_logger().error(f"executor:={executor!r}: expected events or single_threaded")
+        node.destroy_node()
+        rclpy.try_shutdown()
+        return 2
     with running(node):
-        rclpy.spin(node)
+        spin(node, executor)
     return 0
 
 

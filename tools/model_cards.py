@@ -1,0 +1,150 @@
+"""Model cards (``models/README.md``) from the results of ``tools/build_shipped_models.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+INTRO = """\
+# Shipped models
+
+Trained by hiss_ros's own trainer with `tools/build_shipped_models.py` (which regenerates the data,
+trains, evaluates and rewrites this file). Each checkpoint is one `.safetensors` file with
+everything the estimator node needs (model config, streams, rates, normalisation, validation error);
+`<name>.metrics.json` holds its metrics on the shipped sample bag, which `test/test_shipped.py`
+reproduces on every CI run.
+
+| model | inputs | outputs | file |
+|---|---|---|---|
+| [`contact`](#contact) | IMU + magnetic tactile skin | wrench, body twist | `contact.safetensors` (default) |
+| [`broad_velocity`](#broad_velocity) | IMU | body linear velocity | `broad_velocity.safetensors` |
+"""
+
+TEXT = {
+    "contact": {
+        "title": "contact",
+        "what": (
+            "Tactile skin (5 magnetometers x 3 axes, `/tactile`, `std_msgs/Float32MultiArray`, 100 Hz) + IMU "
+            "(`/imu/data`, 400 Hz: the input clock) -> contact wrench (`/hiss/wrench_gt`, force and torque in the "
+            "tool frame) and end-effector body twist (`/hiss/twist_gt`), 40 estimates per second (chunks of 10 IMU "
+            "samples)."
+        ),
+        "data": (
+            "Simulated with `hiss-sim` (see [docs/SIMULATOR.md](../docs/SIMULATOR.md)): training recordings with "
+            "seeds 1-4, 150 s each (600 s; the last 20% of each validates); held-out test recordings with seeds "
+            "5-6, 60 s each; the sample bag `data/sample/contact_sim` is seed 0, 60 s. Seeds change the motion, "
+            "the surface, the noise and the temperature; the skin is the same device in all of them."
+        ),
+        "limits": (
+            "Trained on simulated data only: on a real skin it needs retraining (`hiss-train` with your own "
+            "bags and `config/train_contact.yaml`). Topics and rates are those of `hiss-sim`'s defaults."
+        ),
+        "config": "config/train_contact.yaml",
+        "train_cmd": (
+            "for s in 1 2 3 4; do hiss-sim --out out/shipped/contact_train_$s --seconds 150 --seed $s --zstd; done\n"
+            "hiss-train --config config/train_contact.yaml --bag out/shipped/contact_train_{1,2,3,4} \\\n"
+            "    --out out/shipped/contact --compare hiss,flat-mamba,flat-s4d,flat-lstm,flat-transformer"
+        ),
+        "attribution": "",
+    },
+    "broad_velocity": {
+        "title": "broad_velocity",
+        "what": (
+            "IMU (`/imu/data`, 285.7 Hz) -> body-frame linear velocity (`/hiss/mocap/twist`, `TwistStamped`, "
+            "`twist.linear`), 28.6 estimates per second (chunks of 10 samples). Real data."
+        ),
+        "data": (
+            "BROAD (real IMU with optical motion capture), imported with `hiss-import broad` (frames checked, see "
+            "[docs/DATASETS.md](../docs/DATASETS.md)); target: the importer's `/mocap/twist` (Savitzky-Golay "
+            "derivative of the mocap position, rotated into the IMU frame). Training trials 01 04 06 08 10 14 15 "
+            "18 24 (the last 20% of each validates); held-out test trials 02 07 09 11 16 21 25 (one of "
+            "each trial group, and the only combined rotation + translation trial). The sample bag "
+            "`data/sample/broad_excerpt` is 20 s of held-out trial 21 (from 34 s)."
+        ),
+        "limits": (
+            "Velocity from an IMU alone is only observable through the motion patterns the model has seen "
+            "(BROAD's hand-held rotations and translations of one IMU); expect it not to transfer to a robot "
+            "without retraining on the robot's own data."
+        ),
+        "config": "config/train_broad_velocity.yaml",
+        "train_cmd": (
+            "hiss-import broad ../shared/data/broad --out out/shipped/broad --zstd --no-mag\n"
+            "hiss-train --config config/train_broad_velocity.yaml --bag out/shipped/broad/01_* ... (the training "
+            "trials) \\\n    --out out/shipped/broad_velocity \\\n"
+            "    --compare hiss,flat-mamba,flat-s4d,flat-lstm,flat-transformer"
+        ),
+        "attribution": (
+            "Data: BROAD, D. Laidig, M. Caruso, A. Cereatti, T. Seel, \"BROAD - A Benchmark for Robust Inertial "
+            "Orientation Estimation\", Data 6(7), 2021, doi:10.3390/data6070072, CC BY 4.0. This model and the "
+            "sample excerpt are derived from it and shared under the same license terms (attribution)."
+        ),
+    },
+}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def card(name: str, r: dict[str, Any]) -> str:
+    t = TEXT[name]
+    rows = sorted(r["rows"], key=lambda row: row["test_mse"])
+    hiss = next(row for row in r["rows"] if row["name"] == "hiss")
+    best = rows[0]
+    rank = [row["name"] for row in rows].index("hiss") + 1
+    if best["name"] == "hiss":
+        verdict = (f"HiSS has the lowest held-out test MSE, {_fmt(hiss['test_mse'])} against "
+                   f"{_fmt(rows[1]['test_mse'])} for the best flat baseline ({rows[1]['name']}).")
+    else:
+        verdict = (f"HiSS does **not** win here: it ranks {rank} of {len(rows)} on held-out test MSE "
+                   f"({_fmt(hiss['test_mse'])}; best: {best['name']}, {_fmt(best['test_mse'])}). All models had the "
+                   "same data, epochs, optimiser and parameter budget (within 10%); no per-model tuning was done.")
+    table = ["| model | parameters | validation MSE | held-out test MSE | streaming cost per estimate (ms) | "
+             "training time (s) |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        table.append(f"| {row['name']} | {row['parameters']:,} | {_fmt(row['val_mse'])} | {_fmt(row['test_mse'])} | "
+                     f"{row['step_ms']:.2f} | {row['train_seconds']:.0f} |")
+    rmse = "\n".join(f"| `{c}` | {_fmt(v)} | {_fmt(r['sample']['rmse'][c])} |" for c, v in hiss["test_rmse"].items())
+    tr = r["train"]
+    return f"""
+## {t['title']}
+
+{t['what']}
+
+- **File**: `models/{name}.safetensors`, {r['size_mb']:.2f} MB, {tr['parameters']:,} parameters.
+- **Data**: {t['data']}
+- **Config**: [`{t['config']}`](../{t['config']}) (HiSS: S4D low level, Mamba high level).
+- **Training**: {tr['epochs_run']} epochs (best: epoch {tr['best_epoch'] + 1}), {tr['seconds']:.0f} s on a 2-core
+  CPU, {tr['train_chunks']} training and {tr['val_chunks']} validation chunks. Command (from the repository root,
+  tools in `.venv/bin/`):
+
+  ```bash
+{chr(10).join('  ' + line for line in t['train_cmd'].splitlines())}
+  ```
+- **Limits**: {t['limits']}
+
+### HiSS against flat baselines at the same parameter budget (`hiss-train --compare`)
+
+MSE in normalised units (each output channel scaled by its training standard deviation), so the
+channels weigh equally; held-out test data never seen in training or validation. Streaming cost:
+median wall time of one `step_chunk` (batch 1, one CPU thread, this machine, measured during the
+comparison while other work ran, so a rough figure; see `docs/BENCHMARKS.md` for clean timings).
+
+{chr(10).join(table)}
+
+{verdict}
+
+Per-channel RMSE of the shipped HiSS model, physical units (N, N m, m/s, rad/s):
+
+| channel | held-out test | sample bag `{r['sample']['bag']}` |
+|---|---|---|
+{rmse}
+
+On the sample bag: normalised MSE {_fmt(r['sample']['mse_normalised'])} over {r['sample']['chunks']} estimates
+(`models/{name}.metrics.json`; reproduced by `test/test_shipped.py`).
+{chr(10) + t['attribution'] + chr(10) if t['attribution'] else ''}"""
+
+
+def write_cards(results: dict[str, dict[str, Any]], path: Path) -> None:
+    path.write_text(INTRO + "".join(card(n, results[n]) for n in TEXT if n in results))
+    print(f"wrote {path}")
