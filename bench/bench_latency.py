@@ -6,8 +6,9 @@ What is measured, and why:
   ``--other-rate`` Hz, 100 Hz by default), the estimator node, and a receiver of the estimates.
   The node runs with ``num_threads:=1`` (it shares the robot's CPU).
 - Latency of an estimate: the wall time it is received minus the wall time the publisher
-  published the sample that completed its chunk (the first stream-0 sample stamped at or after
-  the chunk's last tick: the node emits a chunk on that sample). p50 / p99 over the run.
+  stamped, just before ``publish()``, the sample that completed its chunk (the first stream-0
+  sample stamped at or after the chunk's last tick: the node emits a chunk on that sample).
+  p50 / p99 over the run.
 - Node CPU: user + system time of the node process over the publishing period, as % of one core.
 - Dropped: published inputs the node never received (its ``/diagnostics`` counters), and
   estimates that never arrived (expected = one per chunk of the published stream-0 stamps).
@@ -102,7 +103,7 @@ def publish(model: Path, seconds: float, clock_rate: float, other_rate: float, o
     # The schedule: (offset ns, stream), all streams merged in time order.
     events = sorted((round(k * 1e9 / rate), i) for i, rate in enumerate(rates) for k in range(int(seconds * rate)))
     rng = np.random.default_rng(0)
-    log = np.zeros((len(events), 3), dtype=np.int64)  # stream, header stamp (0: none), publish time
+    log = np.zeros((len(events), 3), dtype=np.int64)  # stream, stamp (0: no header), time publish() returned
     print("START", flush=True)
     t0 = time.time_ns() + 50_000_000
     for n, (offset, i) in enumerate(events):
@@ -230,7 +231,7 @@ def run_node(name: str, command: list[str], model: Path, seconds: float, clock_r
     received_at = np.array([g[1] for g in got], dtype=np.int64)
     trigger = np.searchsorted(clock[:, 1], stamps, side="left")  # the sample that completed the chunk
     ok = trigger < len(clock)
-    latencies = (received_at[ok] - clock[trigger[ok], 2]) / 1e6
+    latencies = (received_at[ok] - clock[trigger[ok], 1]) / 1e6  # from the stamp taken just before publish()
     published = {s.topic: int((log[:, 0] == i).sum()) for i, s in enumerate(cfg.inputs)}
     node_received = {s.topic: int(diag.get(f"received {s.topic}", 0)) for s in cfg.inputs}
     return Run(name, latencies, expected, len(got), published, node_received,
@@ -283,8 +284,9 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str) ->
         f"({cfg.output_rate_hz:g} Hz). Published: `{cfg.inputs[0].topic}` at {args.clock_rate:g} Hz"
         + (f", the other inputs at {args.other_rate:g} Hz" if len(cfg.inputs) > 1 else "")
         + f", {args.seconds:g} s per node, random values. Publisher, node and receiver are separate processes "
-        "(Fast DDS, localhost); the node runs with one torch thread. Latency = receipt of an estimate minus the "
-        "publish of the sample that completed its chunk.\n\n"
+        "(Fast DDS, localhost); the node runs with one torch thread and its default executor (events). Latency = "
+        "receipt of an estimate minus the stamp (taken just before publishing) of the sample that completed its "
+        "chunk.\n\n"
         + environment("1 (node)", load) + "\n"
         + markdown_table(HEADERS, rows(runs)) + "\n"
         + "Streaming node: " + "; ".join(verdicts) + ".\n"

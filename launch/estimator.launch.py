@@ -1,5 +1,5 @@
-"""ros2 launch hiss_ros estimator.launch.py [model_path:=...] [params_file:=...] [device:=auto|cpu|cuda]
-[namespace:=...] [use_sim_time:=true] [rviz:=true]"""
+"""ros2 launch hiss_ros estimator.launch.py [model_path:=contact|broad_velocity|PATH] [params_file:=...]
+[device:=auto|cpu|cuda] [namespace:=...] [use_sim_time:=true] [rviz:=true]"""
 
 from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
@@ -13,9 +13,8 @@ from launch import LaunchDescription
 def generate_launch_description():
     share = FindPackageShare("hiss_ros")
     arguments = [
-        DeclareLaunchArgument("model_path",
-                              default_value=PathJoinSubstitution([share, "models", "contact.safetensors"]),
-                              description="checkpoint from hiss-train (default: the shipped contact model)"),
+        DeclareLaunchArgument("model_path", default_value="contact",
+                              description="checkpoint from hiss-train, or a shipped model: contact, broad_velocity"),
         DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution([share, "config", "estimator.yaml"]),
                               description="node parameters (YAML, hiss_estimator: ros__parameters:)"),
         DeclareLaunchArgument("device", default_value="auto", description="auto | cpu | cuda"),

@@ -353,3 +353,14 @@ def test_real_broad_excerpt(tmp_path):
     tw = s["/mocap/twist"].values
     assert len(tw) > 0.9 * len(acc) and np.isfinite(tw).all()
     assert np.abs(tw[:, :3]).max() < 0.05  # at rest
+
+
+def test_real_broad_frames_are_imu_to_world():
+    """On a fast-rotation trial the gyro tells the two readings of opt_quat apart: the importer's
+    (IMU -> world, world z up) must be the one the data supports."""
+    from hiss_ros.importers.broad import check_frames
+
+    res = check_frames(BROAD_DIR / "06_undisturbed_fast_rotation_A.mat")
+    assert res["convention"] == "imu_to_world" and res["world_z"] == "up"
+    assert res["gyro_vs_mocap_deg_imu_to_world"]["median"] < 5 < res["gyro_vs_mocap_deg_world_to_imu"]["median"]
+    assert res["rate_rms_error_rad_s_imu_to_world"] < 0.2 * res["gyro_rms_rad_s"]

@@ -126,6 +126,12 @@ def test_normal_force_pushes_out_of_the_surface_while_pressing(run) -> None:
     assert (normal[touching] > 0).all()
     pressing = np.isin(run.phase, [PHASES.index(p) for p in ("press", "slide", "hold")])
     assert touching[pressing].all() and run.normal_force[pressing].mean() > 2.0
+    # The frames: the surface is fixed in the world, so the tool-frame normal rotated by the
+    # published pose is one constant world vector, and the force's world normal part is Fn.
+    to_world = Rotation.from_quat(run.orientation)
+    n_world = to_world.apply(run.surface_normal)
+    np.testing.assert_allclose(n_world, np.broadcast_to(n_world[0], n_world.shape), atol=1e-9)
+    np.testing.assert_allclose(to_world.apply(run.force)[touching] @ n_world[0], run.normal_force[touching], rtol=1e-9)
 
 
 def test_friction_opposes_sliding(run) -> None:

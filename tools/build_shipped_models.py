@@ -94,8 +94,13 @@ def evaluate(name: str, spec: dict, out: Path) -> dict:
     from hiss_ros.train.evaluate import evaluate_bags, write_report
 
     test_bags = [b if b.exists() else broad_bag(b.name) for b in spec["test"]]
+    from hiss_ros.checkpoint import load_checkpoint
+    from hiss_ros.train.compare import step_cost_ms
+
     rows = json.loads((out / "comparison.json").read_text())
     for row in rows:
+        # Measured again after training, all models in one process: comparable with each other.
+        row["step_ms"] = round(step_cost_ms(load_checkpoint(out / row["name"] / "model.safetensors").model, 500), 3)
         ev = evaluate_bags(out / row["name"], test_bags, "all", WORK / "cache", progress=False)
         write_report(ev, out / row["name"] / "test")
         row["test_mse"] = ev.metrics["mse_normalised"]

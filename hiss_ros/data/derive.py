@@ -30,10 +30,26 @@ def velocity_from_pose(stamps_ns: np.ndarray, pose: np.ndarray, frame: str, wind
     dt = float(np.median(np.diff(t)))
     grid = np.arange(0.0, t[-1] + dt / 2, dt)
     pos = np.stack([np.interp(grid, t, pose[:, i]) for i in range(3)], axis=1)
-    window = max(polyorder + 2, round(window_s / dt) | 1)  # odd, longer than the polynomial
-    window = min(window, len(grid) - (1 - len(grid) % 2))
+    window = savgol_window(len(grid), dt, window_s, polyorder)
     v_grid = savgol_filter(pos, window, polyorder, deriv=1, delta=dt, axis=0)
     v = np.stack([np.interp(t, grid, v_grid[:, i]) for i in range(3)], axis=1)
     if frame == "world_velocity":
         return v
     return Rotation.from_quat(pose[:, 3:7]).inv().apply(v)
+
+
+def savgol_window(n: int, dt: float, window_s: float, polyorder: int) -> int:
+    """Savitzky-Golay window of about ``window_s`` for samples ``dt`` apart: odd (an even one
+    would evaluate half a sample off the stamp), longer than the polynomial, at most ``n``."""
+    window = max(polyorder + 2, round(window_s / dt)) | 1
+    return min(window, n - (1 - n % 2))
+
+
+def continuous_quat(quat: np.ndarray) -> np.ndarray:
+    """(n, 4) quaternions with signs flipped so consecutive ones lie in one hemisphere (the same
+    rotations, but smooth enough to interpolate and differentiate)."""
+    q = np.array(quat, dtype=float)
+    if len(q) > 1:
+        flip = np.sum(q[1:] * q[:-1], axis=1) < 0
+        q[1:] *= np.cumprod(np.where(flip, -1.0, 1.0))[:, None]
+    return q

@@ -31,15 +31,26 @@ def _vec(v: Sequence[float]) -> Any:
 
 
 def imu(stamp_ns: int, gyro: Sequence[float], accel: Sequence[float], frame_id: str = "imu",
-        orientation: Sequence[float] = (0.0, 0.0, 0.0, 1.0)) -> Any:
-    """sensor_msgs/msg/Imu; orientation as (x, y, z, w)."""
-    q = _T["geometry_msgs/msg/Quaternion"](x=orientation[0], y=orientation[1], z=orientation[2], w=orientation[3])
+        orientation: Sequence[float] | None = None) -> Any:
+    """sensor_msgs/msg/Imu; orientation as (x, y, z, w), or None for a sensor without an
+    orientation estimate (REP 145: orientation_covariance[0] = -1)."""
+    xyzw = (0.0, 0.0, 0.0, 1.0) if orientation is None else orientation
+    q = _T["geometry_msgs/msg/Quaternion"](x=xyzw[0], y=xyzw[1], z=xyzw[2], w=xyzw[3])
     cov = np.zeros(9)
+    orientation_cov = cov.copy()
+    if orientation is None:
+        orientation_cov[0] = -1.0
     return _T["sensor_msgs/msg/Imu"](
-        header=_header(stamp_ns, frame_id), orientation=q, orientation_covariance=cov,
+        header=_header(stamp_ns, frame_id), orientation=q, orientation_covariance=orientation_cov,
         angular_velocity=_vec(gyro), angular_velocity_covariance=cov,
         linear_acceleration=_vec(accel), linear_acceleration_covariance=cov,
     )
+
+
+def magnetic_field(stamp_ns: int, field_tesla: Sequence[float], frame_id: str, variance: float = 0.0) -> Any:
+    """sensor_msgs/msg/MagneticField (tesla); ``variance`` [T^2] on the covariance diagonal (0: unknown)."""
+    return _T["sensor_msgs/msg/MagneticField"](header=_header(stamp_ns, frame_id), magnetic_field=_vec(field_tesla),
+                                               magnetic_field_covariance=np.eye(3).ravel() * variance)
 
 
 def float_array(values: Sequence[float]) -> Any:

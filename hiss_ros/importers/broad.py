@@ -26,7 +26,7 @@ import scipy.io
 from scipy.signal import savgol_filter
 from scipy.spatial.transform import Rotation
 
-from hiss_ros.data.write import imu, pose, twist
+from hiss_ros.data.write import imu, magnetic_field, pose, twist
 from hiss_ros.importers.common import (
     DatasetError,
     ImportSummary,
@@ -36,8 +36,6 @@ from hiss_ros.importers.common import (
     check_output,
     excerpt,
     finite_runs,
-    magnetic_field,
-    mark_no_orientation,
     quat_mul,
     write_streams,
 )
@@ -140,6 +138,9 @@ def import_trial(mat_path: str | Path, out: str | Path, *, t0_ns: int = T0_NS, s
     tw = body_twist(t, pos, q, min_run_s=min_run_s)
     lo, hi = excerpt(t[0], t[-1], start_s, duration_s)
     idx = np.flatnonzero((t >= lo) & (t < hi))
+    if not len(idx):
+        raise DatasetError(f"{mat_path}: --start {start_s} --duration {duration_s}: no samples in that excerpt "
+                           f"(the trial lasts {(t[-1] - t[0]) / 1e9:.1f} s)")
     pose_ok = np.isfinite(pos).all(axis=1) & np.isfinite(q).all(axis=1)
     twist_ok = tw.valid
     bad_imu = int((~np.isfinite(np.concatenate([d["imu_gyr"], d["imu_acc"]], axis=1)).all(axis=1))[idx].sum())
@@ -151,7 +152,7 @@ def import_trial(mat_path: str | Path, out: str | Path, *, t0_ns: int = T0_NS, s
     lin, ang = tw.linear.tolist(), tw.angular.tolist()
     ts = t.tolist()
 
-    streams = [Stream(TOPICS["imu"], t[idx], idx, lambda i: mark_no_orientation(imu(ts[i], gyr[i], acc[i], "imu")))]
+    streams = [Stream(TOPICS["imu"], t[idx], idx, lambda i: imu(ts[i], gyr[i], acc[i], "imu"))]
     if mag:
         imu_finite = np.isfinite(d["imu_mag"]).all(axis=1)[idx]
         streams.append(Stream(TOPICS["mag"], t[idx][imu_finite], idx[imu_finite],

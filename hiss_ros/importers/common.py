@@ -20,8 +20,8 @@ from scipy.signal import savgol_filter
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
-from hiss_ros.data.derive import velocity_from_pose
-from hiss_ros.data.write import TYPESTORE, write_bag
+from hiss_ros.data.derive import continuous_quat, savgol_window, velocity_from_pose
+from hiss_ros.data.write import write_bag
 from hiss_ros.errors import HissError
 
 log = logging.getLogger(__name__)
@@ -59,16 +59,6 @@ def finite_runs(valid: np.ndarray, stamps_ns: np.ndarray | None = None, max_gap:
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
-def continuous_quat(quat_xyzw: np.ndarray) -> np.ndarray:
-    """The same rotations with signs flipped so consecutive quaternions lie in one hemisphere."""
-    q = np.array(quat_xyzw, dtype=float)
-    if len(q) > 1:
-        flip = np.sum(q[1:] * q[:-1], axis=1) < 0
-        sign = np.cumprod(np.where(flip, -1.0, 1.0))
-        q[1:] *= sign[:, None]
-    return q
-
-
 def quat_mul(p: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Hamilton product of (n, 4) xyzw quaternions."""
     px, py, pz, pw = p.T
@@ -87,8 +77,7 @@ def angular_velocity_from_quat(stamps_ns: np.ndarray, quat_xyzw: np.ndarray, win
     dt = float(np.median(np.diff(t)))
     grid = np.arange(0.0, t[-1] + dt / 2, dt)
     qg = np.stack([np.interp(grid, t, q[:, i]) for i in range(4)], axis=1)
-    window = max(polyorder + 2, round(window_s / dt) | 1)
-    window = min(window, len(grid) - (1 - len(grid) % 2))
+    window = savgol_window(len(grid), dt, window_s, polyorder)
     q_s = savgol_filter(qg, window, polyorder, axis=0)
     q_d = savgol_filter(qg, window, polyorder, deriv=1, delta=dt, axis=0)
     conj = q_s * np.array([-1.0, -1.0, -1.0, 1.0])
@@ -155,26 +144,6 @@ def excerpt(first_ns: int, last_ns: int, start_s: float | None, duration_s: floa
 
 
 # ----------------------------------------------------------------------------- messages
-
-_T = TYPESTORE.types
-_NO_ORIENTATION = np.array([-1.0, 0, 0, 0, 0, 0, 0, 0, 0])  # REP 145: orientation not estimated
-
-
-def mark_no_orientation(msg: Any) -> Any:
-    """An Imu message from a sensor without an orientation estimate (orientation_covariance[0] = -1)."""
-    msg.orientation_covariance = _NO_ORIENTATION
-    return msg
-
-
-def magnetic_field(stamp_ns: int, field_tesla: Sequence[float], frame_id: str = "imu") -> Any:
-    """sensor_msgs/msg/MagneticField (Tesla, covariance unknown = zeros)."""
-    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
-    header = _T["std_msgs/msg/Header"](stamp=_T["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec),
-                                       frame_id=frame_id)
-    v = _T["geometry_msgs/msg/Vector3"](x=float(field_tesla[0]), y=float(field_tesla[1]), z=float(field_tesla[2]))
-    return _T["sensor_msgs/msg/MagneticField"](header=header, magnetic_field=v,
-                                               magnetic_field_covariance=np.zeros(9))
-
 
 # ----------------------------------------------------------------------------- output
 

@@ -30,7 +30,6 @@ from hiss_ros.importers.common import (
     body_twist,
     check_output,
     excerpt,
-    mark_no_orientation,
     write_streams,
 )
 
@@ -175,7 +174,7 @@ def import_sequence(imu_csv: str | Path, gt_csv: str | Path, out: str | Path, *,
     lin, ang = tw.linear.tolist(), tw.angular.tolist()
     streams = [
         Stream(TOPICS["imu"], t_imu[ii], ii,
-               lambda i: mark_no_orientation(imu(ts_imu[i], gyr_l[i], acc_l[i], "imu"))),
+               lambda i: imu(ts_imu[i], gyr_l[i], acc_l[i], "imu")),
         Stream(TOPICS["pose"], t_gt[gi], gi, lambda i: pose(ts_gt[i], pos_l[i], q_l[i], "world")),
         Stream(TOPICS["twist"], t_gt[ti], ti, lambda i: twist(ts_gt[i], lin[i], ang[i], "imu")),
     ]

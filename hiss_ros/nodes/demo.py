@@ -4,7 +4,7 @@
    and the replay node on the shipped sample bag (``data/sample/contact_sim``: 60 s of the
    simulated sensorized end-effector, a recording the model never saw), as separate processes
    over real DDS, with sim time from the replayed /clock;
-2. prints a line per second: estimated vs ground-truth contact force and velocity, latency;
+2. prints a line per second: estimated vs ground-truth wrench and velocity, latency;
 3. writes ``demo.png`` (estimates against ground truth) and ``summary.json`` (RMSE, latency,
    estimates received and expected, dropped samples), and exits 0 when the estimator tracked the
    ground truth.
@@ -18,31 +18,12 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
-
-WRENCH, TWIST = "/wrench_gt", "/twist_gt"  # ground truth in the bag; estimates on /hiss<topic>
-OUTPUT_RATE_HZ = 40  # the contact model's estimate rate
-
-
-def _bag_seconds(bag: Path) -> float:
-    from rosbags.highlevel import AnyReader
-
-    with AnyReader([bag]) as reader:
-        return reader.duration / 1e9
-
-
-def _stamp(m) -> int:
-    return m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
-
-
-def _force(m) -> list[float]:
-    return [m.wrench.force.x, m.wrench.force.y, m.wrench.force.z]
-
-
-def _velocity(m) -> list[float]:
-    return [m.twist.linear.x, m.twist.linear.y, m.twist.linear.z]
 
 
 class _Series:
@@ -62,47 +43,99 @@ class _Series:
         return np.array([np.interp(t, ts, vs[:, i]) for i in range(3)])
 
 
-def _watch(model: Path, bag: Path, rate: float) -> dict:
+PUBLISHED_AS_IS = ("geometry_msgs/msg/WrenchStamped", "geometry_msgs/msg/TwistStamped",
+                   "geometry_msgs/msg/TwistWithCovarianceStamped")
+
+
+@dataclass
+class _Output:
+    """One output stream of the model: its ground truth in the bag, its estimate from the node."""
+
+    topic: str  # ground truth; the estimate is on /hiss<topic>
+    type: str
+    fields: list[str]  # the first three channels, plotted and printed
+    estimate: _Series = dc_field(default_factory=_Series)
+    truth: _Series = dc_field(default_factory=_Series)
+
+    def read(self, msg) -> list[float]:
+        return [float(attrgetter(f)(msg)) for f in self.fields]
+
+
+def _outputs(model: Path) -> tuple[list[_Output], float]:
+    """The model's outputs that the demo can compare with a ground truth in the bag, and its estimate rate."""
+    from hiss_ros.checkpoint import load_checkpoint
+    from hiss_ros.models import config_to_dict
+    from hiss_ros.train.config import TrainConfig
+
+    ckpt = load_checkpoint(model)
+    cfg = TrainConfig.from_checkpoint(ckpt.data, config_to_dict(ckpt.config))
+    outs = [_Output(s.topic, s.type, list(s.fields[:3])) for s in cfg.outputs
+            if not s.derive and s.type in PUBLISHED_AS_IS and len(s.fields) >= 3]
+    return outs, cfg.output_rate_hz
+
+
+def _bag_seconds(bag: Path) -> float:
+    from rosbags.highlevel import AnyReader
+
+    with AnyReader([bag]) as reader:
+        return reader.duration / 1e9
+
+
+def _stamp(m) -> int:
+    return m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
+
+
+def _watch(model: Path, bag: Path, rate: float, outs: list[_Output], expected: int) -> dict:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
-    from geometry_msgs.msg import TwistStamped, WrenchStamped
     from rclpy.executors import SingleThreadedExecutor
+
+    from hiss_ros.nodes.common import message_class
 
     env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
     est = subprocess.Popen([sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p",
                             f"model_path:={model}", "-p", "use_sim_time:=true", "-p", "num_threads:=1"], env=env)
     rclpy.init()
     node = rclpy.create_node("hiss_demo_monitor")
-    series = {k: _Series() for k in ("force", "force_gt", "velocity", "velocity_gt")}
     diag: dict[str, str] = {}
-    for topic, cls, key, read in ((f"/hiss{WRENCH}", WrenchStamped, "force", _force), (WRENCH, WrenchStamped,
-                                  "force_gt", _force), (f"/hiss{TWIST}", TwistStamped, "velocity", _velocity),
-                                  (TWIST, TwistStamped, "velocity_gt", _velocity)):
-        node.create_subscription(cls, topic, lambda m, k=key, r=read: series[k].add(_stamp(m), r(m)), 1000)
+    subs = []
+    for o in outs:
+        cls = message_class(o.type)
+        on_estimate = lambda m, o=o: o.estimate.add(_stamp(m), o.read(m))  # noqa: E731
+        subs.append(node.create_subscription(cls, f"/hiss{o.topic}", on_estimate, 1000))
+        node.create_subscription(cls, o.topic, lambda m, o=o: o.truth.add(_stamp(m), o.read(m)), 1000)
     node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diag.update(
         {kv.key: kv.value for s in m.status if s.name == "hiss_ros estimator" for kv in s.values}), 10)
     ex = SingleThreadedExecutor()
     ex.add_node(node)
+    # The estimator is up once its estimate topics are discovered (its diagnostics timer runs on
+    # sim time: it only ticks once the replay publishes /clock).
     deadline = time.monotonic() + 60
-    while "estimates" not in diag and time.monotonic() < deadline:  # the estimator is up and reporting
+    while not all(s.get_publisher_count() > 0 for s in subs) and time.monotonic() < deadline:
         ex.spin_once(timeout_sec=0.1)
     replay = subprocess.Popen([sys.executable, "-m", "hiss_ros.nodes.replay", str(bag), "--clock", "--rate", str(rate),
                                "--wait-for-subscribers", "30"], env=env)
-    next_line, replay_done = time.monotonic() + 1.0, None
+    first = outs[0].estimate
+    next_line, quiet_since = time.monotonic() + 1.0, None
     try:
-        while replay_done is None or time.monotonic() - replay_done < 2.0:  # then 2 s for the last estimates
+        while True:
             ex.spin_once(timeout_sec=0.05)
-            if replay_done is None and replay.poll() is not None:
-                replay_done = time.monotonic()
+            if replay.poll() is not None:  # replay done: wait for the estimates in flight
+                count = len(first.t)
+                if count >= expected:
+                    break
+                if quiet_since is None or count != quiet_since[1]:
+                    quiet_since = (time.monotonic(), count)
+                elif time.monotonic() - quiet_since[0] > 3.0:
+                    break
             if time.monotonic() >= next_line:
                 next_line += 1.0
-                if series["force"].t and series["force_gt"].t and series["velocity_gt"].t:
-                    t = series["force"].t[-1]
-                    f, fg = series["force"].v[-1], series["force_gt"].at(t)
-                    v, vg = series["velocity"].v[-1], series["velocity_gt"].at(t)
-                    print(f"t={(t - series['force'].t[0]) / 1e9:5.1f} s  force z {f[2]:+6.2f} N (truth {fg[2]:+6.2f})"
-                          f"  |v| {np.linalg.norm(v):.3f} m/s (truth {np.linalg.norm(vg):.3f})  inference p50 "
-                          f"{diag.get('inference_ms_p50', '?')} ms  estimates {len(series['force'].t)}", flush=True)
+                if first.t and all(o.truth.t for o in outs):
+                    t = first.t[-1]
+                    parts = [f"{o.topic} est {_vec(o.estimate.v[-1])} truth {_vec(o.truth.at(t))}" for o in outs]
+                    print(f"t={(t - first.t[0]) / 1e9:5.1f} s  " + "  ".join(parts)
+                          + f"  inference p50 {diag.get('inference_ms_p50', '?')} ms  estimates {len(first.t)}",
+                          flush=True)
     finally:
         replay.terminate()
         est.terminate()
@@ -111,24 +144,27 @@ def _watch(model: Path, bag: Path, rate: float) -> dict:
         ex.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
-    return {"series": {k: v.arrays() for k, v in series.items()}, "diag": diag}
+    return diag
 
 
-def _report(run: dict, out: Path, seconds: float) -> dict:
-    s = run["series"]
-    summary = {"estimates": len(s["force"][0]), "expected": int(seconds * OUTPUT_RATE_HZ) - 1}
-    for name in ("force", "velocity"):
-        t, v = s[name]
-        gt_t, gt_v = s[f"{name}_gt"]
+def _vec(v) -> str:
+    return "[" + " ".join(f"{x:+.3f}" for x in v) + "]"
+
+
+def _report(outs: list[_Output], diag: dict, out: Path, expected: int) -> dict:
+    summary: dict = {"estimates": len(outs[0].estimate.t), "expected": expected}
+    for o in outs:
+        t, v = o.estimate.arrays()
+        gt_t, gt_v = o.truth.arrays()
         gt = np.stack([np.interp(t, gt_t, gt_v[:, i]) for i in range(3)], 1)
-        summary[f"rmse_{name}_xyz"] = np.sqrt(((v - gt) ** 2).mean(0)).round(4).tolist()
-        summary[f"rmse_{name}_predict_zero"] = np.sqrt((gt ** 2).mean(0)).round(4).tolist()
+        summary[f"rmse {o.topic} {o.fields}"] = np.sqrt(((v - gt) ** 2).mean(0)).round(4).tolist()
+        summary[f"rmse of predicting zero {o.topic}"] = np.sqrt((gt ** 2).mean(0)).round(4).tolist()
     summary.update({
-        "inference_ms_p50": run["diag"].get("inference_ms_p50"),
-        "inference_ms_p99": run["diag"].get("inference_ms_p99"),
-        "dropped_or_rejected": {k: v for k, v in run["diag"].items()
+        "inference_ms_p50": diag.get("inference_ms_p50"),
+        "inference_ms_p99": diag.get("inference_ms_p99"),
+        "dropped_or_rejected": {k: v for k, v in diag.items()
                                 if k.startswith(("pipeline", "unreadable")) and k != "pipeline accepted"},
-        "resets": run["diag"].get("resets"),
+        "resets": diag.get("resets"),
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     import matplotlib
@@ -136,21 +172,21 @@ def _report(run: dict, out: Path, seconds: float) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(6, 1, figsize=(11, 11), sharex=True)
-    t0 = s["force"][0][0]
-    for row, (name, unit, sym, topic) in enumerate((("force", "N", "F", WRENCH), ("velocity", "m/s", "v", TWIST))):
-        t, v = s[name]
-        gt_t, gt_v = s[f"{name}_gt"]
+    fig, axes = plt.subplots(3 * len(outs), 1, figsize=(11, 2 + 1.6 * 3 * len(outs)), sharex=True, squeeze=False)
+    t0 = outs[0].estimate.t[0]
+    for row, o in enumerate(outs):
+        t, v = o.estimate.arrays()
+        gt_t, gt_v = o.truth.arrays()
         for i in range(3):
-            ax = axes[3 * row + i]
-            ax.plot((gt_t - t0) / 1e9, gt_v[:, i], "k", lw=1.0, label="ground truth (replayed)")
-            ax.plot((t - t0) / 1e9, v[:, i], "C1", lw=1.0, label=f"live estimate (/hiss{topic})")
-            ax.set_ylabel(f"{sym}{'xyz'[i]} [{unit}]")
+            ax = axes[3 * row + i, 0]
+            ax.plot((gt_t - t0) / 1e9, gt_v[:, i], "k", lw=1.0, label=f"ground truth {o.topic} (replayed)")
+            ax.plot((t - t0) / 1e9, v[:, i], "C1", lw=1.0, label=f"live estimate /hiss{o.topic}")
+            ax.set_ylabel(o.fields[i].split(".", 1)[-1], fontsize=8)
             if i == 0:
                 ax.legend(loc="upper right", fontsize=8)
-    axes[-1].set_xlabel("time [s]")
-    axes[-1].set_xlim(0, (s["force"][0][-1] - t0) / 1e9)
-    fig.suptitle("hiss_ros demo: the shipped contact model in the estimator node, on a recording it never saw")
+    axes[-1, 0].set_xlabel("time [s]")
+    axes[-1, 0].set_xlim(0, (outs[0].estimate.t[-1] - t0) / 1e9)
+    fig.suptitle("hiss_ros demo: the estimator node on a replayed recording the model never saw")
     fig.tight_layout()
     fig.savefig(out / "demo.png", dpi=100)
     plt.close(fig)
@@ -158,28 +194,38 @@ def _report(run: dict, out: Path, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hiss_ros.nodes.common import SAMPLE_BAG, default_model_path, shipped_path
+    from hiss_ros.nodes.common import SAMPLE_BAG, default_model_path, shipped_model, shipped_path
 
     p = argparse.ArgumentParser(prog="hiss-demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.add_argument("--model", type=Path, default=default_model_path(), help="checkpoint (default: shipped contact)")
+    p.add_argument("--model", default=str(default_model_path()), help="checkpoint or shipped model name (contact)")
     p.add_argument("--bag", type=Path, default=shipped_path(SAMPLE_BAG), help="bag to replay (default: the sample)")
     p.add_argument("--rate", type=float, default=1.0, help="replay speed factor")
     args = p.parse_args(argv)
-    for path in (args.model, args.bag):
+    model = shipped_model(args.model)
+    for path in (model, args.bag):
         if not path.exists():
             print(f"hiss-demo: error: {path} not found (run from the repository, or give --model / --bag)")
             return 2
+    outs, output_rate_hz = _outputs(model)
+    if not outs:
+        print(f"hiss-demo: error: {model} has no wrench or twist output to compare with a ground truth")
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = _bag_seconds(args.bag)
-    print(f"demo: replaying {args.bag} ({seconds:.0f} s) through the estimator node with {args.model} "
-          "(real DDS) ...", flush=True)
-    summary = _report(_watch(args.model, args.bag, args.rate), args.out, seconds)
+    expected = int(seconds * output_rate_hz) - 1
+    print(f"demo: replaying {args.bag} ({seconds:.0f} s) through the estimator node with {model} (real DDS) ...",
+          flush=True)
+    diag = _watch(model, args.bag, args.rate, outs, expected)
+    if not outs[0].estimate.t or not all(o.truth.t for o in outs):
+        print("demo FAILED: no estimates (or no ground truth) arrived; see the estimator's log above")
+        return 1
+    summary = _report(outs, diag, args.out, expected)
     print(json.dumps(summary, indent=2))
     print(f"plot: {args.out / 'demo.png'}")
-    tracked = all(sum(np.square(summary[f"rmse_{n}_xyz"])) < 0.5 * sum(np.square(summary[f"rmse_{n}_predict_zero"]))
-                  for n in ("force", "velocity"))
-    ok = summary["estimates"] >= 0.9 * summary["expected"] and tracked
+    tracked = all(sum(np.square(summary[f"rmse {o.topic} {o.fields}"]))
+                  < 0.5 * sum(np.square(summary[f"rmse of predicting zero {o.topic}"])) for o in outs)
+    ok = summary["estimates"] >= 0.9 * expected and tracked
     print("demo OK" if ok else "demo FAILED: too few estimates or they do not track the ground truth")
     return 0 if ok else 1
 

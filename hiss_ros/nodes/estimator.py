@@ -21,7 +21,7 @@ import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point
-from rcl_interfaces.msg import SetParametersResult
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
@@ -42,6 +42,7 @@ TWIST, TWIST_COV, WRENCH = ("geometry_msgs/msg/TwistStamped", "geometry_msgs/msg
                             "geometry_msgs/msg/WrenchStamped")
 # Row of a TwistWithCovariance covariance (6 x 6, row-major: vx vy vz wx wy wz) per channel.
 _COV_ROW = {f"{part}.{a}": 3 * j + i for j, part in enumerate(("linear", "angular")) for i, a in enumerate("xyz")}
+FIXED = ParameterDescriptor(read_only=True)
 UNKNOWN_VARIANCE = 1.0e6  # a twist component the model does not estimate (robot_localization's convention)
 
 
@@ -69,19 +70,21 @@ def _set(msg: Any, path: str, value: float) -> None:
 class Estimator(Node):
     def __init__(self) -> None:
         super().__init__("hiss_estimator")
+        # Only model_path changes at run time (hot reload); the rest is set at start-up.
         self.declare_parameter("model_path", "contact")
-        self.declare_parameter("device", "auto")
-        self.declare_parameter("num_threads", 0)
-        self.declare_parameter("frame_id", "tool")
-        self.declare_parameter("wrench_frame_id", "")
-        self.declare_parameter("twist_frame_id", "")
-        self.declare_parameter("max_gap_s", 0.0)
-        self.declare_parameter("velocity_covariance", False)
-        self.declare_parameter("executor", "events")
-        self.declare_parameter("output_prefix", "/hiss")
-        self.declare_parameter("qos_depth", 100)
-        self.declare_parameter("diagnostics_period_s", 1.0)
-        self.declare_parameter("publish_markers", False)
+        self.declare_parameter("device", "auto", FIXED)
+        self.declare_parameter("num_threads", 0, FIXED)
+        self.declare_parameter("frame_id", "tool", FIXED)
+        self.declare_parameter("wrench_frame_id", "", FIXED)
+        self.declare_parameter("twist_frame_id", "", FIXED)
+        self.declare_parameter("world_frame_id", "world", FIXED)
+        self.declare_parameter("max_gap_s", 0.0, FIXED)
+        self.declare_parameter("velocity_covariance", False, FIXED)
+        self.declare_parameter("executor", "events", FIXED)
+        self.declare_parameter("output_prefix", "/hiss", FIXED)
+        self.declare_parameter("qos_depth", 100, FIXED)
+        self.declare_parameter("diagnostics_period_s", 1.0, FIXED)
+        self.declare_parameter("publish_markers", False, FIXED)
         threads = self.get_parameter("num_threads").value
         if threads > 0:
             torch.set_num_threads(threads)
@@ -109,7 +112,7 @@ class Estimator(Node):
         if self.velocity_covariance and TWIST_COV in self.estimate_types and self.out_variance is None:
             raise HissError(f"velocity_covariance:=true, but {self.model_path} holds no validation error "
                             "(trained by an older hiss-train?): retrain it, or set velocity_covariance:=false")
-        self.frame_ids = [self._frame_id(t) for t in self.estimate_types]
+        self.frame_ids = [self._frame_id(s, t) for s, t in zip(self.outputs, self.estimate_types, strict=True)]
         self.publishers_ = [
             self.create_publisher(message_class(t), f"{prefix}{s.topic}", 10)
             for s, t in zip(self.outputs, self.estimate_types, strict=True)
@@ -182,7 +185,7 @@ class Estimator(Node):
                     f"{[s.to_dict() for s in new.cfg.outputs]} at {new.pipeline.config}; the running model has "
                     f"{[s.to_dict() for s in self.inputs]}, {[s.to_dict() for s in self.outputs]} at "
                     f"{self.pipeline.config} (restart the node to change streams)"))
-            if TWIST_COV in self.estimate_types and new.out_variance is None:
+            if self.velocity_covariance and TWIST_COV in self.estimate_types and new.out_variance is None:
                 return SetParametersResult(successful=False, reason=(
                     f"model_path refused: {p.value} holds no validation error for the velocity covariance "
                     "(trained by an older hiss-train?)"))
@@ -198,7 +201,10 @@ class Estimator(Node):
         kind = TWIST if spec.derive else spec.type
         return TWIST_COV if kind == TWIST and self.velocity_covariance else kind
 
-    def _frame_id(self, msg_type: str) -> str:
+    def _frame_id(self, spec: StreamSpec, msg_type: str) -> str:
+        """A world-frame velocity is in the world frame; the rest in the tool (or their kind's) frame."""
+        if spec.derive == "world_velocity":
+            return self.get_parameter("world_frame_id").value
         own = {WRENCH: "wrench_frame_id", TWIST: "twist_frame_id", TWIST_COV: "twist_frame_id"}.get(msg_type)
         return (own and self.get_parameter(own).value) or self.get_parameter("frame_id").value
 
@@ -269,7 +275,7 @@ class Estimator(Node):
                 msg.twist.covariance = self._covariance(paths, k - len(paths))
             pub.publish(msg)
         if self.markers is not None:
-            self._publish_markers(y, stamp, self.frame_ids[0])
+            self._publish_markers(y, stamp)
 
     def _covariance(self, paths: list[str], first: int) -> np.ndarray:
         """Diagonal 6 x 6 covariance: the validation MSE of each estimated channel, a large
@@ -282,10 +288,10 @@ class Estimator(Node):
                 cov[7 * row] = self.out_variance[first + j]
         return cov
 
-    def _publish_markers(self, y: np.ndarray, stamp: Any, frame: str) -> None:
-        """One arrow from the frame origin per output stream, along its first three channels."""
+    def _publish_markers(self, y: np.ndarray, stamp: Any) -> None:
+        """One arrow from its frame's origin per output stream, along its first three channels."""
         arrows, k = MarkerArray(), 0
-        for i, spec in enumerate(self.outputs):
+        for i, (spec, frame) in enumerate(zip(self.outputs, self.frame_ids, strict=True)):
             n = len(spec.channel_names)
             if n >= 3:
                 m = Marker(type=Marker.ARROW, action=Marker.ADD, id=i, ns="hiss_estimates")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from hiss_ros.data.write import TYPESTORE, float_array, imu, pose, twist, wrench, write_bag
+from hiss_ros.data.write import float_array, imu, magnetic_field, pose, twist, wrench, write_bag
 from hiss_ros.sim.endeffector import SimResult
 
 TOPICS = {"imu": "/imu/data", "tactile": "/tactile", "wrench": "/wrench_gt", "twist": "/twist_gt",
@@ -27,20 +27,6 @@ TYPES = {"/imu/data": "sensor_msgs/msg/Imu", "/tactile": "std_msgs/msg/Float32Mu
          "/wrench_gt": "geometry_msgs/msg/WrenchStamped", "/twist_gt": "geometry_msgs/msg/TwistStamped",
          "/pose_gt": "geometry_msgs/msg/PoseStamped"}
 MAG_TYPE = "sensor_msgs/msg/MagneticField"
-_NO_ORIENTATION = np.array([-1.0, 0, 0, 0, 0, 0, 0, 0, 0])  # REP 145: no orientation estimate
-
-
-def magnetic_field(stamp_ns: int, field_tesla: Any, frame_id: str, variance: float = 0.0) -> Any:
-    """sensor_msgs/msg/MagneticField (tesla); ``variance`` [T^2] on the covariance diagonal."""
-    t = TYPESTORE.types
-    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
-    header = t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec),
-                                      frame_id=frame_id)
-    x, y, z = (float(v) for v in field_tesla)
-    return t[MAG_TYPE](header=header, magnetic_field=t["geometry_msgs/msg/Vector3"](x=x, y=y, z=z),
-                       magnetic_field_covariance=np.eye(3).ravel() * variance)
-
-
 def topic_counts(res: SimResult, magnetic_field: bool = False) -> dict[str, int]:
     """Messages per topic that ``records`` yields."""
     counts = {TOPICS["imu"]: len(res.imu_ns), TOPICS["tactile"]: len(res.tactile_ns)}
@@ -64,9 +50,7 @@ def records(res: SimResult, magnetic_field_topics: bool = False) -> Iterator[tup
     lin, ang = res.linear_velocity.tolist(), res.angular_velocity.tolist()
     for kd, i, s in zip(kind[order].tolist(), index.tolist(), stamps[order].tolist(), strict=True):
         if kd == 0:
-            msg = imu(s, gyro[i], accel[i])
-            msg.orientation_covariance = _NO_ORIENTATION.copy()
-            yield TOPICS["imu"], s, msg
+            yield TOPICS["imu"], s, imu(s, gyro[i], accel[i])
         elif kd == 1:
             yield TOPICS["tactile"], s, float_array(tac[i])
             if magnetic_field_topics:

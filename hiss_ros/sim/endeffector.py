@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from hiss_ros.data.derive import continuous_quat
 from hiss_ros.sim.config import SimConfig
 from hiss_ros.sim.contact import ContactParams, contact, texture_vibration
 from hiss_ros.sim.imu import GRAVITY, noisy_imu
@@ -60,13 +61,6 @@ class SimResult:
     @property
     def phase_names(self) -> tuple[str, ...]:
         return PHASES
-
-
-def _continuous(q: np.ndarray) -> np.ndarray:
-    """Flip quaternion signs so that consecutive ones have a positive dot product."""
-    s = np.sign(np.einsum("ij,ij->i", q[1:], q[:-1]))
-    s[s == 0] = 1
-    return q * np.cumprod(np.r_[1.0, s])[:, None]
 
 
 def _temperature(rng: np.random.Generator, t: np.ndarray, scale: float) -> np.ndarray:
@@ -127,7 +121,7 @@ def simulate(cfg: SimConfig) -> SimResult:
     return SimResult(
         config=cfg, imu_ns=stamps[i], gyro=gyro, accel=accel,
         tactile_ns=stamps[j], tactile=tactile,
-        gt_ns=stamps[g], position=origin[g], orientation=_continuous(rot[g].as_quat()),
+        gt_ns=stamps[g], position=origin[g], orientation=continuous_quat(rot[g].as_quat()),
         linear_velocity=inv.apply(vel_world[g]), angular_velocity=w_b[g].copy(),
         force=c.force_body[g], torque=c.torque_body[g],
         normal_force=c.normal_force[g], in_contact=c.in_contact[g], surface_normal=inv.apply(normal),

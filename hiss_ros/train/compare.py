@@ -58,17 +58,23 @@ def matched_flat(base: dict[str, Any], kind: str, target: int) -> dict[str, Any]
 
 
 def step_cost_ms(model: ChunkedModel, calls: int = 200) -> float:
-    """Median milliseconds of one ``step_chunk`` (batch 1, CPU, inference mode)."""
+    """Median milliseconds of one ``step_chunk`` (batch 1, CPU, one torch thread as in the node's
+    default deployment, inference mode)."""
     model = model.cpu().eval()
     x = torch.randn(calls + 20, 1, model.config.chunk, model.config.input_dim)
     times = []
-    with torch.inference_mode():
-        state = model.init_state(1)
-        for i, xc in enumerate(x):
-            t0 = time.perf_counter()
-            _, state = model.step_chunk(xc, state)
-            if i >= 20:
-                times.append(1e3 * (time.perf_counter() - t0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            state = model.init_state(1)
+            for i, xc in enumerate(x):
+                t0 = time.perf_counter()
+                _, state = model.step_chunk(xc, state)
+                if i >= 20:
+                    times.append(1e3 * (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(threads)
     return statistics.median(times)
 
 
