@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_mamba.py
 	$(PY) bench/bench_streaming.py
 	$(PY) bench/bench_bag.py
+	$(PY) bench/bench_latency.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -64,8 +64,7 @@ def test_referenced_files_are_installed():
         path = ROOT.joinpath(*ref)
         if ref[0] == "config":
             assert path in installed, path
-    assert ["models", "contact.safetensors"] in refs  # the shipped default model (installed from models/)
-    assert (ROOT / "models" / "contact.safetensors").is_file()
+    assert (ROOT / "models" / "contact.safetensors").is_file()  # the default, model_path:=contact
     assert "glob(\"models/*.safetensors\")" in (ROOT / "setup.py").read_text()
 
 

@@ -20,20 +20,21 @@ def shipped_path(relative: str) -> Path:
     """A file the package ships (``models/...``, ``data/sample/...``): in the source tree when
     running from one (an editable install: its share copy may be stale), else in the package
     share of a colcon or pip install."""
-    roots = [Path(__file__).resolve().parents[2]]
-    try:
-        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-        try:
-            roots.append(Path(get_package_share_directory("hiss_ros")))
-        except PackageNotFoundError:
-            pass
-    except ImportError:  # the PyPI ROS wheels may come without ament_index_python
-        pass
-    roots.append(Path(sys.prefix) / "share" / "hiss_ros")
-    for root in roots:
+    for root in _roots():
         if (root / relative).exists():
             return root / relative
-    return roots[0] / relative  # missing: whoever opens it names this path
+    return Path(__file__).resolve().parents[2] / relative  # missing: whoever opens it names this path
+
+
+def _roots() -> Iterator[Path]:
+    yield Path(__file__).resolve().parents[2]
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        yield Path(get_package_share_directory("hiss_ros"))
+    except (ImportError, LookupError, OSError):  # no ament index, no AMENT_PREFIX_PATH, or not in it
+        pass
+    yield Path(sys.prefix) / "share" / "hiss_ros"
 
 
 def default_model_path() -> Path:
