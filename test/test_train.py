@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from hiss_ros.checkpoint import load_checkpoint
@@ -162,6 +163,21 @@ def test_compare_trains_each_model_at_the_hiss_budget(tmp_path, bag):
         assert (out / r["name"] / "model.safetensors").is_file()
     assert "| flat-lstm |" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    # --resume keeps the finished models (an interrupted comparison continues, it does not restart)
+    def weights(name):
+        return load_checkpoint(out / name / "model.safetensors").model.state_dict()
+
+    before = {r["name"]: weights(r["name"]) for r in rows}
+    stamp = (out / "hiss" / "metrics.json").stat().st_mtime_ns
+    (out / "flat-lstm" / "metrics.json").unlink()  # as if interrupted during its last epoch
+    (out / "comparison.json").unlink()
+    code = main(["--config", str(config(tmp_path, epochs=2)), "--bag", str(bag), "--out", str(out), "--quiet",
+                 "--cache-dir", str(tmp_path / "cache"), "--compare", "hiss,flat-mamba,flat-lstm", "--resume"])
+    assert code == 0 and [r["name"] for r in json.loads((out / "comparison.json").read_text())] == [
+        "hiss", "flat-mamba", "flat-lstm"]
+    assert (out / "hiss" / "metrics.json").stat().st_mtime_ns == stamp  # kept, not retrained
+    for name, state in before.items():  # kept, or resumed to the same end
+        assert all(torch.equal(v, weights(name)[k]) for k, v in state.items()), name
 
 
 def test_chunk_sweep_trains_one_model_per_chunk(tmp_path, bag):

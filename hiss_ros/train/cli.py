@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
 def _comparison(cfg: TrainConfig, args: argparse.Namespace) -> list[dict]:
     if args.compare:
         models = [m.strip() for m in args.compare.split(",") if m.strip()]
-        return run_compare(cfg, args.bag, args.out, models, args.cache_dir, progress=not args.quiet)
+        return run_compare(cfg, args.bag, args.out, models, args.cache_dir, progress=not args.quiet,
+                           resume=args.resume)
     key, _, values = args.sweep.partition("=")
     try:
         chunks = [int(v) for v in values.split(",")]

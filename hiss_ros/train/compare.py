@@ -86,7 +86,9 @@ def _row(name: str, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_compare(cfg: TrainConfig, bags: list[Path], out: Path, models: list[str], cache_dir: Path | None,
-                progress: bool = True) -> list[dict[str, Any]]:
+                progress: bool = True, resume: bool = False) -> list[dict[str, Any]]:
+    """Train each of ``models`` into ``out/<model>``; with ``resume``, models that finished are
+    kept and an interrupted one continues where it stopped."""
     if "hiss" not in models or cfg.model.get("kind") != "hiss":
         raise ConfigError("--compare needs 'hiss' in the list and a hiss model in the config (the budget to match)")
     ds = load_dataset(cfg, bags, cache_dir, progress)
@@ -102,8 +104,11 @@ def run_compare(cfg: TrainConfig, bags: list[Path], out: Path, models: list[str]
                 raise ConfigError(f"--compare: unknown model {name!r}; use hiss or flat-{{{','.join(FLAT_KINDS)}}}")
             model = {k: v for k, v in matched_flat(base, kind, budget).items() if k not in ("input_dim", "output_dim",
                                                                                            "chunk")}
-        log.info("compare: training %s", name)
-        train(replace(cfg, model=model), ds, out / name, progress=progress)
+        if resume and (out / name / "metrics.json").is_file():
+            log.info("compare: %s finished earlier, kept", name)
+        else:
+            log.info("compare: training %s", name)
+            train(replace(cfg, model=model), ds, out / name, resume=resume, progress=progress)
         row = _row(name, out / name, {})
         row["budget_ratio"] = round(row["parameters"] / budget, 3)
         if abs(row["budget_ratio"] - 1) > 0.1:
