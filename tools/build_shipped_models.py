@@ -111,6 +111,8 @@ def evaluate(name: str, spec: dict, out: Path) -> dict:
         row["test_mse"] = ev.metrics["mse_normalised"]
         row["test_rmse"] = ev.metrics["rmse"]
         row["test_chunks"] = ev.metrics["chunks"]
+        if row["name"] == "hiss":
+            baseline_test = mean_baseline_mse(ev, out / "hiss" / "model.safetensors")
     shipped = REPO / "models" / f"{name}.safetensors"
     shutil.copyfile(out / "hiss" / "model.safetensors", shipped)
     ev = evaluate_bags(shipped, [spec["sample"]], "all", None, progress=False)
@@ -118,8 +120,22 @@ def evaluate(name: str, spec: dict, out: Path) -> dict:
     sample = {k: ev.metrics[k] for k in ("mse_normalised", "mse", "rmse", "chunks")}
     sample["bag"] = str(spec["sample"].relative_to(REPO))
     (REPO / "models" / f"{name}.metrics.json").write_text(json.dumps(sample, indent=2) + "\n")
+    sample["mean_baseline_mse"] = mean_baseline_mse(ev, shipped)
     train_metrics = json.loads((out / "hiss" / "metrics.json").read_text())
-    return {"rows": rows, "sample": sample, "train": train_metrics, "size_mb": shipped.stat().st_size / 1e6}
+    return {"rows": rows, "sample": sample, "train": train_metrics, "size_mb": shipped.stat().st_size / 1e6,
+            "mean_baseline_test_mse": baseline_test, "compare": spec["compare"]}
+
+
+def mean_baseline_mse(ev, model: Path) -> float:
+    """Normalised MSE of predicting the training mean every time (no model): the scale to read
+    the models' MSE against (1.0 when the data looks like the training data)."""
+    import numpy as np
+
+    from hiss_ros.checkpoint import load_checkpoint
+
+    norm = load_checkpoint(model).normalization
+    z = (ev.truth - np.asarray(norm["output_mean"])) / np.asarray(norm["output_std"])
+    return float((z ** 2).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
