@@ -1,0 +1,70 @@
+"""The shipped sample bags and models: present, small, and as good as their model cards say."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hiss_ros.checkpoint import load_checkpoint
+from hiss_ros.train.evaluate import evaluate_bags
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = ["contact", "broad_velocity"]
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def test_sample_data_is_small_and_attributed():
+    sample = REPO / "data" / "sample"
+    assert folder_mb(sample) <= 10.0, f"data/sample holds {folder_mb(sample):.1f} MB"
+    assert {p.name for p in sample.iterdir() if p.is_dir()} >= {"contact_sim", "broad_excerpt"}
+    attribution = (sample / "broad_excerpt" / "ATTRIBUTION.md").read_text()
+    assert "CC BY 4.0" in attribution and "10.3390/data6070072" in attribution
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_reproduces_its_card(name):
+    path = REPO / "models" / f"{name}.safetensors"
+    assert path.stat().st_size <= 5e6, f"{path} is {path.stat().st_size / 1e6:.1f} MB"
+    card = json.loads((REPO / "models" / f"{name}.metrics.json").read_text())
+    ckpt = load_checkpoint(path)
+    assert ckpt.data["validation"]["mse_per_channel"], "no validation error for the velocity covariance"
+    ev = evaluate_bags(path, [REPO / card["bag"]], "all", None, progress=False)
+    assert ev.metrics["chunks"] == card["chunks"]
+    assert ev.metrics["mse_normalised"] == pytest.approx(card["mse_normalised"], rel=1e-3)
+    for channel, rmse in card["rmse"].items():
+        assert ev.metrics["rmse"][channel] == pytest.approx(rmse, rel=1e-3, abs=1e-6), channel
+    # The card's numbers are in the card that people read.
+    readme = (REPO / "models" / "README.md").read_text()
+    assert f"## {name}" in readme and f"{card['mse_normalised']:.4g}" in readme
+
+
+def test_estimator_defaults_to_the_shipped_contact_model():
+    from hiss_ros.nodes.common import default_model_path, shipped_model
+
+    assert default_model_path() == REPO / "models" / "contact.safetensors"
+    params = yaml.safe_load((REPO / "config" / "estimator.yaml").read_text())["hiss_estimator"]["ros__parameters"]
+    assert params["model_path"] == "contact"
+    assert shipped_model("contact") == REPO / "models" / "contact.safetensors"
+    launch = (REPO / "launch" / "estimator.launch.py").read_text()
+    assert 'DeclareLaunchArgument("model_path", default_value="contact"' in launch
+
+
+def test_demo_runs_the_shipped_model_on_the_sample_bag(tmp_path):
+    """``make demo``'s program: estimator + replay over DDS on the sample bag (at 3x speed)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROS_ENV
+
+    proc = subprocess.run([sys.executable, "-m", "hiss_ros.nodes.demo", "--out", str(tmp_path), "--rate", "3"],
+                          env={**os.environ, **ROS_ENV}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["estimates"] >= 0.9 * summary["expected"] and (tmp_path / "demo.png").stat().st_size > 10_000
