@@ -50,9 +50,12 @@ SECTION = "bench_latency"
 DEFAULT_MODEL = REPO / "models" / "contact.safetensors"
 TARGET_P99_MS, TARGET_CPU_PCT = 5.0, 50.0
 ENV = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-NODES = {
-    "streaming (step_chunk, state carried)": [sys.executable, "-m", "hiss_ros.nodes.estimator"],
-    "naive (model over the last 10 s per estimate)": [sys.executable, str(REPO / "bench" / "naive_estimator.py")],
+NODES = {  # name -> (command, extra node parameters)
+    "streaming (step_chunk, state carried)": ([sys.executable, "-m", "hiss_ros.nodes.estimator"], []),
+    "streaming, rclpy's default executor": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
+                                            ["-p", "executor:=single_threaded"]),
+    "naive (model over the last 10 s per estimate)": ([sys.executable, str(REPO / "bench" / "naive_estimator.py")],
+                                                      []),
 }
 
 
@@ -158,7 +161,7 @@ def expected_estimates(cfg: Any, dims: tuple[int, ...], log: np.ndarray) -> int:
     return sum(len(e.stamps_ns) for e in Pipeline(cfg.pipeline_config(dims)).process(streams))
 
 
-def run_node(name: str, command: list[str], model: Path, seconds: float, clock_rate: float,
+def run_node(name: str, command: list[str], params: list[str], model: Path, seconds: float, clock_rate: float,
              other_rate: float, work: Path) -> Run:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
@@ -173,7 +176,7 @@ def run_node(name: str, command: list[str], model: Path, seconds: float, clock_r
         raise SystemExit(f"stream 0 ({cfg.inputs[0].topic}) has no header: its publish times cannot be matched")
     node_proc = subprocess.Popen(
         [*command, "--ros-args", "-p", f"model_path:={model}", "-p", "num_threads:=1", "-p", "output_prefix:=/bench",
-         "-p", "diagnostics_period_s:=0.5", "-p", "qos_depth:=1000"],
+         "-p", "diagnostics_period_s:=0.5", "-p", "qos_depth:=1000", *params],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     context = rclpy.Context()
     rclpy.init(context=context)
@@ -291,8 +294,11 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str) ->
         + markdown_table(HEADERS, rows(runs)) + "\n"
         + "Streaming node: " + "; ".join(verdicts) + ".\n"
     )
-    if len(runs) > 1:
-        n = runs[1]
+    if len(runs) > 2:
+        d, n = runs[1], runs[2]
+        body += (f"\nEvents executor: CPU {s.cpu_pct:.1f} % against {d.cpu_pct:.1f} % with rclpy's default "
+                 f"executor, latency p50 {np.percentile(s.latencies_ms, 50):.2f} against "
+                 f"{np.percentile(d.latencies_ms, 50):.2f} ms.\n")
         ratio = np.percentile(n.latencies_ms, 50) / np.percentile(s.latencies_ms, 50)
         body += (f"\nNaive / streaming: latency p50 {ratio:.0f}x, "
                  f"CPU {n.cpu_pct / max(s.cpu_pct, 1e-9):.1f}x (the naive node cannot keep up when its CPU "
@@ -320,10 +326,10 @@ def main() -> int:
         args.seconds = 10.0
     load = load_average()
     runs = []
-    for name, command in list(NODES.items())[: 1 if args.quick else None]:
+    for name, (command, params) in list(NODES.items())[: 1 if args.quick else None]:
         with tempfile.TemporaryDirectory() as work:
             print(f"{name}: {args.seconds:g} s ...", flush=True)
-            runs.append(run_node(name, command, args.model, args.seconds, args.clock_rate, args.other_rate,
+            runs.append(run_node(name, command, params, args.model, args.seconds, args.clock_rate, args.other_rate,
                                  Path(work)))
     print(text_table(HEADERS, rows(runs)))
     if not args.quick:
