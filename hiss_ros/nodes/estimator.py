@@ -113,6 +113,7 @@ class Estimator(Node):
             raise HissError(f"velocity_covariance:=true, but {self.model_path} holds no validation error "
                             "(trained by an older hiss-train?): retrain it, or set velocity_covariance:=false")
         self.frame_ids = [self._frame_id(s, t) for s, t in zip(self.outputs, self.estimate_types, strict=True)]
+        self.paths = [self._channel_paths(s, t) for s, t in zip(self.outputs, self.estimate_types, strict=True)]
         self.publishers_ = [
             self.create_publisher(message_class(t), f"{prefix}{s.topic}", 10)
             for s, t in zip(self.outputs, self.estimate_types, strict=True)
@@ -162,6 +163,7 @@ class Estimator(Node):
         self.model_path, self.inputs, self.outputs = new.path, new.cfg.inputs, new.cfg.outputs
         self.model, self.pipeline = new.model, new.pipeline
         self.out_mean, self.out_std, self.out_variance = new.out_mean, new.out_std, new.out_variance
+        self._covariances: list[np.ndarray | None] | None = None  # of this model; made on its first estimate
         if old_counters is not None:
             self.pipeline.counters.update(old_counters)
         self.state = self.model.init_state(1)
@@ -261,32 +263,40 @@ class Estimator(Node):
     def _publish(self, y: np.ndarray, stamp_ns: int) -> None:
         """Publish the physical-unit estimate y (O,) of the chunk ending at ``stamp_ns``."""
         stamp = Time(nanoseconds=stamp_ns).to_msg()
+        if self._covariances is None:
+            self._covariances = self._covariances_of_outputs()
         k = 0
-        for spec, pub, msg_type, frame in zip(self.outputs, self.publishers_, self.estimate_types, self.frame_ids,
-                                              strict=True):
+        for pub, paths, frame, cov in zip(self.publishers_, self.paths, self.frame_ids, self._covariances, strict=True):
             msg = pub.msg_type()
             msg.header.stamp = stamp
             msg.header.frame_id = frame
-            paths = self._channel_paths(spec, msg_type)
             for path in paths:
                 _set(msg, path, y[k])
                 k += 1
-            if msg_type == TWIST_COV:
-                msg.twist.covariance = self._covariance(paths, k - len(paths))
+            if cov is not None:
+                msg.twist.covariance = cov
             pub.publish(msg)
         if self.markers is not None:
             self._publish_markers(y, stamp)
 
-    def _covariance(self, paths: list[str], first: int) -> np.ndarray:
-        """Diagonal 6 x 6 covariance: the validation MSE of each estimated channel, a large
-        variance for components the model does not estimate."""
-        cov = np.zeros(36)
-        cov[[7 * i for i in range(6)]] = UNKNOWN_VARIANCE
-        if self.out_variance is not None:
-            for j, path in enumerate(paths):
-                row = _COV_ROW[".".join(path.split(".")[-2:])]  # (twist.)twist.linear.x -> linear.x
-                cov[7 * row] = self.out_variance[first + j]
-        return cov
+    def _covariances_of_outputs(self) -> list[np.ndarray | None]:
+        """Per output, for TwistWithCovarianceStamped: a diagonal 6 x 6 covariance holding the
+        validation MSE of each estimated channel and a large variance for components the model
+        does not estimate; None for other types."""
+        covs: list[np.ndarray | None] = []
+        first = 0
+        for paths, msg_type in zip(self.paths, self.estimate_types, strict=True):
+            cov = None
+            if msg_type == TWIST_COV:
+                cov = np.zeros(36)
+                cov[[7 * i for i in range(6)]] = UNKNOWN_VARIANCE
+                if self.out_variance is not None:
+                    for j, path in enumerate(paths):
+                        row = _COV_ROW[".".join(path.split(".")[-2:])]  # (twist.)twist.linear.x -> linear.x
+                        cov[7 * row] = self.out_variance[first + j]
+            covs.append(cov)
+            first += len(paths)
+        return covs
 
     def _publish_markers(self, y: np.ndarray, stamp: Any) -> None:
         """One arrow from its frame's origin per output stream, along its first three channels."""
