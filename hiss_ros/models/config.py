@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from hiss_ros.configfile import reject_unknown
 from hiss_ros.errors import ConfigError
 
 LAYER_KINDS = ("s4d", "mamba", "lstm", "transformer")
@@ -34,10 +35,7 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+    reject_unknown(data, cls, where, noun="field")
     try:
         return cls(**data)
     except TypeError as exc:  # a required field is missing

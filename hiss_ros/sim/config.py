@@ -16,8 +16,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from hiss_ros.configfile import read_yaml, reject_unknown
 from hiss_ros.errors import ConfigError
 
 MOTIONS = ("contact", "still")  # scripted contact work, or one stationary pose in free space
@@ -122,22 +121,13 @@ class SimConfig:
     def from_dict(cls, data: Any, source: str = "sim config") -> SimConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        reject_unknown(data, cls, source)
         return cls(**data)
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> SimConfig:
         """YAML settings from ``path``, then ``overrides`` (None values are ignored)."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
         data.update({k: v for k, v in overrides.items() if v is not None})

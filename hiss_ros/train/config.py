@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from hiss_ros.configfile import read_yaml, reject_unknown
 from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import ConfigError
 from hiss_ros.pipeline import FilterConfig, PipelineConfig
@@ -54,10 +53,7 @@ class TrainConfig:
     def from_dict(cls, data: Any, source: str = "config") -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        reject_unknown(data, cls, source)
         for key in ("inputs", "outputs", "input_rate_hz", "output_rate_hz", "model"):
             if key not in data:
                 raise ConfigError(f"{source}: missing key {key!r}")
@@ -92,14 +88,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path), source=str(path))
 
     def pipeline_config(self, input_dims: tuple[int, ...]) -> PipelineConfig:
         return PipelineConfig(input_dims, self.input_rate_hz, self.output_rate_hz, self.max_gap_s, self.filter)
