@@ -95,7 +95,8 @@ class Driver:
         assert self.spin_until(lambda: self.pub.get_subscription_count() > 0
                                and all(sub.get_publisher_count() > 0 for sub in subs), 60), "estimator not discovered"
         # ... including the estimator's side of our IMU topic, or its first samples would be lost.
-        assert self.spin_until(lambda: self.diagnostics.get("publishers /imu/data") == "1", 30), self.diagnostics
+        # (up to a minute or so with step_backend:=compile: the node compiles before it spins)
+        assert self.spin_until(lambda: self.diagnostics.get("publishers /imu/data") == "1", 120), self.diagnostics
 
     def _on_estimate(self, m) -> None:
         self.wrenches.append(m)
@@ -134,12 +135,13 @@ def bag_imu(bag):
     return s.stamps_ns, s.values[:, :3], s.values[:, 3:]
 
 
-def test_live_estimates_equal_offline(imu_model, monkeypatch):
+@pytest.mark.parametrize("step_backend", ["eager", "compile"])
+def test_live_estimates_equal_offline(imu_model, monkeypatch, step_backend):
     bag, model_path = imu_model
     expected = offline_estimates(bag, model_path)
     for k, v in ROS_ENV.items():
         monkeypatch.setenv(k, v)
-    d = Driver(model_path, "-p", "publish_markers:=true")
+    d = Driver(model_path, "-p", "publish_markers:=true", "-p", f"step_backend:={step_backend}")
     try:
         stamps, gyro, accel = bag_imu(bag)
         for n in range(len(stamps)):
@@ -149,8 +151,10 @@ def test_live_estimates_equal_offline(imu_model, monkeypatch):
         assert d.spin_until(lambda: len(d.got) >= len(expected), 20)
         last = max(expected)
         d.spin_until(lambda: last in d.arrow_stamps(), 10)
+        backend = d.diagnostics.get("step_backend")
     finally:
         out = d.close()
+    assert backend == step_backend, out[-3000:]  # not fallen back to eager
     assert sorted(d.got) == sorted(expected), f"{len(d.got)} estimates, {len(expected)} expected\n{out[-2000:]}"
     diff = max(np.abs(d.got[t] - expected[t]).max() for t in expected)
     assert diff <= 1e-4, diff

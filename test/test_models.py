@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -213,3 +215,42 @@ def test_fast_step_equals_module_path_and_follows_weight_changes():
     online, offline = fast_path()
     assert online.dtype == torch.float32
     assert (online - offline).abs().max().item() < 1e-4
+
+
+def test_compiled_step_equals_offline_without_recompiling():
+    """step_backend "compile": the same outputs as the offline forward, one compile for a stream
+    (the state it returns, the chunks sliced out of a longer tensor and a weight update do not
+    compile it again), and the eager path back on request."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile needs a C++ compiler (g++), none on PATH")
+    model = build_model(hiss_config("s4d", "mamba")).eval()
+    model.set_step_backend("compile")
+    assert model.step_backend == "compile"
+    x = torch.randn(1, 12 * CHUNK, 6)
+    with torch.inference_mode():
+        state = model.init_state(1)
+        first, state = model.step_chunk(x[:, :CHUNK], state)  # compiles
+        with torch.compiler.set_stance("fail_on_recompile"):
+            rest = []
+            for k in range(1, x.shape[1] // CHUNK):
+                y, state = model.step_chunk(x[:, k * CHUNK : (k + 1) * CHUNK], state)
+                rest.append(y)
+            online = torch.stack([first, *rest], dim=1)
+            torch.testing.assert_close(online, model(x), atol=1e-4, rtol=0)
+            with torch.no_grad():
+                model.high.blocks[0].mixer.D.add_(1.0)  # weights are inputs of the compiled step
+            changed, _ = model.step_chunk(x[:, :CHUNK], model.init_state(1))
+        torch.testing.assert_close(changed, model(x[:, :CHUNK])[:, 0], atol=1e-4, rtol=0)
+        assert (changed - first).abs().max().item() > 1e-4
+    model.set_step_backend("eager")
+    assert model.step_backend == "eager" and not model._fast_step.compile
+
+
+@pytest.mark.parametrize("config, backend, message", [
+    (hiss_config("s4d", "mamba"), "jit", "expected one of eager, compile"),
+    (hiss_config("lstm", "mamba"), "compile", "this model has low 'lstm', high 'mamba'"),
+    (flat_config("mamba"), "compile", "this is a Flat model"),
+])
+def test_step_backend_errors_say_why(config, backend, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(config).set_step_backend(backend)

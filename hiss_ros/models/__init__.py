@@ -20,7 +20,7 @@ from hiss_ros.models.config import (
     config_to_dict,
     model_config_from_dict,
 )
-from hiss_ros.models.hiss import ChunkedModel, Flat, HiSS, StreamState
+from hiss_ros.models.hiss import STEP_BACKENDS, ChunkedModel, Flat, HiSS, StreamState
 from hiss_ros.models.mamba import cuda_kernels_available
 
 # Registry: model kind -> class. Each takes its config dataclass.
@@ -34,7 +34,7 @@ def build_model(config: ModelConfig | dict[str, Any]) -> ChunkedModel:
 
 
 __all__ = [
-    "LAYER_KINDS", "MIXERS", "MODELS", "ChunkedModel", "Flat", "FlatConfig", "HiSS", "HiSSConfig",
+    "LAYER_KINDS", "MIXERS", "MODELS", "STEP_BACKENDS", "ChunkedModel", "Flat", "FlatConfig", "HiSS", "HiSSConfig",
     "ModelConfig", "Stack", "StackConfig", "StreamState", "build_model", "config_to_dict",
     "cuda_kernels_available", "model_config_from_dict",
 ]

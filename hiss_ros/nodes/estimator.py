@@ -31,7 +31,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
 from hiss_ros.errors import HissError
-from hiss_ros.models import config_to_dict
+from hiss_ros.models import STEP_BACKENDS, config_to_dict
 from hiss_ros.nodes.common import message_class, running, shipped_model, spin
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.train.config import TrainConfig
@@ -74,6 +74,7 @@ class Estimator(Node):
         self.declare_parameter("model_path", "contact")
         self.declare_parameter("device", "auto", FIXED)
         self.declare_parameter("num_threads", 0, FIXED)
+        self.declare_parameter("step_backend", "eager", FIXED)
         self.declare_parameter("frame_id", "tool", FIXED)
         self.declare_parameter("wrench_frame_id", "", FIXED)
         self.declare_parameter("twist_frame_id", "", FIXED)
@@ -89,6 +90,9 @@ class Estimator(Node):
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = self._device(self.get_parameter("device").value)
+        self.step_backend = self.get_parameter("step_backend").value
+        if self.step_backend not in STEP_BACKENDS:
+            raise HissError(f"step_backend:={self.step_backend}: expected one of {', '.join(STEP_BACKENDS)}")
         self.max_gap_s = self.get_parameter("max_gap_s").value
         self.velocity_covariance = self.get_parameter("velocity_covariance").value
         self._install(self._load(self.get_parameter("model_path").value))
@@ -154,7 +158,14 @@ class Estimator(Node):
             pipe_cfg = dataclasses.replace(pipe_cfg, max_gap_s=self.max_gap_s)
         pipeline = Pipeline(pipe_cfg, Normalization(np.asarray(norm["input_mean"]), np.asarray(norm["input_std"])))
         variance = ckpt.data.get("validation", {}).get("mse_per_channel")
-        return _Loaded(path, cfg, ckpt.model.to(self.device).eval(), pipeline,
+        model = ckpt.model.to(self.device).eval()
+        if self.step_backend != "eager":
+            try:
+                model.set_step_backend(self.step_backend)
+            except ValueError as exc:
+                self.get_logger().warn(f"step_backend:={self.step_backend} not used for {path}: {exc}; "
+                                       "the eager step runs")
+        return _Loaded(path, cfg, model, pipeline,
                        np.asarray(norm["output_mean"]), np.asarray(norm["output_std"]),
                        None if variance is None else np.asarray(variance, dtype=np.float64))
 
@@ -219,10 +230,25 @@ class Estimator(Node):
         return paths
 
     def _warmup(self, model: Any) -> None:
-        """Run the model once so the first real estimate pays no lazy initialisation."""
+        """Run the model twice (from a fresh and from a carried state) so the first real estimate
+        pays no lazy initialisation, nor a compile with step_backend:=compile. A compile that fails
+        (no C++ compiler, ...) is logged and the eager step runs instead."""
         cfg = model.config
-        with torch.inference_mode():
-            model.step_chunk(torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device), model.init_state(1))
+        if model.step_backend == "compile":
+            self.get_logger().info("compiling the streaming step (step_backend:=compile): ~20 s on 2 cores the "
+                                   "first time, a few seconds once Inductor's cache holds this architecture")
+        try:
+            with torch.inference_mode():
+                x = torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device)
+                model.step_chunk(x, model.step_chunk(x, model.init_state(1))[1])
+        except Exception as exc:  # Inductor fails in many ways (compiler missing or broken, ...)
+            if model.step_backend == "eager":
+                raise
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self.get_logger().error(f"step_backend:={model.step_backend} failed ({type(exc).__name__}: "
+                                    f"{reason[:300]}); the eager step runs")
+            model.set_step_backend("eager")
+            self._warmup(model)
 
     # --- data path --------------------------------------------------------------------------
 
@@ -326,7 +352,7 @@ class Estimator(Node):
         self._rate_mark = (now, self.estimates, list(self.received))
         values = {
             "estimates": self.estimates, "estimate_rate_hz": f"{(self.estimates - est_then) / span:.1f}",
-            "resets": self.resets, "device": self.device,
+            "resets": self.resets, "device": self.device, "step_backend": self.model.step_backend,
             "model_path": self.model_path, "reloads": self.reloads,
             "inference_ms_p50": f"{np.percentile(lat, 50):.3f}", "inference_ms_p99": f"{np.percentile(lat, 99):.3f}",
             **{f"publishers {s.topic}": sub.get_publisher_count()
