@@ -10,6 +10,13 @@ What is measured, and why:
   sample stamped at or after the chunk's last tick: the node emits a chunk on that sample).
   p50 / p99 over the run.
 - Node CPU: user + system time of the node process over the publishing period, as % of one core.
+- The harness keeps out of the node's way on a small machine: the publisher sleeps until each
+  sample is due instead of spinning for it (its jitter does not enter the latency: the stamp is
+  taken at publish), and the publisher and the receiver freeze their start-up heaps as the node
+  does (``hiss_ros.nodes.common.freeze_heap``), so that a full garbage collection in either
+  (~0.1 s with torch loaded) does not count as the node's latency.
+- Publishing starts once the node has warmed up (it reports diagnostics) and both sides of every
+  input topic have matched (DDS discovery is per side; best-effort samples sent before are lost).
 - Dropped: published inputs the node never received (its ``/diagnostics`` counters), and
   estimates that never arrived (expected = one per chunk of the published stream-0 stamps).
 - The same run with ``bench/naive_estimator.py``: the same node, except that every estimate
@@ -19,6 +26,7 @@ Targets (streaming node): p99 <= 5 ms, zero dropped, CPU < 50 % of one core.
 Usage (from the repository root):
     .venv/bin/python bench/bench_latency.py                  # 60 s each, writes docs/BENCHMARKS.md
     .venv/bin/python bench/bench_latency.py --quick          # 10 s, streaming node only, writes nothing
+    .venv/bin/python bench/bench_latency.py --quick --seconds 60   # the streaming node's full run only
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ TARGET_P99_MS, TARGET_CPU_PCT = 5.0, 50.0
 ENV = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
 NODES = {  # name -> (command, extra node parameters)
     "streaming (step_chunk, state carried)": ([sys.executable, "-m", "hiss_ros.nodes.estimator"], []),
+    "streaming, step_backend:=compile": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
+                                         ["-p", "step_backend:=compile"]),
     "streaming, rclpy's default executor": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
                                             ["-p", "executor:=single_threaded"]),
     "naive (model over the last 10 s per estimate)": ([sys.executable, str(REPO / "bench" / "naive_estimator.py")],
@@ -89,7 +99,7 @@ def publish(model: Path, seconds: float, clock_rate: float, other_rate: float, o
     from rclpy.qos import qos_profile_sensor_data
 
     from hiss_ros.data.streams import SUPPORTED_TYPES
-    from hiss_ros.nodes.common import message_class
+    from hiss_ros.nodes.common import freeze_heap, message_class
 
     cfg, dims = checkpoint_streams(model)
     rclpy.init()
@@ -107,11 +117,15 @@ def publish(model: Path, seconds: float, clock_rate: float, other_rate: float, o
     events = sorted((round(k * 1e9 / rate), i) for i, rate in enumerate(rates) for k in range(int(seconds * rate)))
     rng = np.random.default_rng(0)
     log = np.zeros((len(events), 3), dtype=np.int64)  # stream, stamp (0: no header), time publish() returned
+    freeze_heap()
+    print("READY", flush=True)  # the parent answers once the node has matched every publisher too
+    if sys.stdin.readline().strip() != "GO":
+        return 1
     print("START", flush=True)
     t0 = time.time_ns() + 50_000_000
     for n, (offset, i) in enumerate(events):
-        while (wait := t0 + offset - time.time_ns()) > 0:
-            time.sleep(wait / 1e9 if wait > 200_000 else 0)  # sleep, then spin the last 0.2 ms
+        if (wait := t0 + offset - time.time_ns()) > 0:
+            time.sleep(wait / 1e9)
         spec, msg = cfg.inputs[i], pubs[i].msg_type()
         _fill(msg, spec.fields, rng.standard_normal(dims[i]))
         stamp = time.time_ns()
@@ -165,10 +179,10 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
              other_rate: float, work: Path) -> Run:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.experimental import EventsExecutor
 
     from hiss_ros.data.streams import SUPPORTED_TYPES
-    from hiss_ros.nodes.common import message_class
+    from hiss_ros.nodes.common import freeze_heap, message_class
     from hiss_ros.nodes.estimator import TWIST
 
     cfg, dims = checkpoint_streams(model)
@@ -181,11 +195,12 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     context = rclpy.Context()
     rclpy.init(context=context)
     receiver = rclpy.create_node("bench_receiver", context=context)
-    executor = SingleThreadedExecutor(context=context)
+    executor = EventsExecutor(context=context)  # the lightest wake-up rclpy has, as the node's
     executor.add_node(receiver)
     out = cfg.outputs[0]
     got: list[tuple[int, int]] = []
     diag: dict[str, str] = {}
+    diag_at = [0.0]  # monotonic time of the last diagnostics report
 
     def on_estimate(m: Any) -> None:
         got.append((m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec, time.time_ns()))
@@ -194,22 +209,39 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
         for st in m.status:
             if st.name == "hiss_ros estimator":
                 diag.update({kv.key: kv.value for kv in st.values})
+                diag_at[0] = time.monotonic()
 
     sub = receiver.create_subscription(message_class(TWIST if out.derive else out.type), f"/bench{out.topic}",
                                        on_estimate, 10_000)
     receiver.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
+    freeze_heap()
+    receiving = threading.Event()
+    receiving.set()
+
+    def spin() -> None:
+        while receiving.is_set():
+            executor.spin_once(timeout_sec=0.1)
+
+    spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
     try:
-        wait_for(lambda: sub.get_publisher_count() > 0, 120, f"{name}: the node did not come up")
+        # Up once it reports: it publishes diagnostics only when spinning, after its warm-up (or compile).
+        wait_for(lambda: sub.get_publisher_count() > 0 and diag_at[0] > 0, 120, f"{name}: the node did not come up")
         log_path = work / "published.npy"
         pub = subprocess.Popen(
             [sys.executable, __file__, "--publish", "--model", str(model), "--seconds", str(seconds),
              "--clock-rate", str(clock_rate), "--other-rate", str(other_rate), "--log", str(log_path)],
-            stdout=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         said = []
         for line in pub.stdout:
-            if line.startswith("START"):
+            if line.startswith("READY"):
+                # Discovery is per side: the publisher saw the node's readers; wait until the node's
+                # readers saw the publisher too, or its first samples are lost (best effort).
+                wait_for(lambda: all(int(diag.get(f"publishers {s.topic}", 0)) > 0 for s in cfg.inputs), 30,
+                         f"{name}: the node did not match the sensor publisher")
+                pub.stdin.write("GO\n")
+                pub.stdin.flush()
+            elif line.startswith("START"):
                 break
             said.append(line)
         cpu0, t0 = cpu_seconds(node_proc.pid), time.monotonic()
@@ -221,10 +253,14 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
         expected = expected_estimates(cfg, dims, log)
         # Wait for the estimates in flight (a slow node works through its queue), then settle.
         wait_for(lambda: len(got) >= expected or stalled(got), 120, None)
-        wait_for(lambda: all(f"received {s.topic}" in diag for s in cfg.inputs), 10, None)
+        # ... and for the node's counters as they stand after the last input (reports every 0.5 s)
+        settled = time.monotonic()
+        wait_for(lambda: diag_at[0] > settled + 0.6, 10, None)
     finally:
         node_proc.terminate()
         node_out = node_proc.communicate(timeout=30)[0]
+        receiving.clear()
+        spinner.join(timeout=5)
         executor.shutdown()
         receiver.destroy_node()
         rclpy.try_shutdown(context=context)
@@ -294,11 +330,17 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str) ->
         + markdown_table(HEADERS, rows(runs)) + "\n"
         + "Streaming node: " + "; ".join(verdicts) + ".\n"
     )
-    if len(runs) > 2:
-        d, n = runs[1], runs[2]
+    by_name = {r.node: r for r in runs}
+    c, d, n = (by_name.get(name) for name in list(NODES)[1:])
+    if c is not None:
+        body += (f"\nCompiled step (`step_backend:=compile`): latency p50 {np.percentile(c.latencies_ms, 50):.2f} "
+                 f"and p99 {percentile(list(c.latencies_ms), 99):.2f} ms, CPU {c.cpu_pct:.1f} %, "
+                 f"{c.dropped_inputs} inputs dropped.\n")
+    if d is not None:
         body += (f"\nEvents executor: CPU {s.cpu_pct:.1f} % against {d.cpu_pct:.1f} % with rclpy's default "
                  f"executor, latency p50 {np.percentile(s.latencies_ms, 50):.2f} against "
                  f"{np.percentile(d.latencies_ms, 50):.2f} ms.\n")
+    if n is not None:
         ratio = np.percentile(n.latencies_ms, 50) / np.percentile(s.latencies_ms, 50)
         body += (f"\nNaive / streaming: latency p50 {ratio:.0f}x, "
                  f"CPU {n.cpu_pct / max(s.cpu_pct, 1e-9):.1f}x (the naive node cannot keep up when its CPU "
@@ -309,10 +351,11 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str) ->
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seconds", type=float, default=None, help="per node (60; --quick: 10)")
     ap.add_argument("--clock-rate", type=float, default=1000.0, help="Hz of input stream 0 (the IMU)")
     ap.add_argument("--other-rate", type=float, default=100.0, help="Hz of the other inputs (tactile)")
-    ap.add_argument("--quick", action="store_true", help="10 s, streaming node only, write nothing")
+    ap.add_argument("--quick", action="store_true", help="streaming node only, 10 s unless --seconds, write nothing")
+    ap.add_argument("--only", default="", metavar="TEXT", help="only the nodes whose name contains TEXT")
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     ap.add_argument("--publish", action="store_true", help=argparse.SUPPRESS)  # internal: the sensor process
     ap.add_argument("--log", type=Path, help=argparse.SUPPRESS)
@@ -322,11 +365,12 @@ def main() -> int:
     os.environ.update(ENV)  # this process's receiver and the child processes share one domain
     if not args.model.is_file():
         raise SystemExit(f"{args.model}: no such checkpoint (train one, or give --model)")
-    if args.quick:
-        args.seconds = 10.0
+    if args.seconds is None:
+        args.seconds = 10.0 if args.quick else 60.0
     load = load_average()
     runs = []
-    for name, (command, params) in list(NODES.items())[: 1 if args.quick else None]:
+    chosen = [(name, node) for name, node in NODES.items() if args.only in name][: 1 if args.quick else None]
+    for name, (command, params) in chosen:
         with tempfile.TemporaryDirectory() as work:
             print(f"{name}: {args.seconds:g} s ...", flush=True)
             runs.append(run_node(name, command, params, args.model, args.seconds, args.clock_rate, args.other_rate,

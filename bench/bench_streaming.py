@@ -168,6 +168,24 @@ def target_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
+def bound_lines(rows: list[Row]) -> list[str]:
+    """Why window/step is small at a low rate: a window of K chunks costs K times the batched
+    per-chunk cost, so window/step = K x (batched per-chunk cost / step)."""
+    rate = RATES_HZ[0]
+    chunks = WINDOW_SECONDS * rate // MODEL_CONFIG["chunk"]
+    lines = []
+    for threads in sorted({r.threads for r in rows}):
+        per_chunk = next(r for r in rows if r.threads == threads).window_ms[rate] / chunks
+        steps = ", ".join(f"{r.backend} {r.step_median / per_chunk:.1f}x" for r in rows if r.threads == threads)
+        lines.append(
+            f"{threads} thread(s), {rate} Hz: the window holds {chunks} chunks, computed batched at "
+            f"{per_chunk:.3f} ms a chunk; a step costs {steps} that, so window/step is {chunks} / that "
+            f"multiple (>= {TARGET_RATIO:.0f}x needs a step within {chunks / TARGET_RATIO:.1f}x the batched "
+            "per-chunk cost, which one chunk at batch 1 does not reach on this CPU)"
+        )
+    return lines
+
+
 def markdown(rows: list[Row], plan: Plan, n_params: int, mismatch: dict[str, float], compile_s: float,
              load: str) -> str:
     cfg = MODEL_CONFIG
@@ -183,6 +201,7 @@ def markdown(rows: list[Row], plan: Plan, n_params: int, mismatch: dict[str, flo
         + markdown_table(HEADERS, table_rows(rows))
         + "\n"
         + "".join(f"- {line}\n" for line in target_lines(rows))
+        + "".join(f"- {line}\n" for line in bound_lines(rows))
         + f"- Streaming vs offline over the {RATES_HZ[0]} Hz window, max abs diff: "
         + ", ".join(f"{b} {m:.2e}" for b, m in mismatch.items()) + f" (tolerance {TOLERANCE:g})\n"
         f"- The compile backend's first step (the compile, Inductor's cache as found): {compile_s:.1f} s\n\n"

@@ -11,6 +11,7 @@ last-sample time. A break in the input (gap, time going back) resets the model s
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -25,14 +26,13 @@ from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
-from rclpy.time import Time
 from visualization_msgs.msg import Marker, MarkerArray
 
 from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import STEP_BACKENDS, config_to_dict
-from hiss_ros.nodes.common import message_class, running, shipped_model, spin
+from hiss_ros.nodes.common import freeze_heap, message_class, running, shipped_model, spin
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.train.config import TrainConfig
 
@@ -57,14 +57,6 @@ class _Loaded:
     out_mean: np.ndarray
     out_std: np.ndarray
     out_variance: np.ndarray | None  # per output channel, physical units: the validation MSE
-
-
-def _set(msg: Any, path: str, value: float) -> None:
-    *parents, leaf = path.split(".")
-    obj = msg
-    for p in parents:
-        obj = getattr(obj, p)
-    setattr(obj, leaf, float(value))
 
 
 class Estimator(Node):
@@ -127,6 +119,7 @@ class Estimator(Node):
                         if self.get_parameter("publish_markers").value else None)
         self.create_timer(self.get_parameter("diagnostics_period_s").value, self._report)
         self._warmup(self.model)
+        freeze_heap()  # no 100 ms garbage collection in the middle of the stream
         self.add_on_set_parameters_callback(self._on_parameters)
         self.get_logger().info(
             f"estimating {[s.topic for s in self.outputs]} from {[s.topic for s in self.inputs]} on {self.device}, "
@@ -174,7 +167,7 @@ class Estimator(Node):
         self.model_path, self.inputs, self.outputs = new.path, new.cfg.inputs, new.cfg.outputs
         self.model, self.pipeline = new.model, new.pipeline
         self.out_mean, self.out_std, self.out_variance = new.out_mean, new.out_std, new.out_variance
-        self._covariances: list[np.ndarray | None] | None = None  # of this model; made on its first estimate
+        self._outgoing: list | None = None  # of this model; made on its first estimate (_outgoing_messages)
         if old_counters is not None:
             self.pipeline.counters.update(old_counters)
         self.state = self.model.init_state(1)
@@ -204,6 +197,8 @@ class Estimator(Node):
                     "(trained by an older hiss-train?)"))
             self._warmup(new.model)
             self._install(new)
+            gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it
+            freeze_heap()
             self.reloads += 1
             self.get_logger().info(f"model swapped in: {p.value}")
         return SetParametersResult(successful=True)
@@ -288,22 +283,40 @@ class Estimator(Node):
 
     def _publish(self, y: np.ndarray, stamp_ns: int) -> None:
         """Publish the physical-unit estimate y (O,) of the chunk ending at ``stamp_ns``."""
-        stamp = Time(nanoseconds=stamp_ns).to_msg()
-        if self._covariances is None:
-            self._covariances = self._covariances_of_outputs()
+        if self._outgoing is None:
+            self._outgoing = self._outgoing_messages()
+        values = y.tolist()
+        sec, nanosec = divmod(stamp_ns, 1_000_000_000)
         k = 0
-        for pub, paths, frame, cov in zip(self.publishers_, self.paths, self.frame_ids, self._covariances, strict=True):
-            msg = pub.msg_type()
-            msg.header.stamp = stamp
-            msg.header.frame_id = frame
-            for path in paths:
-                _set(msg, path, y[k])
+        for pub, msg, fields in self._outgoing:
+            msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
+            for obj, leaf in fields:
+                setattr(obj, leaf, values[k])
                 k += 1
+            pub.publish(msg)  # serialised now: the message is reused for the next estimate
+        if self.markers is not None:
+            self._publish_markers(y, self._outgoing[0][1].header.stamp)
+
+    def _outgoing_messages(self) -> list[tuple[Any, Any, list[tuple[Any, str]]]]:
+        """Per output of this model: its publisher, a message to fill and publish at every
+        estimate (frame id and covariance set once; building messages anew cost more than the
+        model step), and where each channel goes in it (parent object, attribute)."""
+        outgoing = []
+        for pub, paths, frame, cov in zip(self.publishers_, self.paths, self.frame_ids,
+                                          self._covariances_of_outputs(), strict=True):
+            msg = pub.msg_type()
+            msg.header.frame_id = frame
             if cov is not None:
                 msg.twist.covariance = cov
-            pub.publish(msg)
-        if self.markers is not None:
-            self._publish_markers(y, stamp)
+            fields = []
+            for path in paths:
+                *parents, leaf = path.split(".")
+                obj = msg
+                for name in parents:
+                    obj = getattr(obj, name)
+                fields.append((obj, leaf))
+            outgoing.append((pub, msg, fields))
+        return outgoing
 
     def _covariances_of_outputs(self) -> list[np.ndarray | None]:
         """Per output, for TwistWithCovarianceStamped: a diagonal 6 x 6 covariance holding the
