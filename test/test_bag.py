@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from hiss_ros.data import StreamSpec, read_streams
-from hiss_ros.data.write import float_array, imu, wrench, write_bag
-from hiss_ros.errors import BagError, ConfigError
+from hiss_ros.data.write import float_array, imu, replace_bag, wrench, write_bag
+from hiss_ros.errors import BagError, ConfigError, HissError
 
 MS = 1_000_000
 IMU = StreamSpec("/imu", "sensor_msgs/msg/Imu",
@@ -166,3 +166,32 @@ def test_ros1_bags_are_read_too(tmp_path):
     data = read_streams([path], [IMU], progress=False)
     np.testing.assert_array_equal(data.streams["/imu"].values[:, 0], np.arange(20))
     np.testing.assert_array_equal(data.streams["/imu"].stamps_ns, (1000 + 5 * np.arange(20)) * MS)
+
+
+def test_replace_bag_deletes_only_bags_and_only_with_force(tmp_path):
+    replace_bag(tmp_path / "new", force=False)  # nothing there: nothing to do
+    bag = tmp_path / "bag"
+    bag.mkdir()
+    for name in ("metadata.yaml", "bag_0.mcap", "ATTRIBUTION.md"):
+        (bag / name).write_text("x")
+    with pytest.raises(HissError, match="already exists; pass --force"):
+        replace_bag(bag, force=False)
+    replace_bag(bag, force=True, delete=False)  # would be replaced: kept for now
+    assert bag.is_dir()
+    replace_bag(bag, force=True)
+    assert not bag.exists()
+    single = tmp_path / "one.db3"
+    single.write_text("x")
+    replace_bag(single, force=True)
+    assert not single.exists()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "bag_0.mcap").write_text("x")
+    (mixed / "notes.txt").write_text("mine")
+    with pytest.raises(HissError, match=r"holds more than a bag \(notes.txt\); not deleting"):
+        replace_bag(mixed, force=True)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(HissError, match="is not a bag; not deleting"):
+        replace_bag(notes, force=True)
+    assert (mixed / "notes.txt").is_file() and notes.is_file()

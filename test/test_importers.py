@@ -187,7 +187,7 @@ def test_broad_several_trials_existing_output_and_bad_input(broad_mat, tmp_path,
 
     caplog.clear()
     assert run(["broad", str(second), "--out", str(out / "08_other"), "--duration", "1"]) == 2
-    assert "exists already; pass --force" in caplog.text
+    assert "already exists; pass --force" in caplog.text
     assert run(["broad", str(second), "--out", str(out / "08_other"), "--duration", "1", "--force"]) == 0
     assert len(read(out / "08_other", IMU)["/imu/data"].stamps_ns) == round(RATE)
     (tmp_path / "notes").mkdir()

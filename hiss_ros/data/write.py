@@ -8,6 +8,7 @@ Used by tests (tiny bags in tmp_path, no binary fixtures) and by the importers a
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
+
+from hiss_ros.errors import HissError
 
 TYPESTORE = get_typestore(Stores.ROS2_JAZZY)
 _T = TYPESTORE.types
@@ -96,3 +99,34 @@ def pose(stamp_ns: int, position: Sequence[float], orientation: Sequence[float],
     p = _T["geometry_msgs/msg/Point"](x=float(position[0]), y=float(position[1]), z=float(position[2]))
     return _T["geometry_msgs/msg/PoseStamped"](header=_header(stamp_ns, frame_id),
                                                pose=_T["geometry_msgs/msg/Pose"](position=p, orientation=q))
+
+
+BAG_FILES = ("metadata.yaml", "ATTRIBUTION.md")  # what a bag folder of ours holds, besides ...
+BAG_SUFFIXES = (".mcap", ".db3", ".db3-shm", ".db3-wal", ".zstd")  # ... its storage files
+
+
+def _is_bag_file(f: Path) -> bool:
+    return f.is_file() and not f.is_symlink() and (f.name in BAG_FILES or f.name.endswith(BAG_SUFFIXES))
+
+
+def replace_bag(path: Path, force: bool, delete: bool = True) -> None:
+    """Make way for a new bag at ``path``. Nothing there: nothing to do. Something there: refused
+    (``HissError``) unless ``force``; with it, a bag (a folder of bag files, or one bag file) is
+    deleted, and anything else is refused even so. ``delete=False`` checks without deleting
+    (to refuse before writing the first of several bags)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not force:
+        raise HissError(f"{path} already exists; pass --force to replace it")
+    if _is_bag_file(path):
+        if delete:
+            path.unlink()
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise HissError(f"{path} exists and is not a bag; not deleting it even with --force")
+    foreign = sorted(f.name for f in path.iterdir() if not _is_bag_file(f))
+    if foreign:
+        raise HissError(f"{path} exists and holds more than a bag ({', '.join(foreign[:5])}); "
+                        "not deleting it even with --force")
+    if delete:
+        shutil.rmtree(path)

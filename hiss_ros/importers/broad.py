@@ -26,14 +26,13 @@ import scipy.io
 from scipy.signal import savgol_filter
 from scipy.spatial.transform import Rotation
 
-from hiss_ros.data.write import imu, magnetic_field, pose, twist
+from hiss_ros.data.write import imu, magnetic_field, pose, replace_bag, twist
 from hiss_ros.importers.common import (
     DatasetError,
     ImportSummary,
     Stream,
     angular_velocity_from_quat,
     body_twist,
-    check_output,
     excerpt,
     finite_runs,
     quat_mul,
@@ -127,7 +126,7 @@ def import_trial(mat_path: str | Path, out: str | Path, *, t0_ns: int = T0_NS, s
     if t0_ns <= 0:
         raise DatasetError(f"--t0 must be positive, got {t0_ns} ns")
     d = load_trial(mat_path)
-    check_output(out, force)
+    replace_bag(out, force)
     n = len(d["imu_acc"])
     t = stamps_ns(n, d["sampling_rate"], t0_ns)
     q = quat_xyzw(d["opt_quat"])

@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from hiss_ros.data.write import replace_bag
 from hiss_ros.errors import HissError
 from hiss_ros.importers import broad, euroc
 from hiss_ros.importers.common import DatasetError
@@ -85,8 +86,7 @@ def _run_broad(args: argparse.Namespace) -> int:
     out = Path(args.out)
     targets = [(f, out) for f in files] if len(files) == 1 else [(f, out / f.stem) for f in files]
     for _, target in targets:  # refuse before writing anything
-        if target.exists() and not args.force:
-            raise DatasetError(f"{target} exists already; pass --force to replace it")
+        replace_bag(target, args.force, delete=False)
     if len(files) > 1:
         if out.exists() and not out.is_dir():
             raise DatasetError(f"{out}: exists and is not a folder; several trials need a folder of bags")

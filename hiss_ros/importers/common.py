@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 DERIVE_WINDOW_S = 0.05
 DERIVE_POLYORDER = 2
 # Files a bag folder written here may hold; --force deletes nothing else.
-_BAG_FILES = ("metadata.yaml", "ATTRIBUTION.md")
-_BAG_SUFFIXES = (".mcap", ".db3", ".db3-shm", ".db3-wal", ".zstd")
 
 
 class DatasetError(HissError):
@@ -175,22 +173,6 @@ class ImportSummary:
         drops = ", ".join(f"{n} {what}" for what, n in self.dropped.items() if n) or "nothing dropped"
         return (f"{self.path}: {msgs} messages; {self.duration_s:.1f} s; {drops}; "
                 f"{self.size_bytes / 1e6:.1f} MB in {self.seconds:.1f} s")
-
-
-def check_output(path: Path, force: bool) -> None:
-    """Refuse an existing output unless ``force``; with it, delete only what looks like a bag."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not force:
-        raise DatasetError(f"{path} exists already; pass --force to replace it")
-    if not path.is_dir():
-        raise DatasetError(f"{path} exists and is not a bag folder; not deleting it even with --force")
-    foreign = [p.name for p in path.iterdir() if not (p.is_file() and (p.name in _BAG_FILES or
-                                                                       p.name.endswith(_BAG_SUFFIXES)))]
-    if foreign:
-        raise DatasetError(f"{path} exists and holds more than a bag ({', '.join(sorted(foreign)[:5])}); "
-                           "not deleting it even with --force")
-    shutil.rmtree(path)
 
 
 def write_streams(path: Path, streams: Sequence[Stream], storage: str = "mcap", zstd: bool = False,

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hiss_ros.data.write import imu, pose, twist
+from hiss_ros.data.write import imu, pose, replace_bag, twist
 from hiss_ros.importers.common import (
     DatasetError,
     ImportSummary,
     Stream,
     body_twist,
-    check_output,
     excerpt,
     write_streams,
 )
@@ -145,7 +144,7 @@ def import_sequence(imu_csv: str | Path, gt_csv: str | Path, out: str | Path, *,
     if angular == "gyro" and v_gt.shape[1] != 16:
         raise DatasetError(f"{gt_csv}: --angular gyro needs the gyro bias columns of "
                            "state_groundtruth_estimate0/data.csv (17 columns)")
-    check_output(out, force)
+    replace_bag(out, force)
     gyr, acc = v_imu[:, 0:3], v_imu[:, 3:6]
     position = v_gt[:, 0:3]
     q = v_gt[:, [4, 5, 6, 3]]  # w, x, y, z -> x, y, z, w

@@ -20,8 +20,6 @@ from pathlib import Path
 from hiss_ros.errors import HissError
 from hiss_ros.sim.config import SimConfig
 
-BAG_SUFFIXES = (".mcap", ".db3", ".zstd")  # and metadata.yaml
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hiss-sim", description=__doc__.splitlines()[0])
@@ -43,21 +41,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _remove_bag(path: Path) -> None:
-    """Delete an existing bag at ``path``; refuse anything that does not look like one."""
-    def is_bag_file(f: Path) -> bool:
-        return f.is_file() and not f.is_symlink() and (f.suffix in BAG_SUFFIXES or f.name == "metadata.yaml")
-
-    if is_bag_file(path):
-        path.unlink()
-        return
-    if path.is_dir() and not path.is_symlink() and all(is_bag_file(f) for f in path.iterdir()):
-        shutil.rmtree(path)
-        return
-    raise HissError(f"--out {path}: exists and is not a bag folder (only .mcap/.db3/metadata.yaml); "
-                    "not overwriting it")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("seconds", "seed", "imu_rate_hz", "tactile_rate_hz", "gt_rate_hz",
@@ -67,11 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = SimConfig.load(args.config, **overrides)
         else:
             cfg = SimConfig(**{k: v for k, v in overrides.items() if v is not None})
-        if args.out.exists() or args.out.is_symlink():
-            if not args.force:
-                raise HissError(f"--out {args.out}: already exists (use --force to overwrite)")
-            _remove_bag(args.out)
-        from hiss_ros.sim.bag import topic_counts, write_sim_bag  # rosbags: only when writing
+        from hiss_ros.data.write import replace_bag  # rosbags: only when writing
+        from hiss_ros.sim.bag import topic_counts, write_sim_bag
+
+        replace_bag(args.out, args.force)
         from hiss_ros.sim.endeffector import simulate
 
         t0 = time.perf_counter()
