@@ -15,7 +15,8 @@ What is measured, and why:
   taken at publish), and the publisher and the receiver freeze their start-up heaps as the node
   does (``hiss_ros.nodes.common.freeze_heap``), so that a full garbage collection in either
   (~0.1 s with torch loaded) does not count as the node's latency.
-- Publishing starts once the node has warmed up (it reports diagnostics) and both sides of every
+- Publishing starts once the node has warmed up (it reports diagnostics; with step_backend:=compile,
+  once its background compile is done) and both sides of every
   input topic have matched (DDS discovery is per side; best-effort samples sent before are lost).
 - Dropped: published inputs the node never received (its ``/diagnostics`` counters), and
   estimates that never arrived (expected = one per chunk of the published stream-0 stamps).
@@ -226,8 +227,9 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
     try:
-        # Up once it reports: it publishes diagnostics only when spinning, after its warm-up (or compile).
-        wait_for(lambda: sub.get_publisher_count() > 0 and diag_at[0] > 0, 120, f"{name}: the node did not come up")
+        # Up once it reports (it does once spinning, after its warm-up) and has compiled (step_backend:=compile).
+        wait_for(lambda: sub.get_publisher_count() > 0 and diag_at[0] > 0 and diag.get("compile") != "compiling", 180,
+                 f"{name}: the node did not come up")
         log_path = work / "published.npy"
         pub = subprocess.Popen(
             [sys.executable, __file__, "--publish", "--model", str(model), "--seconds", str(seconds),

@@ -218,24 +218,26 @@ def test_fast_step_equals_module_path_and_follows_weight_changes():
 
 
 def test_compiled_step_equals_offline_without_recompiling():
-    """step_backend "compile": the same outputs as the offline forward, one compile for a stream
-    (the state it returns, the chunks sliced out of a longer tensor and a weight update do not
-    compile it again), and the eager path back on request."""
+    """step_backend "compile": compiled ahead by compile_step, the same outputs as the offline
+    forward, no compile while streaming (the state it returns, chunks sliced out of a longer
+    tensor and a weight update do not compile it again), and the eager path back on request."""
     if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
         pytest.skip("torch.compile needs a C++ compiler (g++), none on PATH")
     model = build_model(hiss_config("s4d", "mamba")).eval()
+    model.compile_step()  # compiled ahead, not yet used
+    assert model.step_backend == "eager"
     model.set_step_backend("compile")
     assert model.step_backend == "compile"
     x = torch.randn(1, 12 * CHUNK, 6)
     with torch.inference_mode():
         state = model.init_state(1)
-        first, state = model.step_chunk(x[:, :CHUNK], state)  # compiles
         with torch.compiler.set_stance("fail_on_recompile"):
-            rest = []
-            for k in range(1, x.shape[1] // CHUNK):
+            steps = []
+            for k in range(x.shape[1] // CHUNK):
                 y, state = model.step_chunk(x[:, k * CHUNK : (k + 1) * CHUNK], state)
-                rest.append(y)
-            online = torch.stack([first, *rest], dim=1)
+                steps.append(y)
+            first = steps[0]
+            online = torch.stack(steps, dim=1)
             torch.testing.assert_close(online, model(x), atol=1e-4, rtol=0)
             with torch.no_grad():
                 model.high.blocks[0].mixer.D.add_(1.0)  # weights are inputs of the compiled step
@@ -254,3 +256,6 @@ def test_compiled_step_equals_offline_without_recompiling():
 def test_step_backend_errors_say_why(config, backend, message):
     with pytest.raises(ValueError, match=message):
         build_model(config).set_step_backend(backend)
+    if backend == "compile":
+        with pytest.raises(ValueError, match=message):
+            build_model(config).compile_step()

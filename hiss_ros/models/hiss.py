@@ -92,6 +92,13 @@ class ChunkedModel(nn.Module):
             raise ValueError(f"step backend 'compile' does not apply to this model: {reason}")
         self._use_backend(backend)
 
+    def compile_step(self, batch_size: int = 1) -> None:
+        """Compile the ``"compile"`` backend's step now (otherwise it compiles at its first step)
+        without switching to it; ``set_step_backend("compile")`` then takes it at once. Safe in
+        another thread while this model streams with the eager step. ``ValueError`` as
+        ``set_step_backend``; Inductor's own errors when compiling fails (no C++ compiler, ...)."""
+        raise ValueError(f"step backend 'compile' does not apply to this model: {self._compile_unsupported()}")
+
     def _compile_unsupported(self) -> str | None:
         return f"it covers HiSS models only; this is a {type(self).__name__} model"
 
@@ -142,6 +149,17 @@ class HiSS(ChunkedModel):
 
     def _use_backend(self, backend: str) -> None:
         self._fast_step.compile = backend == "compile"
+
+    def compile_step(self, batch_size: int = 1) -> None:
+        reason = self._compile_unsupported()
+        if reason:
+            raise ValueError(f"step backend 'compile' does not apply to this model: {reason}")
+        fast, p = self._fast_step, next(self.parameters())
+        with torch.inference_mode():
+            x = torch.zeros(batch_size, self.config.chunk, self.config.input_dim, device=p.device, dtype=p.dtype)
+            step = fast.compiled(self._advance_fast)
+            _, state = step(fast.weights(self), x, self.init_state(batch_size))
+            step(fast.weights(self), x, state)  # from a carried state too: nothing left to compile
 
     def _chunk_features(self, x: Tensor) -> Tensor:
         """x (B, K*chunk, I') -> (B, K, D_low): low stack over each chunk from zero state, read

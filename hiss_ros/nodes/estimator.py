@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -120,6 +121,9 @@ class Estimator(Node):
         self.create_timer(self.get_parameter("diagnostics_period_s").value, self._report)
         self._warmup(self.model)
         freeze_heap()  # no 100 ms garbage collection in the middle of the stream
+        self.compile_status = "off"
+        if self.step_backend == "compile":
+            self._compile_in_background(self.model)
         self.add_on_set_parameters_callback(self._on_parameters)
         self.get_logger().info(
             f"estimating {[s.topic for s in self.outputs]} from {[s.topic for s in self.inputs]} on {self.device}, "
@@ -151,14 +155,7 @@ class Estimator(Node):
             pipe_cfg = dataclasses.replace(pipe_cfg, max_gap_s=self.max_gap_s)
         pipeline = Pipeline(pipe_cfg, Normalization(np.asarray(norm["input_mean"]), np.asarray(norm["input_std"])))
         variance = ckpt.data.get("validation", {}).get("mse_per_channel")
-        model = ckpt.model.to(self.device).eval()
-        if self.step_backend != "eager":
-            try:
-                model.set_step_backend(self.step_backend)
-            except ValueError as exc:
-                self.get_logger().warn(f"step_backend:={self.step_backend} not used for {path}: {exc}; "
-                                       "the eager step runs")
-        return _Loaded(path, cfg, model, pipeline,
+        return _Loaded(path, cfg, ckpt.model.to(self.device).eval(), pipeline,
                        np.asarray(norm["output_mean"]), np.asarray(norm["output_std"]),
                        None if variance is None else np.asarray(variance, dtype=np.float64))
 
@@ -199,6 +196,8 @@ class Estimator(Node):
             self._install(new)
             gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it
             freeze_heap()
+            if self.step_backend == "compile":
+                self._compile_in_background(new.model)
             self.reloads += 1
             self.get_logger().info(f"model swapped in: {p.value}")
         return SetParametersResult(successful=True)
@@ -226,24 +225,38 @@ class Estimator(Node):
 
     def _warmup(self, model: Any) -> None:
         """Run the model twice (from a fresh and from a carried state) so the first real estimate
-        pays no lazy initialisation, nor a compile with step_backend:=compile. A compile that fails
-        (no C++ compiler, ...) is logged and the eager step runs instead."""
+        pays no lazy initialisation."""
         cfg = model.config
-        if model.step_backend == "compile":
-            self.get_logger().info("compiling the streaming step (step_backend:=compile): ~20 s on 2 cores the "
-                                   "first time, a few seconds once Inductor's cache holds this architecture")
-        try:
-            with torch.inference_mode():
-                x = torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device)
-                model.step_chunk(x, model.step_chunk(x, model.init_state(1))[1])
-        except Exception as exc:  # Inductor fails in many ways (compiler missing or broken, ...)
-            if model.step_backend == "eager":
-                raise
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            self.get_logger().error(f"step_backend:={model.step_backend} failed ({type(exc).__name__}: "
-                                    f"{reason[:300]}); the eager step runs")
-            model.set_step_backend("eager")
-            self._warmup(model)
+        with torch.inference_mode():
+            x = torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device)
+            model.step_chunk(x, model.step_chunk(x, model.init_state(1))[1])
+
+    def _compile_in_background(self, model: Any) -> None:
+        """step_backend:=compile: estimate with the eager step while a thread compiles the model's
+        step (~20 s on 2 cores; seconds once Inductor's cache holds the architecture), then switch
+        to it (the state carries over). A model it does not cover, or a compile that fails (no
+        C++ compiler, ...), is logged and the eager step stays."""
+        self.compile_status = "compiling"
+        self.get_logger().info("compiling the streaming step in the background (step_backend:=compile); "
+                               "estimating with the eager step meanwhile")
+
+        def work() -> None:
+            began = time.monotonic()
+            try:
+                model.compile_step()
+            except Exception as exc:  # ValueError (model not covered); Inductor fails in many ways
+                first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+                status = f"failed ({type(exc).__name__}: {first_line})"
+                self.get_logger().error(f"step_backend:=compile {status}; the eager step stays")
+            else:
+                model.set_step_backend("compile")  # the next step_chunk takes it
+                status = "in use"
+                self.get_logger().info(f"compiled step in use ({time.monotonic() - began:.1f} s to compile)")
+                freeze_heap()  # the compiler's objects too: one collection now, none at random later
+            if model is self.model:
+                self.compile_status = status
+
+        threading.Thread(target=work, name="hiss_compile", daemon=True).start()
 
     # --- data path --------------------------------------------------------------------------
 
@@ -366,6 +379,7 @@ class Estimator(Node):
         values = {
             "estimates": self.estimates, "estimate_rate_hz": f"{(self.estimates - est_then) / span:.1f}",
             "resets": self.resets, "device": self.device, "step_backend": self.model.step_backend,
+            "compile": self.compile_status,
             "model_path": self.model_path, "reloads": self.reloads,
             "inference_ms_p50": f"{np.percentile(lat, 50):.3f}", "inference_ms_p99": f"{np.percentile(lat, 99):.3f}",
             **{f"publishers {s.topic}": sub.get_publisher_count()
