@@ -15,8 +15,8 @@ What is measured, and why:
   taken at publish), and the publisher and the receiver freeze their start-up heaps as the node
   does (``hiss_ros.nodes.common.freeze_heap``), so that a full garbage collection in either
   (~0.1 s with torch loaded) does not count as the node's latency.
-- Publishing starts once the node has warmed up (it reports diagnostics; with step_backend:=compile,
-  once its background compile is done) and both sides of every
+- Publishing starts once the node has warmed up (it reports diagnostics; with step_backend:=compile
+  it compiles before that, and a node not running the compiled step is an error) and both sides of every
   input topic have matched (DDS discovery is per side; best-effort samples sent before are lost).
 - Dropped: published inputs the node never received (its ``/diagnostics`` counters), and
   estimates that never arrived (expected = one per chunk of the published stream-0 stamps).
@@ -190,10 +190,13 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     cfg, dims = checkpoint_streams(model)
     if not SUPPORTED_TYPES[cfg.inputs[0].type]:
         raise SystemExit(f"stream 0 ({cfg.inputs[0].topic}) has no header: its publish times cannot be matched")
-    node_proc = subprocess.Popen(
-        [*command, "--ros-args", "-p", f"model_path:={model}", "-p", "num_threads:=1", "-p", "output_prefix:=/bench",
-         "-p", "diagnostics_period_s:=0.5", "-p", "qos_depth:=1000", *params],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node_log = work / "node.log"  # a file, not a pipe: a pipe nobody reads until the end can fill and block it
+    with node_log.open("w") as log_file:
+        node_proc = subprocess.Popen(
+            [*command, "--ros-args", "-p", f"model_path:={model}", "-p", "num_threads:=1", "-p",
+             "output_prefix:=/bench", "-p", "diagnostics_period_s:=0.5", "-p", "qos_depth:=1000", *params],
+            stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    pub = None
     context = rclpy.Context()
     rclpy.init(context=context)
     receiver = rclpy.create_node("bench_receiver", context=context)
@@ -228,8 +231,11 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     spinner.start()
     try:
         # Up once it reports (it does once spinning, after its warm-up) and has compiled (step_backend:=compile).
-        wait_for(lambda: sub.get_publisher_count() > 0 and diag_at[0] > 0 and diag.get("compile") != "compiling", 180,
-                 f"{name}: the node did not come up")
+        wait_for(lambda: sub.get_publisher_count() > 0 and diag_at[0] > 0, 180, f"{name}: the node did not come up")
+        wanted = next((p.split(":=")[1] for p in params if p.startswith("step_backend:=")), "eager")
+        if diag.get("step_backend", "eager") != wanted:
+            raise SystemExit(f"{name}: the node runs step_backend {diag.get('step_backend')} "
+                             f"(compile: {diag.get('compile')}), not {wanted}")
         log_path = work / "published.npy"
         pub = subprocess.Popen(
             [sys.executable, __file__, "--publish", "--model", str(model), "--seconds", str(seconds),
@@ -260,8 +266,14 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
         settled = time.monotonic()
         wait_for(lambda: diag_at[0] > settled + 0.6, 10, None)
     finally:
+        if pub is not None and pub.poll() is None:
+            pub.kill()
         node_proc.terminate()
-        node_out = node_proc.communicate(timeout=30)[0]
+        try:
+            node_proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            node_proc.kill()
+        node_out = node_log.read_text()
         receiving.clear()
         spinner.join(timeout=5)
         executor.shutdown()

@@ -190,8 +190,10 @@ def test_replace_bag_deletes_only_bags_and_only_with_force(tmp_path):
     (mixed / "notes.txt").write_text("mine")
     with pytest.raises(HissError, match=r"holds more than a bag \(notes.txt\); not deleting"):
         replace_bag(mixed, force=True)
-    notes = tmp_path / "notes.txt"
-    notes.write_text("mine")
-    with pytest.raises(HissError, match="is not a bag; not deleting"):
-        replace_bag(notes, force=True)
-    assert (mixed / "notes.txt").is_file() and notes.is_file()
+    for name in ("notes.txt", "metadata.yaml", "ATTRIBUTION.md", "data.zstd"):  # a bag's parts, not a bag
+        lone = tmp_path / name
+        lone.write_text("mine")
+        with pytest.raises(HissError, match="is not a bag; not deleting"):
+            replace_bag(lone, force=True)
+        assert lone.is_file()
+    assert (mixed / "notes.txt").is_file()

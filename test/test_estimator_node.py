@@ -95,7 +95,8 @@ class Driver:
         assert self.spin_until(lambda: self.pub.get_subscription_count() > 0
                                and all(sub.get_publisher_count() > 0 for sub in subs), 60), "estimator not discovered"
         # ... including the estimator's side of our IMU topic, or its first samples would be lost.
-        assert self.spin_until(lambda: self.diagnostics.get("publishers /imu/data") == "1", 30), self.diagnostics
+        # (after its compile with step_backend:=compile: up to a minute or so on a slow machine)
+        assert self.spin_until(lambda: self.diagnostics.get("publishers /imu/data") == "1", 120), self.diagnostics
 
     def _on_estimate(self, m) -> None:
         self.wrenches.append(m)
@@ -109,6 +110,19 @@ class Driver:
 
     def spin_until(self, condition, timeout_s: float) -> bool:
         return self.ros.spin_until(condition, timeout_s)
+
+    def set_parameter(self, value, name: str = "model_path") -> tuple[bool, str]:
+        """Set one of the estimator's parameters over its service: (successful, reason)."""
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        client = self.node.create_client(SetParameters, "/hiss_estimator/set_parameters")
+        assert self.spin_until(client.service_is_ready, 30)
+        future = client.call_async(SetParameters.Request(
+            parameters=[Parameter(name, value=str(value)).to_parameter_msg()]))
+        assert self.spin_until(future.done, 30)
+        result = future.result().results[0]
+        return result.successful, result.reason
 
     def arrow_stamps(self) -> list[int]:
         return [a[0].header.stamp.sec * 1_000_000_000 + a[0].header.stamp.nanosec for a in self.arrows]
@@ -205,8 +219,6 @@ def test_hot_reload_swaps_good_checkpoints_and_refuses_bad_ones(imu_model, monke
     import json
     import shutil
 
-    from rcl_interfaces.srv import SetParameters
-    from rclpy.parameter import Parameter
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -224,15 +236,7 @@ def test_hot_reload_swaps_good_checkpoints_and_refuses_bad_ones(imu_model, monke
     for k, v in ROS_ENV.items():
         monkeypatch.setenv(k, v)
     d = Driver(model_path)
-    client = d.node.create_client(SetParameters, "/hiss_estimator/set_parameters")
-
-    def set_model(path, name: str = "model_path") -> tuple[bool, str]:
-        assert d.spin_until(client.service_is_ready, 30)
-        future = client.call_async(SetParameters.Request(
-            parameters=[Parameter(name, value=str(path)).to_parameter_msg()]))
-        assert d.spin_until(future.done, 30)
-        result = future.result().results[0]
-        return result.successful, result.reason
+    set_model = d.set_parameter
 
     try:
         ok, reason = set_model("elsewhere", "frame_id")  # fixed at start-up: refused, not silently ignored
@@ -254,6 +258,35 @@ def test_hot_reload_swaps_good_checkpoints_and_refuses_bad_ones(imu_model, monke
     finally:
         out = d.close()
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_hot_reload_with_compiled_step(imu_model, monkeypatch, tmp_path):
+    """step_backend:=compile: compiled before the node spins; a hot-reloaded model estimates
+    with the eager step at once, then with its own compiled step once the background compile is
+    done."""
+    import shutil
+
+    bag, model_path = imu_model
+    other = tmp_path / "other.safetensors"
+    shutil.copy(model_path, other)
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    d = Driver(model_path, "-p", "step_backend:=compile")
+    try:
+        assert d.spin_until(lambda: d.diagnostics.get("compile") == "in use", 30), d.diagnostics
+        assert d.diagnostics["step_backend"] == "compile"
+        ok, reason = d.set_parameter(other)
+        assert ok, reason
+        assert d.spin_until(lambda: d.diagnostics.get("reloads") == "1" and d.diagnostics.get("compile") == "in use"
+                            and d.diagnostics.get("step_backend") == "compile", 180), d.diagnostics
+        stamps, gyro, accel = bag_imu(bag)
+        for n in range(100):
+            d.publish(stamps[n], gyro[n], accel[n])
+        assert d.spin_until(lambda: len(d.got) >= 9, 20), "no estimates from the reloaded, compiled model"
+    finally:
+        out = d.close()
+    assert "Traceback" not in out, out[-3000:]
+    assert "compiled step in use" in out and "failed" not in out, out[-3000:]
 
 
 def test_sim_time_replay_with_header_less_tactile(tmp_path, monkeypatch):

@@ -244,6 +244,16 @@ def test_compiled_step_equals_offline_without_recompiling():
             changed, _ = model.step_chunk(x[:, :CHUNK], model.init_state(1))
         torch.testing.assert_close(changed, model(x[:, :CHUNK])[:, 0], atol=1e-4, rtol=0)
         assert (changed - first).abs().max().item() > 1e-4
+    with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):  # outside inference mode: eager
+        torch.testing.assert_close(stream(model, x), model(x), atol=1e-4, rtol=0)
+    # Past torch's recompile limit (a batch of 2 needs a new variant): eager from then on, with a warning.
+    x2 = torch.randn(2, 3 * CHUNK, 6)
+    with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.warns(RuntimeWarning, match="compiled step given up"):
+            online = stream(model, x2)
+        torch.testing.assert_close(online, model(x2), atol=1e-4, rtol=0)
+    assert model.step_backend == "eager"
+    model.set_step_backend("compile")
     model.set_step_backend("eager")
     assert model.step_backend == "eager" and not model._fast_step.compile
 

@@ -103,6 +103,7 @@ def pose(stamp_ns: int, position: Sequence[float], orientation: Sequence[float],
 
 BAG_FILES = ("metadata.yaml", "ATTRIBUTION.md")  # what a bag folder of ours holds, besides ...
 BAG_SUFFIXES = (".mcap", ".db3", ".db3-shm", ".db3-wal", ".zstd")  # ... its storage files
+SINGLE_FILE_BAGS = (".mcap", ".db3")  # a bag given as one file
 
 
 def _is_bag_file(f: Path) -> bool:
@@ -111,14 +112,14 @@ def _is_bag_file(f: Path) -> bool:
 
 def replace_bag(path: Path, force: bool, delete: bool = True) -> None:
     """Make way for a new bag at ``path``. Nothing there: nothing to do. Something there: refused
-    (``HissError``) unless ``force``; with it, a bag (a folder of bag files, or one bag file) is
-    deleted, and anything else is refused even so. ``delete=False`` checks without deleting
+    (``HissError``) unless ``force``; with it, a bag (a folder of bag files, or one .mcap / .db3
+    file) is deleted, and anything else is refused even so. ``delete=False`` checks without deleting
     (to refuse before writing the first of several bags)."""
     if not path.exists() and not path.is_symlink():
         return
     if not force:
         raise HissError(f"{path} already exists; pass --force to replace it")
-    if _is_bag_file(path):
+    if _is_bag_file(path) and path.name.endswith(SINGLE_FILE_BAGS):
         if delete:
             path.unlink()
         return

@@ -18,12 +18,16 @@ takes the module path.
 Compiled (``HiSS.set_step_backend("compile")``): the same function through ``torch.compile``
 (Inductor, C++ wrapper), which fuses the element-wise work into generated C++ loops and drops the
 per-operation dispatch: ~0.7 ms instead of ~1.1 ms for the paper-size model on the benchmark CPU.
-It needs a C++ compiler and compiles once per weight set and input shape: ~20 s on 2 cores, a few
-seconds when Inductor's on-disk cache already holds the graph (same architecture).
+It runs under ``torch.inference_mode`` only (elsewhere the eager fast step runs: the compiled
+graph is specialised on that mode). It needs a C++ compiler and compiles once per architecture,
+batch size, dtype and device (not per weight values): ~20 s on 2 cores, a few seconds when
+Inductor's on-disk cache already holds the graph. Torch allows 8 such variants in a process
+(``torch._dynamo.config.recompile_limit``); past it a model steps eagerly, with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, NamedTuple
@@ -178,7 +182,24 @@ class FastStep:
         return self._weights
 
     def compiled(self, fn: Callable) -> Callable:
-        """``fn(w, x, state)`` compiled (``compile_step``), once for this model."""
+        """``fn(w, x, state)`` through ``compile_step``, wrapped once for this model (torch keeps
+        the compiled variants on fn's code, shared by every model of the process)."""
         if self._compiled is None:
             self._compiled = compile_step(fn)
         return self._compiled
+
+    def run_compiled(self, fn: Callable, w: Weights, x: Tensor, state: Any) -> Any | None:
+        """``self.compiled(fn)(w, x, state)``; None once torch's recompile limit is reached (a
+        variant per architecture, batch size, dtype and device, 8 by default in a process):
+        this model then steps eagerly from now on, with a warning."""
+        from torch._dynamo.exc import FailOnRecompileLimitHit  # loaded with the compiler already
+
+        try:
+            return self.compiled(fn)(w, x, state)
+        except FailOnRecompileLimitHit as exc:
+            self.compile = False
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            warnings.warn(f"compiled step given up for this model ({reason}); it steps eagerly from now on "
+                          "(raise torch._dynamo.config.recompile_limit for more compiled variants)",
+                          RuntimeWarning, stacklevel=3)
+            return None

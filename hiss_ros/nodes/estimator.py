@@ -120,10 +120,12 @@ class Estimator(Node):
                         if self.get_parameter("publish_markers").value else None)
         self.create_timer(self.get_parameter("diagnostics_period_s").value, self._report)
         self._warmup(self.model)
-        freeze_heap()  # no 100 ms garbage collection in the middle of the stream
+        self._compile_lock = threading.Lock()
         self.compile_status = "off"
-        if self.step_backend == "compile":
-            self._compile_in_background(self.model)
+        if self.step_backend == "compile":  # before spinning: ~20 s on 2 cores, seconds once cached
+            self.get_logger().info("compiling the streaming step (step_backend:=compile)")
+            self.compile_status = self._compile(self.model)
+        freeze_heap()  # no 100 ms garbage collection in the middle of the stream
         self.add_on_set_parameters_callback(self._on_parameters)
         self.get_logger().info(
             f"estimating {[s.topic for s in self.outputs]} from {[s.topic for s in self.inputs]} on {self.device}, "
@@ -231,30 +233,36 @@ class Estimator(Node):
             x = torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device)
             model.step_chunk(x, model.step_chunk(x, model.init_state(1))[1])
 
+    def _compile(self, model: Any) -> str:
+        """step_backend:=compile: compile the model's step and switch it over (its state carries
+        over); returns the status for /diagnostics. A model it does not cover, or a compile that
+        fails (no C++ compiler, ...), is logged and the model keeps the eager step."""
+        began = time.monotonic()
+        try:
+            model.compile_step()
+        except Exception as exc:  # ValueError (model not covered); Inductor fails in many ways
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            status = f"failed ({type(exc).__name__}: {first_line})"
+            self.get_logger().error(f"step_backend:=compile {status}; the eager step stays")
+            return status
+        model.set_step_backend("compile")  # the next step_chunk takes it
+        self.get_logger().info(f"compiled step in use ({time.monotonic() - began:.1f} s to compile)")
+        return "in use"
+
     def _compile_in_background(self, model: Any) -> None:
-        """step_backend:=compile: estimate with the eager step while a thread compiles the model's
-        step (~20 s on 2 cores; seconds once Inductor's cache holds the architecture), then switch
-        to it (the state carries over). A model it does not cover, or a compile that fails (no
-        C++ compiler, ...), is logged and the eager step stays."""
-        self.compile_status = "compiling"
-        self.get_logger().info("compiling the streaming step in the background (step_backend:=compile); "
-                               "estimating with the eager step meanwhile")
+        """After a hot reload: the new model estimates with the eager step while a thread compiles
+        it. The compiler holds Python's GIL for up to ~0.5 s at a time, so estimates are late,
+        and inputs beyond the QoS depth lost, until /diagnostics ``compile`` says ``in use``."""
+        with self._compile_lock:
+            self.compile_status = "compiling"
 
         def work() -> None:
-            began = time.monotonic()
-            try:
-                model.compile_step()
-            except Exception as exc:  # ValueError (model not covered); Inductor fails in many ways
-                first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-                status = f"failed ({type(exc).__name__}: {first_line})"
-                self.get_logger().error(f"step_backend:=compile {status}; the eager step stays")
-            else:
-                model.set_step_backend("compile")  # the next step_chunk takes it
-                status = "in use"
-                self.get_logger().info(f"compiled step in use ({time.monotonic() - began:.1f} s to compile)")
-                freeze_heap()  # the compiler's objects too: one collection now, none at random later
-            if model is self.model:
-                self.compile_status = status
+            status = self._compile(model)
+            with self._compile_lock:
+                if model is self.model:  # not swapped out by another reload meanwhile
+                    self.compile_status = status
+            gc.unfreeze()  # what the compiler left, and a model swapped out meanwhile, go now, once
+            freeze_heap()
 
         threading.Thread(target=work, name="hiss_compile", daemon=True).start()
 
