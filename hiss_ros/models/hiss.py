@@ -23,7 +23,6 @@ from hiss_ros.errors import ShapeError
 from hiss_ros.models.blocks import Stack, StackState
 from hiss_ros.models.config import FlatConfig, HiSSConfig, ModelConfig
 from hiss_ros.models.linear import linear
-from hiss_ros.models.s4d import TOEPLITZ_MAX_LEN
 from hiss_ros.models.streaming import FastStep, Weights
 from hiss_ros.models.streaming import step as fast_step
 
@@ -87,9 +86,8 @@ class ChunkedModel(nn.Module):
         unknown backend, or for ``"compile"`` on a model it does not cover, saying why."""
         if backend not in STEP_BACKENDS:
             raise ValueError(f"step backend {backend!r}: expected one of {', '.join(STEP_BACKENDS)}")
-        reason = self._compile_unsupported() if backend == "compile" else None
-        if reason:
-            raise ValueError(f"step backend 'compile' does not apply to this model: {reason}")
+        if backend == "compile":
+            self._require_compile()
         self._use_backend(backend)
 
     def compile_step(self, batch_size: int = 1) -> None:
@@ -97,7 +95,13 @@ class ChunkedModel(nn.Module):
         without switching to it; ``set_step_backend("compile")`` then takes it at once. Safe in
         another thread while this model streams with the eager step. ``ValueError`` as
         ``set_step_backend``; Inductor's own errors when compiling fails (no C++ compiler, ...)."""
-        raise ValueError(f"step backend 'compile' does not apply to this model: {self._compile_unsupported()}")
+        self._require_compile()  # a Flat model: always raises
+
+    def _require_compile(self) -> None:
+        """ValueError saying why the compile backend does not cover this model, if it does not."""
+        reason = self._compile_unsupported()
+        if reason:
+            raise ValueError(f"step backend 'compile' does not apply to this model: {reason}")
 
     def _compile_unsupported(self) -> str | None:
         return f"it covers HiSS models only; this is a {type(self).__name__} model"
@@ -141,19 +145,13 @@ class HiSS(ChunkedModel):
         return "compile" if self._fast_step.compile else "eager"
 
     def _compile_unsupported(self) -> str | None:
-        cfg = self.config
-        if cfg.low.kind != "s4d" or cfg.high.kind != "mamba" or cfg.chunk > TOEPLITZ_MAX_LEN:
-            return (f"it covers HiSS with an S4D low level, a Mamba high level and chunk <= {TOEPLITZ_MAX_LEN}; "
-                    f"this model has low {cfg.low.kind!r}, high {cfg.high.kind!r}, chunk {cfg.chunk}")
-        return None
+        return FastStep.uncovered(self.config)
 
     def _use_backend(self, backend: str) -> None:
         self._fast_step.compile = backend == "compile"
 
     def compile_step(self, batch_size: int = 1) -> None:
-        reason = self._compile_unsupported()
-        if reason:
-            raise ValueError(f"step backend 'compile' does not apply to this model: {reason}")
+        self._require_compile()
         fast, p = self._fast_step, next(self.parameters())
         with torch.inference_mode():
             x = torch.zeros(batch_size, self.config.chunk, self.config.input_dim, device=p.device, dtype=p.dtype)

@@ -162,12 +162,16 @@ class FastStep:
         self._compiled: Callable | None = None
 
     @staticmethod
+    def uncovered(cfg: Any) -> str | None:
+        """Why a HiSS config is outside the fast (and compiled) step, or None when it is covered."""
+        if cfg.low.kind != "s4d" or cfg.high.kind != "mamba" or cfg.chunk > TOEPLITZ_MAX_LEN:
+            return (f"it covers HiSS with an S4D low level, a Mamba high level and chunk <= {TOEPLITZ_MAX_LEN}; "
+                    f"this model has low {cfg.low.kind!r}, high {cfg.high.kind!r}, chunk {cfg.chunk}")
+        return None
+
+    @staticmethod
     def applies(model: nn.Module) -> bool:
-        cfg = model.config
-        return (
-            not model.training and not torch.is_grad_enabled() and cfg.low.kind == "s4d"
-            and cfg.high.kind == "mamba" and cfg.chunk <= TOEPLITZ_MAX_LEN
-        )
+        return not model.training and not torch.is_grad_enabled() and FastStep.uncovered(model.config) is None
 
     def _current_key(self) -> tuple[list[int], list[int]]:
         params = [d[name] for d, name in self._slots]  # ~130 for the paper model: ~15 us a call
