@@ -89,6 +89,15 @@ class Estimator(Node):
         self.max_gap_s = self.get_parameter("max_gap_s").value
         self.velocity_covariance = self.get_parameter("velocity_covariance").value
         self._install(self._load(self.get_parameter("model_path").value))
+        # Start-up work before any subscription or publisher exists: a sensor publisher that matched
+        # us would otherwise send into a queue nobody reads yet, and lose what overflows it.
+        self._warmup(self.model)
+        self._compile_lock = threading.Lock()
+        self.compile_status = "off"
+        if self.step_backend == "compile":  # ~20 s on 2 cores, seconds once cached
+            self.get_logger().info("compiling the streaming step (step_backend:=compile)")
+            self.compile_status = self._compile(self.model)
+        freeze_heap()  # no 100 ms garbage collection in the middle of the stream
         self.reloads = 0
         self.latencies: deque[float] = deque(maxlen=1000)
         self.estimates = 0
@@ -119,13 +128,6 @@ class Estimator(Node):
         self.markers = (self.create_publisher(MarkerArray, f"{prefix}/markers", 10)
                         if self.get_parameter("publish_markers").value else None)
         self.create_timer(self.get_parameter("diagnostics_period_s").value, self._report)
-        self._warmup(self.model)
-        self._compile_lock = threading.Lock()
-        self.compile_status = "off"
-        if self.step_backend == "compile":  # before spinning: ~20 s on 2 cores, seconds once cached
-            self.get_logger().info("compiling the streaming step (step_backend:=compile)")
-            self.compile_status = self._compile(self.model)
-        freeze_heap()  # no 100 ms garbage collection in the middle of the stream
         self.add_on_set_parameters_callback(self._on_parameters)
         self.get_logger().info(
             f"estimating {[s.topic for s in self.outputs]} from {[s.topic for s in self.inputs]} on {self.device}, "
