@@ -59,8 +59,9 @@ SECTION = "bench_latency"
 DEFAULT_MODEL = REPO / "models" / "contact.safetensors"
 TARGET_P99_MS, TARGET_CPU_PCT = 5.0, 50.0
 ENV = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+STREAMING = "streaming (step_chunk, state carried)"
 NODES = {  # name -> (command, extra node parameters)
-    "streaming (step_chunk, state carried)": ([sys.executable, "-m", "hiss_ros.nodes.estimator"], []),
+    STREAMING: ([sys.executable, "-m", "hiss_ros.nodes.estimator"], []),
     "streaming, step_backend:=compile": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
                                          ["-p", "step_backend:=compile"]),
     "streaming, rclpy's default executor": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
@@ -71,12 +72,11 @@ NODES = {  # name -> (command, extra node parameters)
 
 
 def checkpoint_streams(model: Path) -> tuple[Any, tuple[int, ...]]:
-    from hiss_ros.checkpoint import load_checkpoint
-    from hiss_ros.models import config_to_dict
-    from hiss_ros.train.config import TrainConfig
+    """The model's serving spec and its channels per input stream."""
+    from hiss_ros.serving import load_model
 
-    ckpt = load_checkpoint(model)
-    return TrainConfig.from_checkpoint(ckpt.data, config_to_dict(ckpt.config)), tuple(ckpt.data["input_dims"])
+    spec = load_model(model).spec
+    return spec, spec.pipeline.input_dims
 
 
 # --- the sensor publisher (its own process) --------------------------------------------------
@@ -153,6 +153,7 @@ class Run:
     node_received: dict[str, int]
     cpu_pct: float
     node_ms: tuple[str, str]  # the node's own time per estimate (model + publish), p50 / p99, its last 1000
+    step_ms: str  # of which the model step alone, p50 ("-": a node that does not report it)
 
     @property
     def dropped_inputs(self) -> int:
@@ -174,18 +175,19 @@ def expected_estimates(cfg: Any, dims: tuple[int, ...], log: np.ndarray) -> int:
         rows = log[log[:, 0] == i]
         stamps = np.where(rows[:, 1] > 0, rows[:, 1], rows[:, 2])
         streams.append((stamps, np.zeros((len(rows), d))))
-    return sum(len(e.stamps_ns) for e in Pipeline(cfg.pipeline_config(dims)).process(streams))
+    return sum(len(e.stamps_ns) for e in Pipeline(cfg.pipeline).process(streams))
 
 
 def run_node(name: str, command: list[str], params: list[str], model: Path, seconds: float, clock_rate: float,
-             other_rate: float, work: Path) -> Run:
+             other_rate: float, work: Path, source: Path | None = None) -> Run:
+    """One node's run; ``source``: a checkout whose hiss_ros the node runs (a peer revision)."""
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.experimental import EventsExecutor
 
     from hiss_ros.data.streams import SUPPORTED_TYPES
     from hiss_ros.nodes.common import freeze_heap, message_class
-    from hiss_ros.nodes.estimator import TWIST
+    from hiss_ros.nodes.messages import TWIST
 
     cfg, dims = checkpoint_streams(model)
     if not SUPPORTED_TYPES[cfg.inputs[0].type]:
@@ -195,7 +197,8 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
         node_proc = subprocess.Popen(
             [*command, "--ros-args", "-p", f"model_path:={model}", "-p", "num_threads:=1", "-p",
              "output_prefix:=/bench", "-p", "diagnostics_period_s:=0.5", "-p", "qos_depth:=1000", *params],
-            stdout=log_file, stderr=subprocess.STDOUT, text=True)
+            stdout=log_file, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(source)} if source else None)
     pub = None
     context = rclpy.Context()
     rclpy.init(context=context)
@@ -289,7 +292,8 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     published = {s.topic: int((log[:, 0] == i).sum()) for i, s in enumerate(cfg.inputs)}
     node_received = {s.topic: int(diag.get(f"received {s.topic}", 0)) for s in cfg.inputs}
     return Run(name, latencies, expected, len(got), published, node_received,
-               100 * (cpu1 - cpu0) / (t1 - t0), (diag.get("inference_ms_p50", "?"), diag.get("inference_ms_p99", "?")))
+               100 * (cpu1 - cpu0) / (t1 - t0), (diag.get("inference_ms_p50", "?"), diag.get("inference_ms_p99", "?")),
+               diag.get("step_ms_p50", "-"))
 
 
 def wait_for(condition, timeout_s: float, message: str | None) -> None:
@@ -310,13 +314,13 @@ def stalled(got: list, quiet_s: float = 3.0) -> bool:
 # --- report ------------------------------------------------------------------------------------
 
 HEADERS = ["node", "estimates received / expected", "latency p50 (ms)", "latency p99 (ms)", "latency max (ms)",
-           "in the node p50 / p99 (ms)", "node CPU (% of one core)", "inputs dropped"]
+           "in the node p50 / p99 (ms)", "of which model step p50 (ms)", "node CPU (% of one core)", "inputs dropped"]
 
 
 def rows(runs: list[Run]) -> list[list[str]]:
     return [[r.node, f"{r.received} / {r.expected}", f"{np.percentile(r.latencies_ms, 50):.2f}",
              f"{percentile(list(r.latencies_ms), 99):.2f}", f"{r.latencies_ms.max():.2f}",
-             f"{float(r.node_ms[0]):.2f} / {float(r.node_ms[1]):.2f}", f"{r.cpu_pct:.1f}",
+             f"{float(r.node_ms[0]):.2f} / {float(r.node_ms[1]):.2f}", r.step_ms, f"{r.cpu_pct:.1f}",
              f"{r.dropped_inputs} of {sum(r.published.values())}"] for r in runs]
 
 
@@ -331,12 +335,15 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str) ->
         f"CPU {s.cpu_pct:.1f} % of one core (target < {TARGET_CPU_PCT:g} %: "
         f"{'met' if s.cpu_pct < TARGET_CPU_PCT else 'NOT met'})",
     ]
+    if s.step_ms != "-":
+        glue = float(s.node_ms[0]) - float(s.step_ms)
+        verdicts.append(f"its own time per estimate beyond the model step {glue:.2f} ms p50")
     body = (
         "## Estimator node: end-to-end latency over DDS\n\n"
         f"Model `{model.relative_to(REPO) if model.is_relative_to(REPO) else model}`: inputs "
         f"{', '.join(f'`{i.topic}` ({d} ch)' for i, d in zip(cfg.inputs, dims, strict=True))}, "
-        f"input clock {cfg.input_rate_hz:g} Hz, one estimate per {cfg.input_rate_hz / cfg.output_rate_hz:g} samples "
-        f"({cfg.output_rate_hz:g} Hz). Published: `{cfg.inputs[0].topic}` at {args.clock_rate:g} Hz"
+        f"input clock {cfg.pipeline.input_rate_hz:g} Hz, one estimate per {cfg.pipeline.chunk} samples "
+        f"({cfg.pipeline.output_rate_hz:g} Hz). Published: `{cfg.inputs[0].topic}` at {args.clock_rate:g} Hz"
         + (f", the other inputs at {args.other_rate:g} Hz" if len(cfg.inputs) > 1 else "")
         + f", {args.seconds:g} s per node, random values. Publisher, node and receiver are separate processes "
         "(Fast DDS, localhost); the node runs with one torch thread and its default executor (events). Latency = "
@@ -349,6 +356,10 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str) ->
     )
     by_name = {r.node: r for r in runs}
     c, d, n = (by_name.get(name) for name in list(NODES)[1:])
+    for peer in (r for r in runs if r.node.endswith("(peer)")):
+        body += (f"\n{peer.node}: CPU {peer.cpu_pct:.1f} % against {s.cpu_pct:.1f} %, in the node "
+                 f"{float(peer.node_ms[0]):.2f} against {float(s.node_ms[0]):.2f} ms p50, latency p99 "
+                 f"{percentile(list(peer.latencies_ms), 99):.2f} against {p99:.2f} ms.\n")
     if c is not None:
         body += (f"\nCompiled step (`step_backend:=compile`): latency p50 {np.percentile(c.latencies_ms, 50):.2f} "
                  f"and p99 {percentile(list(c.latencies_ms), 99):.2f} ms, CPU {c.cpu_pct:.1f} %, "
@@ -373,6 +384,8 @@ def main() -> int:
     ap.add_argument("--other-rate", type=float, default=100.0, help="Hz of the other inputs (tactile)")
     ap.add_argument("--quick", action="store_true", help="streaming node only, 10 s unless --seconds, write nothing")
     ap.add_argument("--only", default="", metavar="TEXT", help="only the nodes whose name contains TEXT")
+    ap.add_argument("--peer-rev", metavar="REV",
+                    help="also run the estimator node of git revision REV (e.g. the one before a change) as a peer")
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     ap.add_argument("--publish", action="store_true", help=argparse.SUPPRESS)  # internal: the sensor process
     ap.add_argument("--log", type=Path, help=argparse.SUPPRESS)
@@ -387,11 +400,20 @@ def main() -> int:
     load = load_average()
     runs = []
     chosen = [(name, node) for name, node in NODES.items() if args.only in name][: 1 if args.quick else None]
-    for name, (command, params) in chosen:
-        with tempfile.TemporaryDirectory() as work:
-            print(f"{name}: {args.seconds:g} s ...", flush=True)
-            runs.append(run_node(name, command, params, args.model, args.seconds, args.clock_rate, args.other_rate,
-                                 Path(work)))
+    with tempfile.TemporaryDirectory() as peer:
+        if args.peer_rev:  # a checkout of that revision beside this one, run on the same machine in the same run
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", peer, args.peer_rev], check=True,
+                           capture_output=True)
+            chosen.append((f"streaming, the node of git {args.peer_rev} (peer)", (NODES[STREAMING][0], [])))
+        try:
+            for name, (command, params) in chosen:
+                with tempfile.TemporaryDirectory() as work:
+                    print(f"{name}: {args.seconds:g} s ...", flush=True)
+                    runs.append(run_node(name, command, params, args.model, args.seconds, args.clock_rate,
+                                         args.other_rate, Path(work), Path(peer) if "(peer)" in name else None))
+        finally:
+            if args.peer_rev:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", peer], capture_output=True)
     print(text_table(HEADERS, rows(runs)))
     if not args.quick:
         write_section(args.doc, SECTION, report(runs, args.model, args, load))

@@ -15,23 +15,33 @@ from collections import deque
 import torch
 
 from hiss_ros.nodes.estimator import Estimator, main
+from hiss_ros.pipeline import Chunk
+from hiss_ros.serving import Estimate, StreamingEstimator
 
 WINDOW_S = 10.0
 
 
-class NaiveEstimator(Estimator):
-    def _install(self, new) -> None:
-        super()._install(new)
-        self.window: deque[torch.Tensor] = deque(maxlen=round(WINDOW_S * self.pipeline.config.output_rate_hz))
-        self.window_episode = self.episode
+class WindowEstimator(StreamingEstimator):
+    def reset(self) -> None:
+        super().reset()
+        self.window: deque[torch.Tensor] = deque(maxlen=round(WINDOW_S * self.spec.pipeline.output_rate_hz))
 
-    def _infer(self, x: torch.Tensor) -> torch.Tensor:
-        """x (1, chunk, I) -> (1, O): model over the last WINDOW_S seconds of chunks, last output."""
-        if self.window_episode != self.episode:  # the input broke: the window starts afresh
-            self.window.clear()
-            self.window_episode = self.episode
-        self.window.append(x)
-        return self.model(torch.cat(tuple(self.window), dim=1))[:, -1]
+    def estimate(self, chunk: Chunk) -> Estimate | None:
+        """The model over the last WINDOW_S seconds of chunks; its last output."""
+        if chunk.episode != self.episode:  # the input broke: the window starts afresh
+            self.reset()
+            self.episode = chunk.episode
+            self.counters["resets"] += 1
+        self.window.append(torch.from_numpy(chunk.x)[None])
+        with torch.inference_mode():
+            y = self.model(torch.cat(tuple(self.window), dim=1))[0, -1].numpy()
+        self.counters["estimates"] += 1
+        return Estimate(chunk.stamp_ns, self.spec.normalization.physical(y))
+
+
+class NaiveEstimator(Estimator):
+    def _load(self, path: str) -> StreamingEstimator:
+        return WindowEstimator.from_checkpoint(path, self.device, self.p["max_gap_s"] or None)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ LAUNCH = ROOT / "launch" / "estimator.launch.py"
 
 
 def declared_parameters() -> set[str]:
+    """The estimator's parameters: the keys of its PARAMETERS table (each one declared)."""
     tree = ast.parse((ROOT / "hiss_ros" / "nodes" / "estimator.py").read_text())
-    return {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
-            and getattr(n.func, "attr", "") == "declare_parameter"} | {"use_sim_time"}
+    (table,) = [n.value for n in tree.body if isinstance(n, ast.AnnAssign | ast.Assign)
+                and "PARAMETERS" in [t.id for t in getattr(n, "targets", [getattr(n, "target", None)])]]
+    return set(ast.literal_eval(table)) | {"use_sim_time"}
 
 
 def launch_tree() -> ast.Module:

@@ -37,7 +37,7 @@ def push_all(pipe, streams):
 @pytest.mark.parametrize("filt", [None, FilterConfig(cutoff_hz=30.0, order=4)])
 def test_sample_by_sample_equals_whole_arrays(filt):
     streams = two_streams()
-    norm = Normalization(np.arange(5.0), np.arange(1.0, 6.0))
+    norm = Normalization(np.arange(5.0), np.arange(1.0, 6.0), np.zeros(1), np.ones(1))
     online = push_all(Pipeline(cfg(filter=filt), norm), streams)
     offline = Pipeline(cfg(filter=filt), norm).process(streams)
     assert len(offline) == 1
@@ -110,6 +110,33 @@ def test_gap_and_time_going_back_start_new_episodes():
     assert first and later and later[0].episode == first[-1].episode + 1
 
 
+def test_a_late_clock_sample_is_dropped_a_jump_back_starts_a_new_episode():
+    pipe = Pipeline(cfg(max_gap_s=0.5))
+    for k in range(20):
+        pipe.push(0, 1_000 * MS + k * 5 * MS, [k, 0, 0])
+    pipe.push(1, 1_000 * MS, [0, 0])
+    assert pipe.push(0, 1_050 * MS, [0, 0, 0]) == []  # 45 ms late: a reordered sample, not a new time line
+    assert (pipe.counters["out_of_order"], pipe.counters["time_backwards"], pipe.episode) == (1, 0, 0)
+    pipe.push(0, 400 * MS, [0, 0, 0])  # 0.7 s back: a restarted clock
+    assert (pipe.counters["time_backwards"], pipe.episode) == (1, 1)
+
+
+def test_normalization_is_checked_and_round_trips():
+    norm = Normalization.fit(np.array([[1.0, 5.0], [3.0, 5.0]]), np.array([[2.0], [4.0]]))
+    np.testing.assert_array_equal(norm.input_std, [1.0, 1.0])  # a constant channel keeps std 1
+    again = Normalization.from_dict(norm.to_dict())
+    assert all(np.array_equal(getattr(again, k), getattr(norm, k)) for k in Normalization.KEYS)
+    np.testing.assert_allclose(norm.physical(norm.outputs(np.array([[7.0]]))), [[7.0]])
+    with pytest.raises(ConfigError, match="input_std: every std must be > 0"):
+        Normalization(np.zeros(2), np.array([1.0, 0.0]), np.zeros(1), np.ones(1))
+    with pytest.raises(ConfigError, match="output_mean: expected a non-empty list of finite numbers"):
+        Normalization(np.zeros(2), np.ones(2), np.array([np.nan]), np.ones(1))
+    with pytest.raises(ConfigError, match="output_mean has 2 channels, output_std 1"):
+        Normalization(np.zeros(2), np.ones(2), np.zeros(2), np.ones(1))
+    with pytest.raises(ConfigError, match=r"expected the keys \['input_mean'"):
+        Normalization.from_dict({"input_mean": [0.0]})
+
+
 def test_bad_samples_are_counted_not_fatal():
     pipe = Pipeline(cfg())
     assert pipe.push(0, 1_000 * MS, [np.nan, 0, 0]) == []
@@ -122,7 +149,7 @@ def test_bad_samples_are_counted_not_fatal():
     assert pipe.counters["nonfinite"] == 1
     assert pipe.counters["wrong_size"] == 1
     assert pipe.counters["unknown_stream"] == 1
-    assert pipe.counters["duplicate_or_late"] == 1
+    assert pipe.counters["duplicate"] == 1
     assert pipe.counters["out_of_order"] == 1
 
 
@@ -135,3 +162,16 @@ def test_bad_samples_are_counted_not_fatal():
 def test_config_errors(kw, message):
     with pytest.raises(ConfigError, match=message):
         cfg(**kw)
+
+
+def test_absurd_finite_values_are_rejected_against_the_training_statistics():
+    norm = Normalization(np.zeros(5), np.full(5, 2.0), np.zeros(1), np.ones(1))
+    pipe = Pipeline(cfg(), norm, max_abs_z=1e3)
+    pipe.push(1, 1_000 * MS, [0.0, 1e30])  # a saturated or broken sensor: finite, but 5e29 sigma
+    pipe.push(0, 1_000 * MS, [1e30, 0, 0])
+    assert pipe.counters["out_of_range"] == 2 and pipe.counters["accepted"] == 0
+    pipe.push(0, 1_001 * MS, [1999.0, -1999.0, 0])  # within 1e3 sigma: used
+    assert pipe.counters["accepted"] == 1
+    raw = Pipeline(cfg())  # without statistics (fitting them): no bound
+    raw.push(0, 1_000 * MS, [1e30, 0, 0])
+    assert raw.counters["accepted"] == 1

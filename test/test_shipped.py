@@ -45,7 +45,7 @@ def test_shipped_model_reproduces_its_card(name):
 
 
 def test_estimator_defaults_to_the_shipped_contact_model():
-    from hiss_ros.nodes.common import default_model_path, shipped_model
+    from hiss_ros.shipped import default_model_path, shipped_model
 
     assert default_model_path() == REPO / "models" / "contact.safetensors"
     params = yaml.safe_load((REPO / "config" / "estimator.yaml").read_text())["hiss_estimator"]["ros__parameters"]

@@ -23,13 +23,15 @@ import shutil
 import sys
 from pathlib import Path
 
+from hiss_ros.models import MODEL_CHOICES
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "out" / "shipped"
 SAMPLE = REPO / "data" / "sample"
 BROAD = REPO.parent / "shared" / "data" / "broad"
-COMPARE = ["hiss", "flat-mamba", "flat-s4d", "flat-lstm", "flat-transformer"]
+COMPARE = list(MODEL_CHOICES)  # every registered model
 # BROAD's flat Transformer would take about an hour on 2 CPU cores (~4 min an epoch): left out.
-BROAD_COMPARE = COMPARE[:4]
+BROAD_COMPARE = [m for m in COMPARE if m != "flat-transformer"]
 BROAD_TRAIN = ["01", "04", "06", "08", "10", "14", "15", "18", "24"]
 BROAD_TEST = ["02", "07", "09", "11", "16", "21", "25"]  # one of each trial group (trials.json) and all of 21
 
@@ -129,13 +131,9 @@ def evaluate(name: str, spec: dict, out: Path) -> dict:
 def mean_baseline_mse(ev, model: Path) -> float:
     """Normalised MSE of predicting the training mean every time (no model): the scale to read
     the models' MSE against (1.0 when the data looks like the training data)."""
-    import numpy as np
+    from hiss_ros.serving import load_model
 
-    from hiss_ros.checkpoint import load_checkpoint
-
-    norm = load_checkpoint(model).normalization
-    z = (ev.truth - np.asarray(norm["output_mean"])) / np.asarray(norm["output_std"])
-    return float((z ** 2).mean())
+    return float((load_model(model).spec.normalization.outputs(ev.truth).astype(float) ** 2).mean())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hiss_ros.models import MODEL_CHOICES
+
 INTRO = """\
 # Shipped models
 
@@ -108,7 +110,7 @@ def card(name: str, r: dict[str, Any]) -> str:
         table.append(f"| {row['name']} | {row['parameters']:,} | {_fmt(row['val_mse'])} | {_fmt(row['test_mse'])} | "
                      f"{row['step_ms']:.2f} | {row['train_seconds']:.0f} |")
     table.append(f"| (no model: the training mean) | 0 | | {_fmt(r['mean_baseline_test_mse'])} | | |")
-    left_out = [m for m in ("hiss", "flat-mamba", "flat-s4d", "flat-lstm", "flat-transformer") if m not in r["compare"]]
+    left_out = [m for m in MODEL_CHOICES if m not in r["compare"]]
     if left_out:
         verdict += (f" Not compared: {', '.join(left_out)} (one epoch took about 4 minutes on this 2-core CPU; the "
                     "whole build had to fit in about an hour).")

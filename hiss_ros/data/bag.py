@@ -1,9 +1,13 @@
 """Read configured streams out of ROS 1 / ROS 2 bags with rosbags (no ROS install needed).
 
     data = read_streams([Path("run1.mcap")], [StreamSpec("/imu/data", "sensor_msgs/msg/Imu", (...))])
-    data.streams["/imu/data"].stamps_ns   # int64 (n,), sorted, unique
+    data.streams["/imu/data"].stamps_ns   # int64 (n,), strictly increasing
     data.streams["/imu/data"].values      # float64 (n, channels)
-    data.report                           # what was dropped or reordered, messages/s
+    data.report                           # what the hygiene rule dropped, messages/s
+
+Samples go through the live pipeline's hygiene rule (``hiss_ros.data.streams.verdict``) in the order
+they were recorded: non-finite, duplicate-stamp and late samples are dropped and counted, as the
+estimator node drops them, so training never sees data the live node would discard.
 
 Messages are streamed (a bag larger than memory is fine; only the extracted numbers are kept)
 and the result is cached as .npz keyed by the bags' paths, sizes and mtimes and the specs, so a
@@ -27,11 +31,11 @@ from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
 from hiss_ros.data.derive import velocity_from_pose
-from hiss_ros.data.streams import StreamSpec, check_fields, message_stamp_ns, value_reader
+from hiss_ros.data.streams import StreamSpec, check_fields, message_stamp_ns, value_reader, verdict
 from hiss_ros.errors import BagError, ConfigError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: late samples dropped (the pipeline's rule), not sorted
 
 
 @dataclass
@@ -44,7 +48,7 @@ class StreamData:
 class StreamReport:
     messages: int = 0
     nonfinite_dropped: int = 0
-    out_of_order: int = 0  # sorted back into time order
+    out_of_order: int = 0  # stamped before the stream's last used sample: dropped
     duplicate_stamps_dropped: int = 0
 
 
@@ -87,23 +91,17 @@ def _check_topics(reader: AnyReader, specs: Sequence[StreamSpec], paths: Sequenc
 
 
 def _finish(spec: StreamSpec, stamps: list[int], values: list[np.ndarray], rep: StreamReport) -> StreamData:
-    """Drop non-finite samples, sort by stamp, drop repeated stamps; count each."""
-    t = np.asarray(stamps, dtype=np.int64)
-    v = np.stack(values) if values else np.zeros((0, 0))
-    finite = np.isfinite(v).all(axis=1)
-    rep.nonfinite_dropped = int((~finite).sum())
-    t, v = t[finite], v[finite]
-    rep.out_of_order = int((np.diff(t) < 0).sum())
-    order = np.argsort(t, kind="stable")
-    t, v = t[order], v[order]
-    keep = np.concatenate([[True], np.diff(t) > 0]) if len(t) else np.zeros(0, bool)
-    rep.duplicate_stamps_dropped = int((~keep).sum())
+    """The samples the hygiene rule used (in stamp order by construction); log what it dropped."""
     for what, n in (("non-finite", rep.nonfinite_dropped), ("out-of-order", rep.out_of_order),
                     ("duplicate-stamp", rep.duplicate_stamps_dropped)):
         if n:
-            log.warning("%s: %d %s sample(s) of %d %s", spec.topic, n, what, rep.messages,
-                        "sorted" if what == "out-of-order" else "dropped")
-    return StreamData(t[keep], v[keep])
+            log.warning("%s: %d %s sample(s) of %d dropped", spec.topic, n, what, rep.messages)
+    t = np.asarray(stamps, dtype=np.int64)
+    return StreamData(t, np.stack(values) if values else np.zeros((0, 0)))
+
+
+_REPORT_FIELD = {"nonfinite": "nonfinite_dropped", "out_of_order": "out_of_order",
+                 "duplicate": "duplicate_stamps_dropped"}
 
 
 def read_streams(
@@ -144,10 +142,17 @@ def read_streams(
                         f"{spec.topic}: message {report[spec.topic].messages} has {row.size} values, "
                         f"earlier ones {values[spec.topic][0].size}"
                     )
-                stamps[spec.topic].append(message_stamp_ns(spec, msg, receive_ns))
-                values[spec.topic].append(row)
-                report[spec.topic].messages += 1
                 bar.update()
+                rep = report[spec.topic]
+                rep.messages += 1
+                stamp = message_stamp_ns(spec, msg, receive_ns)
+                # Messages come in arrival order: the rule the live pipeline applies, sample by sample.
+                reason = verdict(stamps[spec.topic][-1] if stamps[spec.topic] else None, stamp, row)
+                if reason is not None:
+                    setattr(rep, _REPORT_FIELD[reason], getattr(rep, _REPORT_FIELD[reason]) + 1)
+                    continue
+                stamps[spec.topic].append(stamp)
+                values[spec.topic].append(row)
             bar.close()
     except (BagError, ConfigError):
         raise

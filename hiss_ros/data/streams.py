@@ -138,3 +138,15 @@ def message_stamp_ns(spec: StreamSpec, msg: Any, receive_ns: int) -> int:
         return int(receive_ns)
     stamp = msg.header.stamp
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def verdict(last_ns: int | None, stamp_ns: int, values: np.ndarray) -> str | None:
+    """The one sample-hygiene rule of hiss_ros, for the trainer reading a bag and the live node
+    alike: why a stream's sample (in arrival order) is not used, or None to use it. A sample is
+    used when its values are finite and its stamp is later than the stream's last used one;
+    late samples are dropped, never sorted back in (a live node cannot take back an estimate)."""
+    if not np.isfinite(values).all():
+        return "nonfinite"
+    if last_ns is not None and stamp_ns <= last_ns:
+        return "duplicate" if stamp_ns == last_ns else "out_of_order"
+    return None

@@ -12,7 +12,6 @@ from typing import Any
 
 from hiss_ros.models.blocks import MIXERS, Stack
 from hiss_ros.models.config import (
-    LAYER_KINDS,
     FlatConfig,
     HiSSConfig,
     ModelConfig,
@@ -23,8 +22,11 @@ from hiss_ros.models.config import (
 from hiss_ros.models.hiss import STEP_BACKENDS, ChunkedModel, Flat, HiSS, StreamState
 from hiss_ros.models.mamba import cuda_kernels_available
 
-# Registry: model kind -> class. Each takes its config dataclass.
+# Registry: model kind -> class. Each takes its config dataclass. Layer kinds: MIXERS.
 MODELS: dict[str, type[ChunkedModel]] = {"hiss": HiSS, "flat": Flat}
+LAYER_KINDS = tuple(MIXERS)
+# What hiss-train --model / --compare accept: the HiSS of the config, or a flat stack of any layer kind.
+MODEL_CHOICES = ("hiss", *(f"flat-{kind}" for kind in LAYER_KINDS))
 
 
 def build_model(config: ModelConfig | dict[str, Any]) -> ChunkedModel:
@@ -34,7 +36,22 @@ def build_model(config: ModelConfig | dict[str, Any]) -> ChunkedModel:
 
 
 __all__ = [
-    "LAYER_KINDS", "MIXERS", "MODELS", "STEP_BACKENDS", "ChunkedModel", "Flat", "FlatConfig", "HiSS", "HiSSConfig",
-    "ModelConfig", "Stack", "StackConfig", "StreamState", "build_model", "config_to_dict",
-    "cuda_kernels_available", "model_config_from_dict",
+    "LAYER_KINDS",
+    "MIXERS",
+    "MODELS",
+    "MODEL_CHOICES",
+    "STEP_BACKENDS",
+    "ChunkedModel",
+    "Flat",
+    "FlatConfig",
+    "HiSS",
+    "HiSSConfig",
+    "ModelConfig",
+    "Stack",
+    "StackConfig",
+    "StreamState",
+    "build_model",
+    "config_to_dict",
+    "cuda_kernels_available",
+    "model_config_from_dict",
 ]

@@ -13,7 +13,13 @@ from typing import Any
 from hiss_ros.configfile import reject_unknown
 from hiss_ros.errors import ConfigError
 
-LAYER_KINDS = ("s4d", "mamba", "lstm", "transformer")
+
+def layer_kinds() -> tuple[str, ...]:
+    """The registered layer kinds (``hiss_ros.models.blocks.MIXERS``, the one registry)."""
+    from hiss_ros.models.blocks import MIXERS  # blocks imports this module: resolved at call time
+
+    return tuple(MIXERS)
+
 
 # Per-kind default state size: S4D counts complex modes (N/2 of the paper's N=64 real),
 # Mamba the state per inner channel (mamba_ssm's default 16). LSTM/Transformer have none.
@@ -46,7 +52,7 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
 class StackConfig:
     """A stack of residual blocks of one layer kind.
 
-    kind: one of ``LAYER_KINDS``; d_model: block width; n_layers: number of blocks;
+    kind: a registered layer kind (``MIXERS``); d_model: block width; n_layers: number of blocks;
     dropout: applied to each block's output before the residual add.
     d_state: SSM state size (s4d: complex modes per channel; mamba: state per inner channel;
     0 means the kind's default). expand / d_conv: Mamba's inner expansion and conv width.
@@ -66,7 +72,7 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         w = "layers"  # callers that know where the stack sits rename it (see _stack)
-        _require(self.kind in LAYER_KINDS, w, "kind", self.kind, f"one of {list(LAYER_KINDS)}")
+        _require(self.kind in layer_kinds(), w, "kind", self.kind, f"one of {list(layer_kinds())}")
         _require(_is_int(self.d_model) and self.d_model > 0, w, "d_model", self.d_model, "a positive int")
         _require(_is_int(self.n_layers) and self.n_layers > 0, w, "n_layers", self.n_layers, "a positive int")
         _require(

@@ -4,51 +4,12 @@ from __future__ import annotations
 
 import gc
 import importlib
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-
-DEFAULT_MODEL = "models/contact.safetensors"
-SAMPLE_BAG = "data/sample/contact_sim"
-
-
-def shipped_path(relative: str) -> Path:
-    """A file the package ships (``models/...``, ``data/sample/...``): in the source tree when
-    running from one (an editable install: its share copy may be stale), else in the package
-    share of a colcon or pip install."""
-    for root in _roots():
-        if (root / relative).exists():
-            return root / relative
-    return Path(__file__).resolve().parents[2] / relative  # missing: whoever opens it names this path
-
-
-def _roots() -> Iterator[Path]:
-    yield Path(__file__).resolve().parents[2]
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        yield Path(get_package_share_directory("hiss_ros"))
-    except (ImportError, LookupError, OSError):  # no ament index, no AMENT_PREFIX_PATH, or not in it
-        pass
-    yield Path(sys.prefix) / "share" / "hiss_ros"
-
-
-def default_model_path() -> Path:
-    """The shipped ``contact`` model."""
-    return shipped_path(DEFAULT_MODEL)
-
-
-def shipped_model(path_or_name: str) -> Path:
-    """A checkpoint path as given, or for a bare name (``contact``, ``broad_velocity``) the
-    shipped model of that name."""
-    if "/" in path_or_name or path_or_name.endswith(".safetensors"):
-        return Path(path_or_name)
-    return shipped_path(f"models/{path_or_name}.safetensors")
 
 
 def freeze_heap() -> None:

@@ -63,15 +63,12 @@ class _Output:
 
 def _outputs(model: Path) -> tuple[list[_Output], float]:
     """The model's outputs that the demo can compare with a ground truth in the bag, and its estimate rate."""
-    from hiss_ros.checkpoint import load_checkpoint
-    from hiss_ros.models import config_to_dict
-    from hiss_ros.train.config import TrainConfig
+    from hiss_ros.serving import load_model
 
-    ckpt = load_checkpoint(model)
-    cfg = TrainConfig.from_checkpoint(ckpt.data, config_to_dict(ckpt.config))
-    outs = [_Output(s.topic, s.type, list(s.fields[:3])) for s in cfg.outputs
+    spec = load_model(model).spec
+    outs = [_Output(s.topic, s.type, list(s.fields[:3])) for s in spec.outputs
             if not s.derive and s.type in PUBLISHED_AS_IS and len(s.fields) >= 3]
-    return outs, cfg.output_rate_hz
+    return outs, spec.pipeline.output_rate_hz
 
 
 def _bag_seconds(bag: Path) -> float:
@@ -194,7 +191,7 @@ def _report(outs: list[_Output], diag: dict, out: Path, expected: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hiss_ros.nodes.common import SAMPLE_BAG, default_model_path, shipped_model, shipped_path
+    from hiss_ros.shipped import SAMPLE_BAG, default_model_path, shipped_model, shipped_path
 
     p = argparse.ArgumentParser(prog="hiss-demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("out/demo"))

@@ -8,9 +8,12 @@ tick ever uses a sample from after its own time. Then per stream an optional cau
 (Butterworth, second-order sections, state carried), normalisation, and ``chunk`` ticks make
 one chunk, stamped with the time of its last tick.
 
-Episodes: time going backwards on stream 0, a gap on stream 0 longer than ``max_gap_s``, or any
-stream silent for longer than ``max_gap_s`` at a tick ends the episode: the clock, the hold
-values and the filter states reset, the partial chunk is dropped, and it is counted.
+Sample hygiene (``verdict``, shared with bag reading): non-finite samples and samples not later
+than their stream's last used one are dropped and counted; with a normalisation, so are samples
+more than ``max_abs_z`` training standard deviations from the training mean. Episodes: time jumping back on
+stream 0 by more than ``max_gap_s``, a gap on stream 0 longer than ``max_gap_s``, or any stream
+silent for longer than ``max_gap_s`` at a tick ends the episode: the clock, the hold values and
+the filter states reset, the partial chunk is dropped, and it is counted.
 
 ``push`` takes one sample (the node); ``process`` takes whole arrays (the trainer) and runs the
 very same ``push`` over the samples merged in stamp order, so both give identical chunks.
@@ -22,14 +25,19 @@ import logging
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from scipy import signal
 
+from hiss_ros.data.streams import verdict
 from hiss_ros.errors import ConfigError
 
 log = logging.getLogger(__name__)
 NS = 1_000_000_000
+# Normalised inputs beyond this many training standard deviations are rejected as sensor faults:
+# five IMU samples of 1e30 once overflowed the float32 model state and every later estimate was NaN.
+MAX_ABS_Z = 1e3
 _MAX_HELD = 4096  # per stream; only reached when stream 0 (the clock) lags far behind
 
 
@@ -90,24 +98,79 @@ class PipelineConfig:
 @dataclass
 class Chunk:
     stamp_ns: int  # time of the chunk's last tick: the estimate's time
-    x: np.ndarray  # (chunk, channels) float32, filtered and normalised
+    x: np.ndarray  # (chunk, channels) filtered; float32 normalised (float64 raw without a Normalization)
     episode: int  # increments at every reset
 
 
 @dataclass
 class Episode:
     stamps_ns: np.ndarray  # (K,) int64
-    x: np.ndarray  # (K, chunk, channels) float32
+    x: np.ndarray  # (K, chunk, channels), as Chunk.x
 
 
-@dataclass
+@dataclass(frozen=True)
 class Normalization:
-    mean: np.ndarray  # (channels,)
-    std: np.ndarray  # (channels,)
+    """Per-channel statistics of the training data: the model sees ``(value - mean) / std`` on
+    its inputs and predicts its outputs in the same units. Fitted once by the dataset on training
+    data only, stored in the checkpoint, applied by the pipeline (inputs, here) and by the serving
+    estimator (outputs): one object on both sides, so training and serving cannot drift apart."""
+
+    input_mean: np.ndarray  # (C,) float64, C = sum of the input streams' channels
+    input_std: np.ndarray  # (C,) float64, > 0
+    output_mean: np.ndarray  # (O,) float64
+    output_std: np.ndarray  # (O,) float64, > 0
+
+    KEYS = ("input_mean", "input_std", "output_mean", "output_std")
+
+    def __post_init__(self) -> None:
+        for key in self.KEYS:
+            v = np.asarray(getattr(self, key), dtype=np.float64)
+            if v.ndim != 1 or not v.size or not np.isfinite(v).all():
+                raise ConfigError(f"normalization.{key}: expected a non-empty list of finite numbers, got {v.tolist()}")
+            if key.endswith("std") and (v <= 0).any():
+                raise ConfigError(f"normalization.{key}: every std must be > 0, got {v.tolist()}")
+            v.flags.writeable = False
+            object.__setattr__(self, key, v)
+        for side in ("input", "output"):
+            mean, std = getattr(self, f"{side}_mean"), getattr(self, f"{side}_std")
+            if mean.shape != std.shape:
+                raise ConfigError(f"normalization: {side}_mean has {mean.size} channels, {side}_std {std.size}")
 
     @classmethod
-    def identity(cls, channels: int) -> Normalization:
-        return cls(np.zeros(channels), np.ones(channels))
+    def identity(cls, inputs: int, outputs: int) -> Normalization:
+        return cls(np.zeros(inputs), np.ones(inputs), np.zeros(outputs), np.ones(outputs))
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray) -> Normalization:
+        """Statistics of input rows x (N, C) and targets y (N', O); a constant channel keeps std 1."""
+        def std(a: np.ndarray) -> np.ndarray:
+            s = a.std(0)
+            return np.where(s > 1e-8, s, 1.0)
+
+        return cls(x.mean(0), std(x), y.mean(0), std(y))
+
+    @classmethod
+    def from_dict(cls, data: object) -> Normalization:
+        if not isinstance(data, dict) or set(data) != set(cls.KEYS):
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ConfigError(f"normalization: expected the keys {list(cls.KEYS)}, got {got}")
+        return cls(*(data[k] for k in cls.KEYS))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: getattr(self, k).tolist() for k in self.KEYS}
+
+    def inputs(self, raw: np.ndarray) -> np.ndarray:
+        """Raw input rows (..., C) -> the model's float32 units (computed in float64, then cast:
+        bit-identical wherever the same rows are normalised)."""
+        return ((raw - self.input_mean) / self.input_std).astype(np.float32)
+
+    def outputs(self, y: np.ndarray) -> np.ndarray:
+        """Physical targets (..., O) -> the model's float32 units."""
+        return ((y - self.output_mean) / self.output_std).astype(np.float32)
+
+    def physical(self, y: np.ndarray) -> np.ndarray:
+        """Model outputs (..., O) -> float64 physical units."""
+        return np.asarray(y, dtype=np.float64) * self.output_std + self.output_mean
 
 
 class _Held:
@@ -130,13 +193,22 @@ class _Held:
 
 
 class Pipeline:
-    def __init__(self, config: PipelineConfig, normalization: Normalization | None = None) -> None:
+    """``normalization`` None: chunks hold the filtered float64 input rows (what the dataset fits
+    statistics on, then normalises with ``Normalization.inputs`` exactly as this pipeline does)."""
+
+    def __init__(self, config: PipelineConfig, normalization: Normalization | None = None,
+                 max_abs_z: float = MAX_ABS_Z) -> None:
         self.config = config
-        self.normalization = normalization or Normalization.identity(config.channels)
-        if self.normalization.mean.shape != (config.channels,):
-            raise ConfigError(
-                f"normalization has {self.normalization.mean.shape} channels, pipeline has {config.channels}"
-            )
+        self.normalization = normalization
+        self._limits: list[tuple[np.ndarray, np.ndarray]] | None = None  # per stream: (mean, max |value - mean|)
+        if normalization is not None:
+            if normalization.input_mean.shape != (config.channels,):
+                raise ConfigError(
+                    f"normalization has {normalization.input_mean.size} input channels, pipeline has {config.channels}"
+                )
+            edges = np.cumsum((0, *config.input_dims))
+            self._limits = [(normalization.input_mean[a:b], max_abs_z * normalization.input_std[a:b])
+                            for a, b in pairwise(edges)]
         self._period_ns = NS / config.input_rate_hz
         self._max_gap_ns = int(config.max_gap_s * NS)
         self._sos = (
@@ -152,7 +224,7 @@ class Pipeline:
         self._clock0: int | None = None
         self._tick = 0  # index of the next tick to emit
         self._rows: list[np.ndarray] = []
-        self._zi: list[np.ndarray] | None = None
+        self._zi: np.ndarray | None = None
 
     def _end_episode(self, reason: str) -> None:
         self.counters[reason] += 1
@@ -173,18 +245,21 @@ class Pipeline:
         if v.shape[0] != self.config.input_dims[stream]:
             self.counters["wrong_size"] += 1
             return []
-        if not np.isfinite(v).all():
-            self.counters["nonfinite"] += 1
-            return []
         st = self._streams[stream]
         last = st.last_stamp_ns
-        if last is not None and stamp_ns <= last:
-            if stream == 0 and stamp_ns < last:
+        reason = verdict(last, stamp_ns, v)
+        if reason is not None:
+            # The clock stream jumping back by more than a gap (a restarted simulation, a looped
+            # bag) is a new time line, not a late sample.
+            if stream == 0 and reason == "out_of_order" and last - stamp_ns > self._max_gap_ns:
                 self._end_episode("time_backwards")
                 st = self._streams[0]
             else:
-                self.counters["duplicate_or_late" if stamp_ns == last else "out_of_order"] += 1
+                self.counters[reason] += 1
                 return []
+        elif self._limits is not None and not (np.abs(v - self._limits[stream][0]) <= self._limits[stream][1]).all():
+            self.counters["out_of_range"] += 1  # finite but absurd (a sensor fault): it would swamp the model state
+            return []
         elif stream == 0 and last is not None and stamp_ns - last > self._max_gap_ns:
             self._end_episode("gap")
             st = self._streams[0]
@@ -208,20 +283,20 @@ class Pipeline:
             if any(t - h[0] > self._max_gap_ns for h in held):
                 self._end_episode("stream_silent")
                 return out
-            self._rows.append(self._row(np.concatenate([h[1] for h in held])))
+            self._rows.append(np.concatenate([h[1] for h in held]))
             self._tick += 1
             if len(self._rows) == self.config.chunk:
-                out.append(Chunk(t, np.stack(self._rows).astype(np.float32), self.episode))
+                out.append(Chunk(t, self._chunk_values(np.stack(self._rows)), self.episode))
                 self._rows = []
         return out
 
-    def _row(self, raw: np.ndarray) -> np.ndarray:
+    def _chunk_values(self, raw: np.ndarray) -> np.ndarray:
+        """(chunk, C) raw rows -> filtered (state carried) and normalised model input."""
         if self._sos is not None:
             if self._zi is None:  # start in steady state at the first value: no start-up transient
-                self._zi = signal.sosfilt_zi(self._sos)[:, :, None] * raw  # (sections, 2, channels)
-            y, self._zi = signal.sosfilt(self._sos, raw[None, :], axis=0, zi=self._zi)
-            raw = y[0]
-        return (raw - self.normalization.mean) / self.normalization.std
+                self._zi = signal.sosfilt_zi(self._sos)[:, :, None] * raw[0]  # (sections, 2, C)
+            raw, self._zi = signal.sosfilt(self._sos, raw, axis=0, zi=self._zi)
+        return raw if self.normalization is None else self.normalization.inputs(raw)
 
     def process(self, streams: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Episode]:
         """Whole arrays ``[(stamps_ns (n,), values (n, dims)), ...]`` per input stream -> episodes.

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from hiss_ros.errors import ConfigError, HissError
+from hiss_ros.models import MODEL_CHOICES
+from hiss_ros.serving import resolve_device
 from hiss_ros.train.compare import run_compare, run_sweep
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import load_dataset
 from hiss_ros.train.loop import train
-
-MODEL_CHOICES = ["hiss", "flat-mamba", "flat-s4d", "flat-lstm", "flat-transformer"]
 
 
 def with_model(cfg: TrainConfig, choice: str) -> TrainConfig:
@@ -51,17 +51,17 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
                    help="where extracted bag arrays are cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--compare", metavar="MODELS",
-                   help="train each of a comma list (e.g. hiss,flat-mamba,flat-s4d,flat-lstm,flat-transformer) "
+                   help=f"train each of a comma list (of {','.join(MODEL_CHOICES)}) "
                         "at the HiSS parameter budget into OUT/<model>, and write OUT/comparison.md")
     p.add_argument("--sweep", metavar="chunk=LIST", help="train one HiSS per chunk size, e.g. chunk=5,10,20,40")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when available (one GPU per torchrun process), else CPU")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    device = _device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
+        device = _device(args.device)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         cfg = with_model(TrainConfig.load(args.config), args.model)
         if args.compare or args.sweep:
             rows = _comparison(cfg, args)
@@ -99,11 +99,9 @@ def _comparison(cfg: TrainConfig, args: argparse.Namespace) -> list[dict]:
 
 
 def _device(choice: str) -> str:
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise SystemExit("hiss-train: error: --device cuda, but torch sees no CUDA device")
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    """The serving rule (auto: CUDA when there is one); under torchrun, this process's GPU."""
+    device = resolve_device(choice)
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device == "cuda" else device
 
 
 if __name__ == "__main__":

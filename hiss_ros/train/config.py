@@ -9,7 +9,8 @@ from typing import Any
 from hiss_ros.configfile import read_yaml, reject_unknown
 from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import ConfigError
-from hiss_ros.pipeline import FilterConfig, PipelineConfig
+from hiss_ros.pipeline import FilterConfig, Normalization, PipelineConfig
+from hiss_ros.serving import ServingSpec
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,12 @@ class TrainConfig:
     def pipeline_config(self, input_dims: tuple[int, ...]) -> PipelineConfig:
         return PipelineConfig(input_dims, self.input_rate_hz, self.output_rate_hz, self.max_gap_s, self.filter)
 
-    def data_spec(self) -> dict[str, Any]:
-        """What the live node needs besides the model: streams, rates, gap limit, filter."""
-        return {
-            "inputs": [s.to_dict() for s in self.inputs],
-            "outputs": [s.to_dict() for s in self.outputs],
-            "input_rate_hz": self.input_rate_hz,
-            "output_rate_hz": self.output_rate_hz,
-            "max_gap_s": self.max_gap_s,
-            "filter": asdict(self.filter) if self.filter else None,
-            "train": asdict(self.train),  # so hiss-eval can rebuild the same validation split
-        }
+    def serving_spec(self, input_dims: tuple[int, ...], normalization: Normalization,
+                     validation_mse: list[float] | None = None) -> ServingSpec:
+        """What the live node needs besides the model: streams, rates, gap limit, filter, normalisation."""
+        return ServingSpec(self.inputs, self.outputs, self.pipeline_config(input_dims), normalization,
+                           None if validation_mse is None else tuple(validation_mse))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Stored beside the serving spec: the settings, so hiss-eval can rebuild the same validation split."""
+        return {"train": asdict(self.train)}

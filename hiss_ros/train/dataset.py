@@ -20,7 +20,7 @@ import numpy as np
 
 from hiss_ros.data import read_streams
 from hiss_ros.errors import HissError
-from hiss_ros.pipeline import Pipeline
+from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Split:
-    x: list[np.ndarray] = field(default_factory=list)  # per segment (K, chunk, C) float32
+    x: list[np.ndarray] = field(default_factory=list)  # per segment (K, chunk, C): float64 raw / float32 normalised
     y: list[np.ndarray] = field(default_factory=list)  # per segment (K, O) float32
     stamps: list[np.ndarray] = field(default_factory=list)  # per segment (K,) int64, chunk times
 
@@ -44,7 +44,7 @@ class Dataset:
     input_dims: tuple[int, ...]
     output_dim: int
     chunk: int
-    normalization: dict[str, list[float]]
+    normalization: Normalization
     skipped_segments: int = 0
     pipeline_counters: dict[str, int] = field(default_factory=dict)
 
@@ -115,6 +115,15 @@ def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: st
     return Segments(train, val, dims or (), chunk, skipped, counters)
 
 
+def whole_segments(seg: Segments) -> Split:
+    """Each segment's training and validation parts joined again, in time order (the two parts
+    of a segment sit at the same index of ``seg.train`` and ``seg.val``)."""
+    parts = zip(seg.train.x, seg.val.x, seg.train.y, seg.val.y, seg.train.stamps, seg.val.stamps, strict=True)
+    joined = [(np.concatenate([xt, xv]), np.concatenate([yt, yv]), np.concatenate([tt, tv]))
+              for xt, xv, yt, yv, tt, tv in parts]
+    return Split(*(list(column) for column in zip(*joined, strict=True))) if joined else Split()
+
+
 def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
                  progress: bool = True) -> Dataset:
     """Segments of ``bags``, normalised with statistics of their training parts."""
@@ -125,27 +134,15 @@ def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | 
             f"sequence ({cfg.train.seq_chunks} chunks = {cfg.train.seq_chunks / cfg.output_rate_hz:.1f} s) plus "
             f"its validation part; record longer runs or lower train.seq_chunks"
         )
-    xs = np.concatenate([x.reshape(-1, x.shape[-1]) for x in seg.train.x])
-    ys = np.concatenate(seg.train.y)
-    norm = {
-        "input_mean": xs.mean(0).tolist(), "input_std": _safe_std(xs).tolist(),
-        "output_mean": ys.mean(0).tolist(), "output_std": _safe_std(ys).tolist(),
-    }
-    return Dataset(normalised(seg.train, norm), normalised(seg.val, norm), seg.input_dims, ys.shape[1], seg.chunk,
-                   norm, seg.skipped, seg.counters)
+    norm = Normalization.fit(np.concatenate([x.reshape(-1, x.shape[-1]) for x in seg.train.x]),
+                             np.concatenate(seg.train.y))
+    return Dataset(normalised(seg.train, norm), normalised(seg.val, norm), seg.input_dims, norm.output_mean.size,
+                   seg.chunk, norm, seg.skipped, seg.counters)
 
 
-def _safe_std(a: np.ndarray) -> np.ndarray:
-    s = a.std(0)
-    return np.where(s > 1e-8, s, 1.0)
-
-
-def normalised(split: Split, norm: dict[str, list[float]]) -> Split:
-    """``split`` in the model's units: (value - mean) / std with the checkpoint's statistics."""
-    mx, sx = np.asarray(norm["input_mean"]), np.asarray(norm["input_std"])
-    my, sy = np.asarray(norm["output_mean"]), np.asarray(norm["output_std"])
-    return Split([((x - mx) / sx).astype(np.float32) for x in split.x],
-                 [((y - my) / sy).astype(np.float32) for y in split.y], split.stamps)
+def normalised(split: Split, norm: Normalization) -> Split:
+    """Raw ``split`` in the model's units, by the very function the live pipeline applies."""
+    return Split([norm.inputs(x) for x in split.x], [norm.outputs(y) for y in split.y], split.stamps)
 
 
 def windows(split: Split, seq_chunks: int) -> tuple[np.ndarray, np.ndarray]:

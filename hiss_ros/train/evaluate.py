@@ -3,7 +3,8 @@
     hiss-eval --model runs/contact --bag run3.mcap --out runs/contact/eval_run3 [--split val|all]
 
 ``--split val`` (default) evaluates the validation part of each segment exactly as the trainer
-did, so its ``val_mse`` reproduces the trainer's; ``all`` evaluates every segment part.
+did, so its ``val_mse`` reproduces the trainer's; ``all`` evaluates each whole segment as one
+stream from its start, as the live node runs it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hiss_ros.checkpoint import atomic_write, load_checkpoint
+from hiss_ros.checkpoint import atomic_write
 from hiss_ros.errors import HissError
 from hiss_ros.models import config_to_dict
+from hiss_ros.serving import load_model
 from hiss_ros.train.config import TrainConfig
-from hiss_ros.train.dataset import Split, collect_segments, normalised
-from hiss_ros.train.loop import MODEL_FILE, predict
+from hiss_ros.train.dataset import collect_segments, normalised, whole_segments
+from hiss_ros.train.loop import predict
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +41,17 @@ class Evaluation:
 
 def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_dir: Path | None = None,
                   progress: bool = True) -> Evaluation:
-    path = model_path / MODEL_FILE if model_path.is_dir() else model_path
-    ckpt = load_checkpoint(path)
-    cfg = TrainConfig.from_checkpoint(ckpt.data, config_to_dict(ckpt.config))
+    served = load_model(model_path)  # the serving spec: the node's normalisation, streams and pipeline
+    cfg = TrainConfig.from_checkpoint(served.data, config_to_dict(served.model.config))
     seg = collect_segments(cfg, bags, cache_dir, progress)
-    raw = seg.val if split == "val" else Split(seg.train.x + seg.val.x, seg.train.y + seg.val.y,
-                                                 seg.train.stamps + seg.val.stamps)
+    raw = seg.val if split == "val" else whole_segments(seg)
     if not raw.y:
         raise HissError(f"nothing to evaluate in {', '.join(map(str, bags))} (no segment long enough)")
-    data = normalised(raw, ckpt.normalization)
-    pred_n, truth_n = predict(ckpt.model, data), np.concatenate(data.y)
-    sy, my = np.asarray(ckpt.normalization["output_std"]), np.asarray(ckpt.normalization["output_mean"])
-    pred, truth = pred_n * sy + my, np.concatenate(raw.y)
-    channels = [f"{s.topic}:{f}" for s in cfg.outputs for f in s.channel_names]
-    if len(channels) != pred.shape[1]:
-        channels = [f"output_{i}" for i in range(pred.shape[1])]
+    norm = served.spec.normalization
+    data = normalised(raw, norm)
+    pred_n, truth_n = predict(served.model, data), np.concatenate(data.y)
+    pred, truth = norm.physical(pred_n), np.concatenate(raw.y)
+    channels = served.spec.output_channels
     mse = ((pred - truth) ** 2).mean(0)
     metrics = {
         "split": split,
@@ -61,7 +59,7 @@ def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_
         "mse": dict(zip(channels, mse.tolist(), strict=True)),
         "rmse": dict(zip(channels, np.sqrt(mse).tolist(), strict=True)),
         "chunks": len(pred),
-        "model": str(path),
+        "model": served.path,
         "bags": [str(b) for b in bags],
     }
     return Evaluation(metrics, np.concatenate(raw.stamps), pred, truth, channels)
@@ -69,13 +67,13 @@ def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_
 
 def write_report(ev: Evaluation, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "metrics.json", json.dumps(ev.metrics, indent=2).encode())
     with (out / "predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["stamp_ns", *(f"pred {c}" for c in ev.channels), *(f"truth {c}" for c in ev.channels)])
         for t, p, y in zip(ev.stamps_ns, ev.pred, ev.truth, strict=True):
             w.writerow([int(t), *(f"{v:.6g}" for v in p), *(f"{v:.6g}" for v in y)])
     _plots(ev, out)
+    atomic_write(out / "metrics.json", json.dumps(ev.metrics, indent=2).encode())  # last: complete output only
 
 
 def _plots(ev: Evaluation, out: Path) -> None:

@@ -28,9 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
-from hiss_ros.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from hiss_ros.checkpoint import atomic_write, load_checkpoint
 from hiss_ros.errors import CheckpointError, ConfigError
 from hiss_ros.models import ChunkedModel, build_model
+from hiss_ros.serving import save_model
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import Dataset, Split, windows
 
@@ -177,8 +178,8 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         if val < meta["best_val"]:
             meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
             if lead:
-                save_checkpoint(out / MODEL_FILE, model, ds.normalization,
-                                {**cfg.data_spec(), "input_dims": list(ds.input_dims)})
+                save_model(out / MODEL_FILE, model, cfg.serving_spec(ds.input_dims, ds.normalization),
+                           cfg.checkpoint_extra())
         else:
             meta["bad_epochs"] += 1
         meta["epoch"] = epoch + 1
@@ -210,7 +211,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
 def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seconds: float, write: bool) -> Result:
     best = load_checkpoint(out / MODEL_FILE).model
     val, per_channel = evaluate(best, ds.val)
-    physical = (per_channel * np.asarray(ds.normalization["output_std"]) ** 2).tolist()
+    physical = (per_channel * ds.normalization.output_std ** 2).tolist()
     result = Result(meta["best_epoch"], val, physical, meta["epoch"], seconds)
     names = [f"{s.topic}:{f}" for s in cfg.outputs for f in s.channel_names]
     metrics = {
@@ -224,7 +225,6 @@ def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seco
     if write:
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
         # The validation error travels with the model: the node's velocity covariance.
-        save_checkpoint(out / MODEL_FILE, best, ds.normalization,
-                        {**cfg.data_spec(), "input_dims": list(ds.input_dims),
-                         "validation": {"mse_per_channel": physical, "chunks": ds.val.chunks}})
+        save_model(out / MODEL_FILE, best, cfg.serving_spec(ds.input_dims, ds.normalization, physical),
+                   cfg.checkpoint_extra())
     return result

@@ -1,0 +1,113 @@
+"""Estimates -> ROS messages: which message type each output is published as, where each
+estimated channel goes in it, its frame and covariance, and RViz arrows.
+
+Messages are built once per model and refilled at every estimate (building them anew cost
+more than the model step); each is serialised at ``publish``, so reusing it is safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from geometry_msgs.msg import Point
+from visualization_msgs.msg import Marker, MarkerArray
+
+from hiss_ros.data.streams import StreamSpec
+from hiss_ros.errors import HissError
+from hiss_ros.serving import ServingSpec
+
+# What an estimate of each ground-truth type is published as, and where its channels go.
+ESTIMATE_FIELDS = {"world_velocity": "twist.linear", "body_velocity": "twist.linear"}
+TWIST, TWIST_COV, WRENCH = ("geometry_msgs/msg/TwistStamped", "geometry_msgs/msg/TwistWithCovarianceStamped",
+                            "geometry_msgs/msg/WrenchStamped")
+# Row of a TwistWithCovariance covariance (6 x 6, row-major: vx vy vz wx wy wz) per channel.
+_COV_ROW = {f"{part}.{a}": 3 * j + i for j, part in enumerate(("linear", "angular")) for i, a in enumerate("xyz")}
+UNKNOWN_VARIANCE = 1.0e6  # a twist component the model does not estimate (robot_localization's convention)
+
+
+def estimate_type(spec: StreamSpec, covariance: bool) -> str:
+    """The ground truth's own type; velocity derived from a pose is a twist, and twists carry a
+    covariance (the validation error) when ``covariance`` is set."""
+    kind = TWIST if spec.derive else spec.type
+    return TWIST_COV if kind == TWIST and covariance else kind
+
+
+def channel_paths(spec: StreamSpec, msg_type: str) -> list[str]:
+    """Where each estimated channel of ``spec`` goes in a ``msg_type`` message."""
+    paths = [f"{ESTIMATE_FIELDS[spec.derive]}.{a}" for a in "xyz"] if spec.derive else list(spec.channel_names)
+    if msg_type == TWIST_COV and spec.type != TWIST_COV:  # twist.linear.x -> twist.twist.linear.x
+        paths = [f"twist.{p}" for p in paths]
+    return paths
+
+
+def twist_covariance(paths: list[str], variances: np.ndarray | None) -> np.ndarray:
+    """A diagonal 6 x 6 covariance (row-major) holding ``variances`` of the estimated channels at
+    ``paths`` and a large variance for the components the model does not estimate."""
+    cov = np.zeros(36)
+    cov[[7 * i for i in range(6)]] = UNKNOWN_VARIANCE
+    if variances is not None:
+        for path, v in zip(paths, variances, strict=True):
+            cov[7 * _COV_ROW[".".join(path.split(".")[-2:])]] = v  # (twist.)twist.linear.x -> linear.x
+    return cov
+
+
+class EstimateMessages:
+    """Per output stream of a model: a message to refill and publish at every estimate."""
+
+    def __init__(self, spec: ServingSpec, covariance: bool, frame_of: Callable[[StreamSpec, str], str],
+                 publisher_of: Callable[[StreamSpec, str], Any]) -> None:
+        """``frame_of(stream, msg_type)`` -> frame id; ``publisher_of(stream, msg_type)`` -> publisher."""
+        self.types = [estimate_type(s, covariance) for s in spec.outputs]
+        if covariance and TWIST_COV in self.types and spec.validation_mse is None:
+            raise HissError("velocity_covariance:=true, but the model holds no validation error (trained by an "
+                            "older hiss-train?): retrain it, or set velocity_covariance:=false")
+        self.frames = [frame_of(s, t) for s, t in zip(spec.outputs, self.types, strict=True)]
+        self.outgoing: list[tuple[Any, Any, list[tuple[Any, str]]]] = []  # publisher, message, (parent, leaf)
+        first = 0
+        for stream, msg_type, frame in zip(spec.outputs, self.types, self.frames, strict=True):
+            pub = publisher_of(stream, msg_type)
+            msg = pub.msg_type()
+            msg.header.frame_id = frame
+            paths = channel_paths(stream, msg_type)
+            if msg_type == TWIST_COV:
+                mse = spec.validation_mse
+                msg.twist.covariance = twist_covariance(paths, None if mse is None else mse[first:first + len(paths)])
+            fields = []
+            for path in paths:
+                *parents, leaf = path.split(".")
+                obj = msg
+                for name in parents:
+                    obj = getattr(obj, name)
+                fields.append((obj, leaf))
+            self.outgoing.append((pub, msg, fields))
+            first += len(paths)
+        self.sizes = [len(s.channel_names) for s in spec.outputs]
+
+    def publish(self, values: np.ndarray, stamp_ns: int) -> Any:
+        """Publish the physical-unit estimate (O,) of the chunk ending at ``stamp_ns``; its stamp."""
+        flat = values.tolist()
+        sec, nanosec = divmod(stamp_ns, 1_000_000_000)
+        k = 0
+        for pub, msg, fields in self.outgoing:
+            msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
+            for obj, leaf in fields:
+                setattr(obj, leaf, flat[k])
+                k += 1
+            pub.publish(msg)
+        return self.outgoing[0][1].header.stamp
+
+    def arrows(self, values: np.ndarray, stamp: Any) -> MarkerArray:
+        """One arrow from its frame's origin per output stream, along its first three channels."""
+        arrows, k = MarkerArray(), 0
+        for i, (n, frame) in enumerate(zip(self.sizes, self.frames, strict=True)):
+            if n >= 3:
+                m = Marker(type=Marker.ARROW, action=Marker.ADD, id=i, ns="hiss_estimates")
+                m.header.stamp, m.header.frame_id = stamp, frame
+                m.points = [Point(), Point(x=float(values[k]), y=float(values[k + 1]), z=float(values[k + 2]))]
+                m.scale.x, m.scale.y, m.scale.z = 0.01, 0.02, 0.03
+                m.color.a, m.color.r, m.color.g, m.color.b = 1.0, 0.9 - 0.5 * i, 0.3, 0.2 + 0.5 * i
+                arrows.markers.append(m)
+            k += n
+        return arrows

@@ -1,0 +1,235 @@
+"""Serving: a checkpoint in, physical-unit estimates out, one sample at a time. No ROS.
+
+    est = StreamingEstimator.from_checkpoint("contact")          # a path, or a shipped model's name
+    for stream, stamp_ns, values in samples:                     # stream: index into est.spec.inputs
+        for e in est.push(stream, stamp_ns, values):
+            print(e.stamp_ns, e.values)                          # (O,) float64, physical units
+
+The estimator node, ``hiss-eval``, the demo and the benchmarks all serve through this class, and
+the trainer writes what it reads (``ServingSpec``, stored in the checkpoint by ``save_model``):
+the streams, rates, chunk, filter and gap limit (a ``PipelineConfig``), the ``Normalization`` of
+inputs and outputs, and the validation error. ``push`` runs the trainer's own ``Pipeline`` (same
+sample hygiene, resampling, filter, chunking, normalisation), advances the model one
+``step_chunk`` per completed chunk with its state carried (O(chunk) per estimate however long it
+has run), restarts from a fresh state when the input breaks (gap, time jumping back), and
+de-normalises. A non-finite model output is never returned: the state is reset and it is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from hiss_ros.checkpoint import load_checkpoint, save_checkpoint
+from hiss_ros.data.streams import StreamSpec
+from hiss_ros.errors import CheckpointError, ConfigError, HissError
+from hiss_ros.models import ChunkedModel
+from hiss_ros.pipeline import Chunk, FilterConfig, Normalization, Pipeline, PipelineConfig
+from hiss_ros.shipped import shipped_model
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """Everything besides the weights that serving a model needs, stored in its checkpoint."""
+
+    inputs: tuple[StreamSpec, ...]  # stream 0 drives the input clock
+    outputs: tuple[StreamSpec, ...]
+    pipeline: PipelineConfig  # channels per input, rates (so the chunk), gap limit, filter
+    normalization: Normalization
+    validation_mse: tuple[float, ...] | None = None  # per output channel, physical units
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.pipeline.input_dims):
+            raise ConfigError(f"serving spec: {len(self.inputs)} input streams, but input_dims "
+                              f"{list(self.pipeline.input_dims)}")
+        n_in, n_out = self.normalization.input_mean.size, self.normalization.output_mean.size
+        if n_in != self.pipeline.channels:
+            raise ConfigError(f"serving spec: input normalisation has {n_in} channels, the inputs have "
+                              f"{self.pipeline.channels} ({list(self.pipeline.input_dims)})")
+        named = len(self.output_channels)
+        if n_out != named:
+            raise ConfigError(f"serving spec: output normalisation has {n_out} channels, the outputs name {named}")
+        if self.validation_mse is not None and len(self.validation_mse) != n_out:
+            raise ConfigError(f"serving spec: validation error has {len(self.validation_mse)} channels, "
+                              f"the outputs {n_out}")
+
+    @property
+    def output_channels(self) -> list[str]:
+        """``topic:channel`` per output channel, in model order."""
+        return [f"{s.topic}:{c}" for s in self.outputs for c in s.channel_names]
+
+    def same_streams(self, other: ServingSpec) -> bool:
+        """Whether ``other`` reads and writes the same streams in the same way (hot reload)."""
+        return (self.inputs, self.outputs, self.pipeline) == (other.inputs, other.outputs, other.pipeline)
+
+    def describe(self) -> str:
+        return (f"inputs {[s.to_dict() for s in self.inputs]}, outputs {[s.to_dict() for s in self.outputs]} "
+                f"at {self.pipeline}")
+
+    # --- stored form: the checkpoint's ``data`` and ``normalization`` metadata ---------------
+
+    def data(self) -> dict[str, Any]:
+        p = self.pipeline
+        return {
+            "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
+            "input_dims": list(p.input_dims), "input_rate_hz": p.input_rate_hz, "output_rate_hz": p.output_rate_hz,
+            "max_gap_s": p.max_gap_s, "filter": dataclasses.asdict(p.filter) if p.filter else None,
+            **({"validation": {"mse_per_channel": list(self.validation_mse)}} if self.validation_mse else {}),
+        }
+
+    @classmethod
+    def from_metadata(cls, data: Any, normalization: Any) -> ServingSpec:
+        """The spec from a checkpoint's metadata; ConfigError naming what is missing or wrong."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"data spec: expected a mapping, got {type(data).__name__}")
+        missing = [k for k in ("inputs", "outputs", "input_dims", "input_rate_hz", "output_rate_hz") if k not in data]
+        if missing:
+            raise ConfigError(f"data spec: missing {missing} (made by an older or another trainer?)")
+        for key in ("inputs", "outputs"):
+            if not isinstance(data[key], list) or not data[key]:
+                raise ConfigError(f"data spec: {key} must be a non-empty list of streams")
+        filt = data.get("filter")
+        validation = (data.get("validation") or {}).get("mse_per_channel")
+        if validation is not None and (not isinstance(validation, list)
+                                       or not all(isinstance(v, (int, float)) for v in validation)):
+            raise ConfigError(f"data spec: validation.mse_per_channel = {validation!r}: expected a list of numbers")
+        dims = data["input_dims"]
+        return cls(
+            tuple(StreamSpec.from_dict(s) for s in data["inputs"]),
+            tuple(StreamSpec.from_dict(s) for s in data["outputs"]),
+            PipelineConfig(tuple(dims) if isinstance(dims, list) else dims, data["input_rate_hz"],
+                           data["output_rate_hz"], data.get("max_gap_s", 0.5),
+                           FilterConfig(**filt) if isinstance(filt, dict) else filt),
+            Normalization.from_dict(normalization),
+            None if validation is None else tuple(float(v) for v in validation),
+        )
+
+
+def save_model(path: str | os.PathLike, model: ChunkedModel, spec: ServingSpec,
+               extra: dict[str, Any] | None = None) -> Path:
+    """The one way a model is written for serving: weights, model config and ``spec``, with
+    ``extra`` data keys beside it (the trainer's settings, so hiss-eval rebuilds its split)."""
+    return save_checkpoint(path, model, spec.normalization.to_dict(), {**spec.data(), **(extra or {})})
+
+
+class Loaded(NamedTuple):
+    path: str
+    model: ChunkedModel
+    spec: ServingSpec
+    data: dict[str, Any]  # the checkpoint's whole data metadata (serving spec and anything else)
+
+
+def load_model(path_or_name: str | os.PathLike) -> Loaded:
+    """A checkpoint (or shipped model name) with its serving spec, checked against the model:
+    CheckpointError, one line, for anything that would not serve."""
+    if not str(path_or_name):
+        raise CheckpointError("no model given: a checkpoint (model.safetensors from hiss-train) or the name of a "
+                              "shipped model (contact, broad_velocity)")
+    path = shipped_model(str(path_or_name))
+    if path.is_dir():  # a hiss-train output folder
+        path = path / "model.safetensors"
+    ckpt = load_checkpoint(path)
+    try:
+        spec = ServingSpec.from_metadata(ckpt.data, ckpt.normalization)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot be served: {exc}") from None
+    cfg = ckpt.config
+    expected = (spec.pipeline.channels, spec.normalization.output_mean.size, spec.pipeline.chunk)
+    if (cfg.input_dim, cfg.output_dim, cfg.chunk) != expected:
+        raise CheckpointError(f"{path}: the model takes {cfg.input_dim} channels in chunks of {cfg.chunk} and gives "
+                              f"{cfg.output_dim}, its serving spec says {expected[0]}, {expected[2]} and {expected[1]}")
+    return Loaded(str(path), ckpt.model, spec, ckpt.data)
+
+
+def resolve_device(choice: str) -> str:
+    """``auto``: CUDA when torch sees a device, else CPU; ``cuda`` without one is an error."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise HissError(f"device {choice!r}: expected auto, cpu or cuda")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise HissError("device cuda, but torch sees no CUDA device")
+    return "cuda" if choice in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+
+
+class Estimate(NamedTuple):
+    stamp_ns: int  # the time of the chunk's last input sample
+    values: np.ndarray  # (O,) float64, physical units, in ``spec.output_channels`` order
+
+
+class StreamingEstimator:
+    """A model and its serving spec, streaming: ``push`` samples, get estimates."""
+
+    def __init__(self, model: ChunkedModel, spec: ServingSpec, device: str = "cpu", path: str = "",
+                 max_gap_s: float | None = None) -> None:
+        self.path, self.spec, self.device = path, spec, device
+        self.model = model.to(device).eval()
+        pipe_cfg = spec.pipeline if not max_gap_s else dataclasses.replace(spec.pipeline, max_gap_s=max_gap_s)
+        self.pipeline = Pipeline(pipe_cfg, spec.normalization)
+        self.counters: Counter[str] = self.pipeline.counters  # pipeline, resets, estimates, nonfinite_output
+        self.step_seconds: deque[float] = deque(maxlen=1000)  # the model step alone, last 1,000 estimates
+        self.reset()
+
+    @classmethod
+    def from_checkpoint(cls, path_or_name: str | os.PathLike, device: str = "cpu",
+                        max_gap_s: float | None = None) -> StreamingEstimator:
+        """Load, check and warm up; CheckpointError for a checkpoint that would not serve, one that
+        gives non-finite outputs included."""
+        loaded = load_model(path_or_name)
+        est = cls(loaded.model, loaded.spec, device, loaded.path, max_gap_s)
+        est.warm_up()
+        return est
+
+    def reset(self) -> None:
+        """Forget the stream: a fresh model state from the next chunk on."""
+        self.state = self.model.init_state(1)
+        self.episode = self.pipeline.episode
+
+    def warm_up(self) -> None:
+        """Two steps on zeros (from a fresh and a carried state), so the first real estimate pays
+        no lazy initialisation; a model whose output is not finite is refused."""
+        cfg = self.model.config
+        with torch.inference_mode():
+            x = torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device)
+            y, state = self.model.step_chunk(x, self.model.init_state(1))
+            y2, _ = self.model.step_chunk(x, state)
+        if not (torch.isfinite(y).all() and torch.isfinite(y2).all()):
+            raise CheckpointError(f"{self.path}: the model gives non-finite outputs on zero input (corrupt weights?)")
+
+    def compile(self) -> float:
+        """Compile the streaming step (``step_backend`` compile) and switch to it; the seconds it
+        took. ValueError for a model the compiled step does not cover; Inductor's own errors when
+        compiling fails. Safe in another thread while ``push`` steps eagerly."""
+        began = time.monotonic()
+        self.model.compile_step()
+        self.model.set_step_backend("compile")
+        return time.monotonic() - began
+
+    def push(self, stream: int, stamp_ns: int, values: Any) -> list[Estimate]:
+        """One sample of input ``stream`` -> the estimates it completed (usually none or one)."""
+        return [e for chunk in self.pipeline.push(stream, stamp_ns, values) if (e := self.estimate(chunk))]
+
+    def estimate(self, chunk: Chunk) -> Estimate | None:
+        """Advance the model over one pipeline chunk; None (counted) if its output is not finite."""
+        if chunk.episode != self.episode:  # the input broke: start from a fresh state
+            self.reset()
+            self.episode = chunk.episode
+            self.counters["resets"] += 1
+        x = torch.from_numpy(chunk.x)[None].to(self.device)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            y, self.state = self.model.step_chunk(x, self.state)
+        self.step_seconds.append(time.perf_counter() - began)
+        y = y[0].cpu().numpy()
+        if not np.isfinite(y).all():
+            self.counters["nonfinite_output"] += 1
+            self.reset()
+            return None
+        self.counters["estimates"] += 1
+        return Estimate(chunk.stamp_ns, self.spec.normalization.physical(y))
