@@ -58,6 +58,7 @@ from benchutil import (
 SECTION = "bench_latency"
 DEFAULT_MODEL = REPO / "models" / "contact.safetensors"
 TARGET_P99_MS, TARGET_CPU_PCT = 5.0, 50.0
+NS = "/bench"  # every topic of a run, and the namespace of the node
 ENV = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
 STREAMING = "streaming (step_chunk, state carried)"
 NODES = {  # name -> (command, extra node parameters)
@@ -105,7 +106,8 @@ def publish(model: Path, seconds: float, clock_rate: float, other_rate: float, o
     cfg, dims = checkpoint_streams(model)
     rclpy.init()
     node = rclpy.create_node("bench_sensors")
-    pubs = [node.create_publisher(message_class(s.type), s.topic, qos_profile_sensor_data) for s in cfg.inputs]
+    pubs = [node.create_publisher(message_class(s.type), f"{NS}{s.topic}", qos_profile_sensor_data)
+            for s in cfg.inputs]
     deadline = time.monotonic() + 60
     while not all(p.get_subscription_count() > 0 for p in pubs):  # discovery: no sample may be lost to it
         if time.monotonic() > deadline:
@@ -187,25 +189,38 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
 
     from hiss_ros.data.streams import SUPPORTED_TYPES
     from hiss_ros.nodes.common import freeze_heap, message_class
-    from hiss_ros.nodes.messages import TWIST
+    from hiss_ros.nodes.messages import TWIST, estimate_type, output_names
 
     cfg, dims = checkpoint_streams(model)
     if not SUPPORTED_TYPES[cfg.inputs[0].type]:
         raise SystemExit(f"stream 0 ({cfg.inputs[0].topic}) has no header: its publish times cannot be matched")
+    out = cfg.outputs[0]
+    if source is None:  # this node: relative inputs and private outputs, all under the namespace
+        names = ["-r", f"__ns:={NS}"]
+        status, estimates = f"{NS[1:]}/hiss_estimator: estimator", f"{NS}/hiss_estimator/"
+        estimates += output_names([estimate_type(out, covariance=False)], [out])[0].removeprefix("~/")
+
+        def key(topic: str) -> str:  # the diagnostics name inputs as the node subscribes them: relative
+            return topic.lstrip("/")
+    else:  # a peer from before #13: absolute input topics, estimates under output_prefix
+        names = ["-p", f"output_prefix:={NS}", *(a for s in cfg.inputs for a in ("-r", f"{s.topic}:={NS}{s.topic}"))]
+        status, estimates = "hiss_ros estimator", f"{NS}{out.topic}"
+
+        def key(topic: str) -> str:
+            return topic
     node_log = work / "node.log"  # a file, not a pipe: a pipe nobody reads until the end can fill and block it
     with node_log.open("w") as log_file:
         node_proc = subprocess.Popen(
-            [*command, "--ros-args", "-p", f"model_path:={model}", "-p", "num_threads:=1", "-p",
-             "output_prefix:=/bench", "-p", "diagnostics_period_s:=0.5", "-p", "qos_depth:=1000", *params],
+            [*command, "--ros-args", "-p", f"model_path:={model}", "-p", "num_threads:=1", *names,
+             "-p", "diagnostics_period_s:=0.5", "-p", "qos_depth:=1000", *params],
             stdout=log_file, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONPATH": str(source)} if source else None)
+            env={**os.environ, "PYTHONPATH": str(source)} if source else None, cwd=source)  # -m: cwd first
     pub = None
     context = rclpy.Context()
     rclpy.init(context=context)
     receiver = rclpy.create_node("bench_receiver", context=context)
     executor = EventsExecutor(context=context)  # the lightest wake-up rclpy has, as the node's
     executor.add_node(receiver)
-    out = cfg.outputs[0]
     got: list[tuple[int, int]] = []
     diag: dict[str, str] = {}
     diag_at = [0.0]  # monotonic time of the last diagnostics report
@@ -215,11 +230,11 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
 
     def on_diagnostics(m: Any) -> None:
         for st in m.status:
-            if st.name == "hiss_ros estimator":
+            if st.name == status:
                 diag.update({kv.key: kv.value for kv in st.values})
                 diag_at[0] = time.monotonic()
 
-    sub = receiver.create_subscription(message_class(TWIST if out.derive else out.type), f"/bench{out.topic}",
+    sub = receiver.create_subscription(message_class(TWIST if out.derive else out.type), estimates,
                                        on_estimate, 10_000)
     receiver.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
     freeze_heap()
@@ -249,7 +264,7 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
             if line.startswith("READY"):
                 # Discovery is per side: the publisher saw the node's readers; wait until the node's
                 # readers saw the publisher too, or its first samples are lost (best effort).
-                wait_for(lambda: all(int(diag.get(f"publishers {s.topic}", 0)) > 0 for s in cfg.inputs), 30,
+                wait_for(lambda: all(int(diag.get(f"publishers {key(s.topic)}", 0)) > 0 for s in cfg.inputs), 30,
                          f"{name}: the node did not match the sensor publisher")
                 pub.stdin.write("GO\n")
                 pub.stdin.flush()
@@ -290,7 +305,7 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     ok = trigger < len(clock)
     latencies = (received_at[ok] - clock[trigger[ok], 1]) / 1e6  # from the stamp taken just before publish()
     published = {s.topic: int((log[:, 0] == i).sum()) for i, s in enumerate(cfg.inputs)}
-    node_received = {s.topic: int(diag.get(f"received {s.topic}", 0)) for s in cfg.inputs}
+    node_received = {s.topic: int(diag.get(f"received {key(s.topic)}", 0)) for s in cfg.inputs}
     return Run(name, latencies, expected, len(got), published, node_received,
                100 * (cpu1 - cpu0) / (t1 - t0), (diag.get("inference_ms_p50", "?"), diag.get("inference_ms_p99", "?")),
                diag.get("step_ms_p50", "-"))

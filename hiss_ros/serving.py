@@ -187,9 +187,14 @@ class StreamingEstimator:
         return est
 
     def reset(self) -> None:
-        """Forget the stream: a fresh model state from the next chunk on."""
+        """A fresh model state from the next chunk on."""
         self.state = self.model.init_state(1)
         self.episode = self.pipeline.episode
+
+    def restart(self, reason: str = "restart") -> None:
+        """Forget the stream: the pipeline's partial chunk and held samples, and the model state."""
+        self.pipeline.restart(reason)
+        self.reset()
 
     def warm_up(self) -> None:
         """Two steps on zeros (from a fresh and a carried state), so the first real estimate pays

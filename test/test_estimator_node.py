@@ -54,10 +54,13 @@ class Driver:
 
     runs = 0
 
-    def __init__(self, model_path, *params: str, twist_type: type | None = None) -> None:
+    def __init__(self, model_path, *params: str, twist_type: type | None = None, active: bool = True) -> None:
         # Topics of their own per run: a node of an earlier test may linger in DDS discovery.
         Driver.runs += 1
-        self.imu_topic, self.prefix = f"/imu_{Driver.runs}/data", f"/hiss_{Driver.runs}"
+        # A namespace of their own per run (a node of an earlier test may linger in DDS discovery);
+        # every topic of the node follows it: that is the namespacing users rely on.
+        self.ns = f"/run_{Driver.runs}"
+        self.imu_topic, self.prefix = f"{self.ns}/imu/data", f"{self.ns}/hiss_estimator"
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import WrenchStamped
         from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -66,33 +69,39 @@ class Driver:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p", f"model_path:={model_path}",
-             "-p", "num_threads:=1", "-p", "diagnostics_period_s:=0.2", "-p", f"output_prefix:={self.prefix}",
-             "-r", f"/imu/data:={self.imu_topic}", *params],
+             "-p", "num_threads:=1", "-p", "diagnostics_period_s:=0.2", "-r", f"__ns:={self.ns}", *params],
             env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.ros = Listener("estimator_test_driver")
         self.node = self.ros.node
         self.got: dict[int, np.ndarray] = {}
         self.diagnostics: dict[str, str] = {}
+        self.status: tuple = (None, "", "")
         self.arrows: list = []
         self.wrenches: list = []
         self.twists: list = []
-        subs = [self.node.create_subscription(WrenchStamped, f"{self.prefix}/wrench_gt", self._on_estimate, 1000),
+        subs = [self.node.create_subscription(WrenchStamped, f"{self.prefix}/wrench", self._on_estimate, 1000),
                 self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)]
         if twist_type is not None:
-            subs.append(self.node.create_subscription(twist_type, f"{self.prefix}/twist_gt", self.twists.append, 1000))
+            subs.append(self.node.create_subscription(twist_type, f"{self.prefix}/twist", self.twists.append, 1000))
         if "publish_markers:=true" in params:
             subs.append(self.node.create_subscription(MarkerArray, f"{self.prefix}/markers",
                                                       lambda m: self.arrows.append(m.markers), 1000))
         self.pub = self.node.create_publisher(Imu, self.imu_topic,
                                               QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
         self.Imu = Imu
+        self.subs = subs
+        if active:
+            self.wait_until_active()
+
+    def wait_until_active(self) -> None:
+        subs = self.subs
         # Both directions discovered before any data flows (a volatile topic keeps nothing for late joiners).
         assert self.spin_until(lambda: self.pub.get_subscription_count() > 0
                                and all(sub.get_publisher_count() > 0 for sub in subs), 60), "estimator not discovered"
         # ... including the estimator's side of our IMU topic, or its first samples would be lost.
         # (after its compile with step_backend:=compile: up to a minute or so on a slow machine)
-        assert self.spin_until(lambda: self.diagnostics.get("publishers /imu/data") == "1", 120), self.diagnostics
+        assert self.spin_until(lambda: self.diagnostics.get("publishers imu/data") == "1", 120), self.diagnostics
 
     def _on_estimate(self, m) -> None:
         self.wrenches.append(m)
@@ -101,8 +110,9 @@ class Driver:
 
     def _on_diagnostics(self, m) -> None:
         for st in m.status:
-            if st.name == "hiss_ros estimator":
+            if st.name == f"{self.prefix.lstrip('/')}: estimator":
                 self.diagnostics = {kv.key: kv.value for kv in st.values}
+                self.status = (st.level, st.message, st.hardware_id)
 
     def spin_until(self, condition, timeout_s: float) -> bool:
         return self.ros.spin_until(condition, timeout_s)
@@ -112,13 +122,30 @@ class Driver:
         from rcl_interfaces.srv import SetParameters
         from rclpy.parameter import Parameter
 
-        client = self.node.create_client(SetParameters, "/hiss_estimator/set_parameters")
+        client = self.node.create_client(SetParameters, f"{self.prefix}/set_parameters")
         assert self.spin_until(client.service_is_ready, 30)
         future = client.call_async(SetParameters.Request(
             parameters=[Parameter(name, value=str(value)).to_parameter_msg()]))
         assert self.spin_until(future.done, 30)
         result = future.result().results[0]
         return result.successful, result.reason
+
+    def call(self, srv_type, name: str, request):
+        """Call the estimator's service ``name`` (relative to the node) and return the response."""
+        client = self.node.create_client(srv_type, f"{self.prefix}/{name}")
+        assert self.spin_until(client.service_is_ready, 30), name
+        future = client.call_async(request)
+        assert self.spin_until(future.done, 30), name
+        return future.result()
+
+    def transition(self, label: str) -> bool:
+        """Ask the lifecycle node for the transition ``label`` (configure, activate, ...)."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        ids = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
+               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP}
+        return self.call(ChangeState, "change_state", ChangeState.Request(transition=Transition(id=ids[label]))).success
 
     def arrow_stamps(self) -> list[int]:
         return [a[0].header.stamp.sec * 1_000_000_000 + a[0].header.stamp.nanosec for a in self.arrows]
@@ -299,20 +326,20 @@ def test_sim_time_replay_with_header_less_tactile(tmp_path, monkeypatch):
     est = subprocess.Popen(
         [sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p",
          f"model_path:={tmp_path / 'run' / 'model.safetensors'}", "-p", "use_sim_time:=true",
-         "-p", "output_prefix:=/simtime"],
+         "-r", "__ns:=/simtime"],
         env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     ros = Listener("sim_time_listener")
     stamps: list[int] = []
-    sub = ros.node.create_subscription(WrenchStamped, "/simtime/wrench_gt", lambda m: stamps.append(
+    sub = ros.node.create_subscription(WrenchStamped, "/simtime/hiss_estimator/wrench", lambda m: stamps.append(
         m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec), 1000)
     replay = None
     try:
         assert ros.spin_until(lambda: sub.get_publisher_count() > 0, 60), "estimator not up"
         replay = subprocess.Popen(
             [sys.executable, "-m", "hiss_ros.nodes.replay", str(demo), "--clock", "--rate", "2", "--topics",
-             "/imu/data", "/tactile",
-             "--wait-for-subscribers", "30"],
+             "/imu/data", "/tactile", "--wait-for-subscribers", "30",
+             "--ros-args", "-r", "/imu/data:=/simtime/imu/data", "-r", "/tactile:=/simtime/tactile"],
             env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         ros.spin_until(lambda: len(stamps) >= 95, 60)
@@ -376,3 +403,110 @@ def test_frame_ids_velocity_covariance_and_max_gap_override(tmp_path, monkeypatc
     np.testing.assert_allclose(np.diag(cov), [*variance[6:], 1e6, 1e6, 1e6], rtol=1e-12)
     assert not (cov - np.diag(np.diag(cov))).any()
     assert int(diag["pipeline gap"]) >= 1  # the 0.1 s gap broke the input under the tighter max_gap_s
+
+
+def test_lifecycle_namespace_reset_and_diagnostics_levels(imu_model, monkeypatch):
+    """autostart:=false waits for a lifecycle manager: configure loads, activate estimates,
+    deactivate stops; ~/reset forgets the stream; every topic sits under the namespace;
+    /diagnostics is WARN until data flows, OK while it does, WARN once it goes stale."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from std_srvs.srv import Trigger
+
+    bag, model_path = imu_model
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    d = Driver(model_path, "-p", "autostart:=false", "-p", "sensor_timeout_s:=0.5", active=False)
+    stamps, gyro, accel = bag_imu(bag)
+    try:
+        assert d.spin_until(lambda: d.status[1] == "unconfigured", 30), d.status
+        assert d.status[0] == DiagnosticStatus.WARN and d.subs[0].get_publisher_count() == 0
+        assert d.transition("configure") and d.spin_until(lambda: "inactive" in d.status[1], 10), d.status
+        assert d.transition("activate")
+        d.wait_until_active()
+        assert d.status[0] == DiagnosticStatus.WARN and "waiting for data on " + d.imu_topic in d.status[1]
+        names = {t for t, _ in d.node.get_topic_names_and_types()}
+        assert {d.imu_topic, f"{d.prefix}/wrench"} <= names and not {"/imu/data", "/hiss_estimator/wrench"} & names
+        for n in range(100):
+            d.publish(stamps[n], gyro[n], accel[n])
+        assert d.spin_until(lambda: len(d.got) >= 9 and d.status[0] == DiagnosticStatus.OK, 20), d.status
+        reply = d.call(Trigger, "reset", Trigger.Request())
+        assert reply.success and d.spin_until(lambda: d.diagnostics.get("pipeline reset_service") == "1", 10)
+        assert d.spin_until(lambda: "stale" in d.status[1], 10), d.status  # no data for > 0.5 s
+        assert d.transition("deactivate")
+        before = len(d.got)
+        for n in range(100, 200):
+            d.publish(stamps[n], gyro[n], accel[n])
+        assert d.spin_until(lambda: "inactive" in d.status[1], 10), d.status
+        assert len(d.got) == before  # inactive: nothing is estimated
+        assert d.transition("cleanup") and d.spin_until(lambda: d.status[1] == "unconfigured", 10), d.status
+    finally:
+        out = d.close()
+    assert "Traceback" not in out, out[-3000:]
+
+
+def test_parameters_are_described_one_by_one(imu_model, monkeypatch):
+    """Each parameter has a descriptor of its own (one shared descriptor once made rclpy report every
+    read-only parameter as `publish_markers`, a bool)."""
+    from rcl_interfaces.msg import ParameterType
+    from rcl_interfaces.srv import DescribeParameters
+
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    d = Driver(imu_model[1])
+    try:
+        got = d.call(DescribeParameters, "describe_parameters",
+                     DescribeParameters.Request(names=["device", "max_gap_s", "model_path"])).descriptors
+    finally:
+        d.close()
+    assert [(g.name, g.type, g.read_only) for g in got] == [
+        ("device", ParameterType.PARAMETER_STRING, True), ("max_gap_s", ParameterType.PARAMETER_DOUBLE, True),
+        ("model_path", ParameterType.PARAMETER_STRING, False)]
+
+
+def test_header_less_samples_keep_their_spacing_under_a_coarse_sim_clock(tmp_path, monkeypatch):
+    """use_sim_time with /clock at 40 Hz (ros2 bag play's default): header-less tactile samples
+    arriving between two ticks are stamped on the IMU's time line by their receipt, so none is
+    a duplicate and none is lost."""
+    from rosgraph_msgs.msg import Clock
+    from std_msgs.msg import Float32MultiArray
+
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    bag = contact_bag(tmp_path / "bag", seconds=20.0)
+    assert train_main(["--config", str(config(tmp_path, epochs=1)), "--bag", str(bag), "--out", str(tmp_path / "run"),
+                       "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0
+    d = Driver(tmp_path / "run" / "model.safetensors", "-p", "use_sim_time:=true", active=False)
+    clock = d.node.create_publisher(Clock, "/clock", 10)
+    tactile = d.node.create_publisher(Float32MultiArray, f"{d.ns}/tactile", 100)
+    sim_ns = [1_000_000_000]
+
+    def tick(condition) -> bool:
+        """Advance sim time by one 40 Hz /clock tick (the node's diagnostics run on it); then ``condition()``."""
+        sim_ns[0] += 25_000_000
+        msg = Clock()
+        msg.clock.sec, msg.clock.nanosec = divmod(sim_ns[0], 1_000_000_000)
+        clock.publish(msg)
+        return condition()
+
+    sent = 0
+    try:
+        assert d.spin_until(lambda: tick(lambda: tactile.get_subscription_count() > 0
+                                         and d.pub.get_subscription_count() > 0
+                                         and d.diagnostics.get("publishers tactile") == "1"), 60), d.diagnostics
+        t0 = sim_ns[0]
+        for k in range(400):  # 2 s of IMU at 200 Hz, tactile at 50 Hz, /clock at 40 Hz
+            if k % 5 == 0:
+                tick(lambda: True)
+            d.publish(t0 + k * 5_000_000, [0.0, 0.0, 0.0], [0.0, 0.0, 9.81])
+            if k % 4 == 2:
+                tactile.publish(Float32MultiArray(data=[0.1, 0.2, 0.3]))
+                sent += 1
+            d.spin_until(lambda: False, 0.004)  # paces the stream at about real time while spinning
+        assert d.spin_until(lambda: tick(lambda: d.diagnostics.get("received tactile") == str(sent)), 20), (
+            sent, d.diagnostics)
+        diag = d.diagnostics
+    finally:
+        out = d.close()
+    assert "Traceback" not in out, out[-3000:]
+    assert int(diag.get("pipeline duplicate", 0)) == 0 and int(diag.get("pipeline out_of_order", 0)) == 0, diag
+    assert int(diag["pipeline accepted"]) == 400 + sent and len(d.got) >= 35

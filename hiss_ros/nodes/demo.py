@@ -51,8 +51,9 @@ PUBLISHED_AS_IS = ("geometry_msgs/msg/WrenchStamped", "geometry_msgs/msg/TwistSt
 class _Output:
     """One output stream of the model: its ground truth in the bag, its estimate from the node."""
 
-    topic: str  # ground truth; the estimate is on /hiss<topic>
+    topic: str  # ground truth
     type: str
+    estimate_topic: str  # the estimator's
     fields: list[str]  # the first three channels, plotted and printed
     estimate: _Series = dc_field(default_factory=_Series)
     truth: _Series = dc_field(default_factory=_Series)
@@ -63,10 +64,13 @@ class _Output:
 
 def _outputs(model: Path) -> tuple[list[_Output], float]:
     """The model's outputs that the demo can compare with a ground truth in the bag, and its estimate rate."""
+    from hiss_ros.nodes.messages import estimate_type, output_names
     from hiss_ros.serving import load_model
 
     spec = load_model(model).spec
-    outs = [_Output(s.topic, s.type, list(s.fields[:3])) for s in spec.outputs
+    names = output_names([estimate_type(s, covariance=False) for s in spec.outputs], list(spec.outputs))
+    outs = [_Output(s.topic, s.type, f"/hiss_estimator/{name.removeprefix('~/')}", list(s.fields[:3]))
+            for s, name in zip(spec.outputs, names, strict=True)
             if not s.derive and s.type in PUBLISHED_AS_IS and len(s.fields) >= 3]
     return outs, spec.pipeline.output_rate_hz
 
@@ -99,10 +103,10 @@ def _watch(model: Path, bag: Path, rate: float, outs: list[_Output], expected: i
     for o in outs:
         cls = message_class(o.type)
         on_estimate = lambda m, o=o: o.estimate.add(_stamp(m), o.read(m))  # noqa: E731
-        subs.append(node.create_subscription(cls, f"/hiss{o.topic}", on_estimate, 1000))
+        subs.append(node.create_subscription(cls, o.estimate_topic, on_estimate, 1000))
         node.create_subscription(cls, o.topic, lambda m, o=o: o.truth.add(_stamp(m), o.read(m)), 1000)
     node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diag.update(
-        {kv.key: kv.value for s in m.status if s.name == "hiss_ros estimator" for kv in s.values}), 10)
+        {kv.key: kv.value for s in m.status if s.name == "hiss_estimator: estimator" for kv in s.values}), 10)
     ex = SingleThreadedExecutor()
     ex.add_node(node)
     # The estimator is up once its estimate topics are discovered (its diagnostics timer runs on
@@ -177,7 +181,7 @@ def _report(outs: list[_Output], diag: dict, out: Path, expected: int) -> dict:
         for i in range(3):
             ax = axes[3 * row + i, 0]
             ax.plot((gt_t - t0) / 1e9, gt_v[:, i], "k", lw=1.0, label=f"ground truth {o.topic} (replayed)")
-            ax.plot((t - t0) / 1e9, v[:, i], "C1", lw=1.0, label=f"live estimate /hiss{o.topic}")
+            ax.plot((t - t0) / 1e9, v[:, i], "C1", lw=1.0, label=f"live estimate {o.estimate_topic}")
             ax.set_ylabel(o.fields[i].split(".", 1)[-1], fontsize=8)
             if i == 0:
                 ax.legend(loc="upper right", fontsize=8)

@@ -1,10 +1,14 @@
-"""``ros2 run hiss_ros estimator``: live estimates from a trained checkpoint.
+"""``ros2 run hiss_ros estimator``: live estimates from a trained checkpoint, a managed lifecycle node.
 
 A thin adapter around ``hiss_ros.serving.StreamingEstimator``, which holds everything that is
 not ROS (the trainer's pipeline, the model and its carried state, resets, de-normalisation).
-The node turns messages into ``(stamp_ns, values)`` with the trainer's own extraction code,
-publishes each estimate stamped with its chunk's last-sample time, hot-reloads ``model_path``
-and reports on ``/diagnostics``. Everything it needs comes from the checkpoint.
+configure loads, checks and warms up the model (and compiles it with step_backend:=compile);
+activate subscribes and publishes; deactivate and cleanup release. ``autostart`` (default)
+configures and activates at start, so plain ``ros2 run`` estimates at once.
+
+Topics are relative: the inputs are the checkpoint's topics without their leading slash
+(``imu/data``, ``tactile``: remap them), the estimates are private (``~/wrench``, ``~/twist``,
+``~/markers``), so a namespace moves all of them. ``~/reset`` (std_srvs/Trigger) forgets the stream.
 """
 
 from __future__ import annotations
@@ -15,20 +19,20 @@ import time
 from collections import deque
 from typing import Any
 
-import numpy as np
 import rclpy
 import torch
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import STEP_BACKENDS
 from hiss_ros.nodes.common import freeze_heap, message_class, running, spin
+from hiss_ros.nodes.diagnostics import Diagnostics
 from hiss_ros.nodes.messages import TWIST, TWIST_COV, WRENCH, EstimateMessages
 from hiss_ros.serving import StreamingEstimator, resolve_device
 
@@ -36,15 +40,13 @@ from hiss_ros.serving import StreamingEstimator, resolve_device
 PARAMETERS: dict[str, Any] = {
     "model_path": "contact", "device": "auto", "num_threads": 0, "step_backend": "eager", "frame_id": "tool",
     "wrench_frame_id": "", "twist_frame_id": "", "world_frame_id": "world", "max_gap_s": 0.0,
-    "velocity_covariance": False, "executor": "events", "output_prefix": "/hiss", "qos_depth": 100,
-    "diagnostics_period_s": 1.0, "publish_markers": False,
+    "velocity_covariance": False, "executor": "events", "qos_depth": 100, "diagnostics_period_s": 1.0,
+    "publish_markers": False, "autostart": True, "sensor_timeout_s": 1.0,
 }
+OK, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
 
-SERVING_COUNTERS = ("estimates", "resets", "nonfinite_output")  # reported on their own, not as "pipeline ..."
-
-
-class Estimator(Node):
+class Estimator(LifecycleNode):
     def __init__(self) -> None:
         super().__init__("hiss_estimator")
         for name, default in PARAMETERS.items():  # a descriptor each: rclpy fills in name and type
@@ -55,35 +57,77 @@ class Estimator(Node):
         if self.p["step_backend"] not in STEP_BACKENDS:
             raise HissError(f"step_backend:={self.p['step_backend']}: expected one of {', '.join(STEP_BACKENDS)}")
         self.device = resolve_device(self.p["device"])
-        # Start-up work before any subscription or publisher exists: a sensor publisher that matched
-        # us would otherwise send into a queue nobody reads yet, and lose what overflows it.
-        self.est = self._load(self.p["model_path"])
-        self._compile_lock, self.compile_status = threading.Lock(), "off"
+        self.est: StreamingEstimator | None = None
+        self.messages: EstimateMessages | None = None
+        self.markers: Any = None
+        self.subscriptions_: list[Any] = []
+        self._outputs: dict[tuple[str, str], Any] = {}  # (topic, type) -> lifecycle publisher, across reloads
+        self._compile_lock, self.compile_status, self.reloads = threading.Lock(), "off", 0
+        self.latencies: deque[float] = deque(maxlen=1000)
+        self.diagnostics = Diagnostics(self)
+        self.create_service(Trigger, "~/reset", self._on_reset)
+        self.add_on_set_parameters_callback(self._on_parameters)
+        if self.p["autostart"]:  # a model that cannot serve ends a plain `ros2 run` with its reason
+            if self.trigger_configure() != OK:
+                raise HissError(self.diagnostics.failure)
+            self.trigger_activate()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load, check and warm up the model before anything subscribes: a publisher that matched
+        us meanwhile would send into a queue nobody reads, and lose what overflows it."""
+        try:
+            est = self._load(self.p["model_path"])
+            self.messages = self._messages(est)
+        except HissError as exc:
+            self.diagnostics.failure = str(exc)
+            self.get_logger().error(f"configure failed: {exc}")
+            return FAILURE
+        self.est, self.diagnostics.failure = est, ""
         if self.p["step_backend"] == "compile":  # ~20 s on 2 cores, seconds once cached
             self.get_logger().info("compiling the streaming step (step_backend:=compile)")
-            self.compile_status = self._compile(self.est)
-        freeze_heap()  # no 100 ms garbage collection in the middle of the stream
-        self.inputs = self.est.spec.inputs
-        self.reloads, self.latencies = 0, deque(maxlen=1000)
-        self.received, self.unreadable = [0] * len(self.inputs), [0] * len(self.inputs)
-        self._rate_mark = (time.monotonic(), 0, [0] * len(self.inputs))  # for rates between reports
+            self.compile_status = self._compile(est)
+        self.markers = (self.create_lifecycle_publisher(MarkerArray, "~/markers", 10)
+                        if self.p["publish_markers"] else None)
+        self._inputs = est.spec.inputs
+        self.diagnostics.track(est.spec)
+        self.get_logger().info(
+            f"estimating {self.messages.topics} from {[self._topic(s) for s in self._inputs]} on {self.device}, "
+            f"chunk {est.pipeline.config.chunk} at {est.pipeline.config.input_rate_hz} Hz")
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         sensor = qos_profile_sensor_data
         qos = QoSProfile(depth=self.p["qos_depth"], reliability=sensor.reliability, durability=sensor.durability,
                          history=sensor.history)
-        self._readers: list[Any] = [None] * len(self.inputs)
-        self.subscriptions_ = [self.create_subscription(message_class(s.type), s.topic,
+        self._readers: list[Any] = [None] * len(self._inputs)
+        self._steady_offset: int | None = None  # clock-stream stamp minus steady time, for header-less inputs
+        self._last_stamp = [0] * len(self._inputs)
+        self.subscriptions_ = [self.create_subscription(message_class(s.type), self._topic(s),
                                                         lambda m, i=i: self._on_sample(i, m), qos)
-                               for i, s in enumerate(self.inputs)]
-        self._estimate_publishers: dict[tuple[str, str], Any] = {}
-        self.messages = self._messages(self.est)
-        self.diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.markers = (self.create_publisher(MarkerArray, f"{self.p['output_prefix'].rstrip('/')}/markers", 10)
-                        if self.p["publish_markers"] else None)
-        self.create_timer(self.p["diagnostics_period_s"], self._report)
-        self.add_on_set_parameters_callback(self._on_parameters)
-        self.get_logger().info(
-            f"estimating {[s.topic for s in self.est.spec.outputs]} from {[s.topic for s in self.inputs]} on "
-            f"{self.device}, chunk {self.est.pipeline.config.chunk} at {self.est.pipeline.config.input_rate_hz} Hz")
+                               for i, s in enumerate(self._inputs)]
+        freeze_heap()  # no 100 ms garbage collection in the middle of the stream
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for sub in self.subscriptions_:
+            self.destroy_subscription(sub)
+        self.subscriptions_ = []
+        self.est.restart("deactivated")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for pub in [*self._outputs.values(), *([self.markers] if self.markers else [])]:
+            self.destroy_lifecycle_publisher(pub)
+        self._outputs, self.est, self.messages, self.markers = {}, None, None, None
+        self.diagnostics.track(None)
+        gc.unfreeze()
+        return super().on_cleanup(state)
+
+    @staticmethod
+    def _topic(stream: StreamSpec) -> str:
+        return stream.topic.lstrip("/")  # relative: under the node's namespace, remappable
 
     # --- models -------------------------------------------------------------------------------
 
@@ -94,12 +138,10 @@ class Estimator(Node):
     def _messages(self, est: StreamingEstimator) -> EstimateMessages:
         return EstimateMessages(est.spec, self.p["velocity_covariance"], self._frame_id, self._publisher)
 
-    def _publisher(self, stream: StreamSpec, msg_type: str) -> Any:
-        key = (stream.topic, msg_type)  # kept across hot reloads (the streams cannot change)
-        if key not in self._estimate_publishers:
-            topic = f"{self.p['output_prefix'].rstrip('/')}{stream.topic}"
-            self._estimate_publishers[key] = self.create_publisher(message_class(msg_type), topic, 10)
-        return self._estimate_publishers[key]
+    def _publisher(self, topic: str, msg_type: str) -> Any:
+        if (topic, msg_type) not in self._outputs:
+            self._outputs[topic, msg_type] = self.create_lifecycle_publisher(message_class(msg_type), topic, 10)
+        return self._outputs[topic, msg_type]
 
     def _frame_id(self, stream: StreamSpec, msg_type: str) -> str:
         """A world-frame velocity is in the world frame; the rest in the tool (or their kind's) frame."""
@@ -111,14 +153,14 @@ class Estimator(Node):
     def _on_parameters(self, params: list[Parameter]) -> SetParametersResult:
         """Hot reload: a new model_path is loaded, checked and warmed up, then swapped in; one that
         fails, or expects other streams, is refused and the old model keeps running."""
-        for p in (p for p in params if p.name == "model_path"):
+        for p in (p for p in params if p.name == "model_path" and self.est is not None):
             try:
                 new = self._load(p.value)
                 if not new.spec.same_streams(self.est.spec):
                     raise HissError(f"{p.value} expects {new.spec.describe()}; the running model has "
                                     f"{self.est.spec.describe()} (restart the node to change streams)")
                 messages = self._messages(new)
-            except Exception as exc:
+            except Exception as exc:  # any failure of a new model must leave the old one running
                 return SetParametersResult(successful=False, reason=f"model_path refused: {exc}")
             new.counters.update(self.est.counters)
             self.est, self.messages = new, messages
@@ -128,6 +170,8 @@ class Estimator(Node):
                 self._compile_in_background(new)
             self.reloads += 1
             self.get_logger().info(f"model swapped in: {p.value}")
+        for p in (p for p in params if p.name == "model_path"):
+            self.p["model_path"] = p.value  # the next configure loads it
         return SetParametersResult(successful=True)
 
     def _compile(self, est: StreamingEstimator) -> str:
@@ -135,7 +179,7 @@ class Estimator(Node):
         compiled step does not cover, or a failed compile (no C++ compiler...), keeps the eager step."""
         try:
             seconds = est.compile()
-        except Exception as exc:
+        except Exception as exc:  # ValueError (not covered); Inductor fails in many ways
             status = f"failed ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]})"
             self.get_logger().error(f"step_backend:=compile {status}; the eager step stays")
             return status
@@ -158,21 +202,40 @@ class Estimator(Node):
 
         threading.Thread(target=work, name="hiss_compile", daemon=True).start()
 
+    def _on_reset(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        if self.est is None:
+            response.success, response.message = False, "not configured: no model to reset"
+        else:
+            self.est.restart("reset_service")
+            response.success, response.message = True, "stream forgotten: the next estimate starts from a fresh state"
+        return response
+
     # --- data path ----------------------------------------------------------------------------
 
     def _on_sample(self, i: int, msg: Any) -> None:
+        spec, diag = self._inputs[i], self.diagnostics
         try:
             if self._readers[i] is None:
-                self._readers[i] = value_reader(self.inputs[i], msg)
+                self._readers[i] = value_reader(spec, msg)
             values = self._readers[i](msg)
         except (AttributeError, TypeError, ValueError) as exc:  # a message the checkpoint's fields do not fit
-            self.unreadable[i] += 1
-            self.get_logger().warn(f"{self.inputs[i].topic}: cannot read {list(self.inputs[i].fields)} ({exc}); "
-                                   "sample dropped", throttle_duration_sec=5.0)
+            diag.unreadable[i] += 1
+            self.get_logger().warn(f"{self._topic(spec)}: cannot read {list(spec.fields)} ({exc}); sample dropped",
+                                   throttle_duration_sec=5.0)
             return
-        spec = self.inputs[i]
-        stamp = message_stamp_ns(spec, msg, 0) if spec.has_header else self.get_clock().now().nanoseconds
-        self.received[i] += 1
+        steady = time.monotonic_ns()
+        diag.received[i] += 1
+        diag.last_receipt[i] = steady
+        if spec.has_header:
+            stamp = message_stamp_ns(spec, msg, 0)
+            if i == 0:
+                self._steady_offset = stamp - steady
+        elif self._steady_offset is not None:
+            # Header-less: the receipt time on the clock stream's time line, so its spacing is
+            # true whatever the /clock rate, and never the same stamp twice.
+            stamp = self._last_stamp[i] = max(steady + self._steady_offset, self._last_stamp[i] + 1)
+        else:  # the clock stream itself has no header: the node's clock (sim time honoured)
+            stamp = self.get_clock().now().nanoseconds
         est = self.est
         for chunk in est.pipeline.push(i, stamp, values):
             t0 = time.perf_counter()
@@ -182,40 +245,6 @@ class Estimator(Node):
                 if self.markers is not None:
                     self.markers.publish(self.messages.arrows(estimate.values, stamp_msg))
             self.latencies.append(time.perf_counter() - t0)
-
-    # --- diagnostics ----------------------------------------------------------------------------
-
-    def _report(self) -> None:
-        for i, spec in enumerate(self.inputs):
-            if self.received[i] == 0:
-                self.get_logger().warn(f"waiting for data on {spec.topic}", throttle_duration_sec=5.0)
-        lat = np.asarray(self.latencies) * 1e3 if self.latencies else np.zeros(1)
-        step = np.asarray(self.est.step_seconds) * 1e3 if self.est.step_seconds else np.zeros(1)
-        counters = self.est.counters
-        t_then, est_then, recv_then = self._rate_mark
-        now = time.monotonic()
-        span = max(now - t_then, 1e-9)
-        self._rate_mark = (now, counters["estimates"], list(self.received))
-        topics = [s.topic for s in self.inputs]
-        per_input = zip(topics, self.subscriptions_, self.received, recv_then, self.unreadable, strict=True)
-        values = {
-            "estimates": counters["estimates"], "estimate_rate_hz": f"{(counters['estimates'] - est_then) / span:.1f}",
-            "resets": counters["resets"], "nonfinite_outputs": counters["nonfinite_output"], "device": self.device,
-            "step_backend": self.est.model.step_backend, "compile": self.compile_status,
-            "model_path": self.est.path, "reloads": self.reloads,
-            "inference_ms_p50": f"{np.percentile(lat, 50):.3f}", "inference_ms_p99": f"{np.percentile(lat, 99):.3f}",
-            "step_ms_p50": f"{np.percentile(step, 50):.3f}",
-            **{key: value for t, sub, n, m, bad in per_input for key, value in (
-                (f"publishers {t}", sub.get_publisher_count()), (f"received {t}", n),
-                (f"rate_hz {t}", f"{(n - m) / span:.1f}"), (f"unreadable {t}", bad))},
-            **{f"pipeline {k}": v for k, v in counters.items() if k not in SERVING_COUNTERS},
-        }
-        status = DiagnosticStatus(level=DiagnosticStatus.OK, name="hiss_ros estimator", hardware_id="hiss_ros",
-                                  message=f"{counters['estimates']} estimates")
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
-        msg = DiagnosticArray(status=[status])
-        msg.header.stamp = self.get_clock().now().to_msg()
-        self.diag.publish(msg)
 
 
 def main(args: list[str] | None = None, node_class: type[Estimator] = Estimator) -> int:

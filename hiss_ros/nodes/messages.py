@@ -53,12 +53,27 @@ def twist_covariance(paths: list[str], variances: np.ndarray | None) -> np.ndarr
     return cov
 
 
+def output_names(types: list[str], streams: list[StreamSpec]) -> list[str]:
+    """The node's private topic per output: ``~/wrench``, ``~/twist``, else the ground truth's own
+    last name (``/mocap/pose`` -> ``~/pose``); a second output of the same name gets ``_2``."""
+    kinds = {WRENCH: "wrench", TWIST: "twist", TWIST_COV: "twist"}
+    names: list[str] = []
+    for msg_type, stream in zip(types, streams, strict=True):
+        base = kinds.get(msg_type) or stream.topic.rstrip("/").rsplit("/", 1)[-1]
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}_{n}"
+        names.append(name)
+    return [f"~/{n}" for n in names]
+
+
 class EstimateMessages:
     """Per output stream of a model: a message to refill and publish at every estimate."""
 
     def __init__(self, spec: ServingSpec, covariance: bool, frame_of: Callable[[StreamSpec, str], str],
-                 publisher_of: Callable[[StreamSpec, str], Any]) -> None:
-        """``frame_of(stream, msg_type)`` -> frame id; ``publisher_of(stream, msg_type)`` -> publisher."""
+                 publisher_of: Callable[[str, str], Any]) -> None:
+        """``frame_of(stream, msg_type)`` -> frame id; ``publisher_of(topic, msg_type)`` -> publisher."""
         self.types = [estimate_type(s, covariance) for s in spec.outputs]
         if covariance and TWIST_COV in self.types and spec.validation_mse is None:
             raise HissError("velocity_covariance:=true, but the model holds no validation error (trained by an "
@@ -66,8 +81,9 @@ class EstimateMessages:
         self.frames = [frame_of(s, t) for s, t in zip(spec.outputs, self.types, strict=True)]
         self.outgoing: list[tuple[Any, Any, list[tuple[Any, str]]]] = []  # publisher, message, (parent, leaf)
         first = 0
-        for stream, msg_type, frame in zip(spec.outputs, self.types, self.frames, strict=True):
-            pub = publisher_of(stream, msg_type)
+        self.topics = output_names(self.types, list(spec.outputs))
+        for stream, msg_type, frame, topic in zip(spec.outputs, self.types, self.frames, self.topics, strict=True):
+            pub = publisher_of(topic, msg_type)
             msg = pub.msg_type()
             msg.header.frame_id = frame
             paths = channel_paths(stream, msg_type)

@@ -226,7 +226,8 @@ class Pipeline:
         self._rows: list[np.ndarray] = []
         self._zi: np.ndarray | None = None
 
-    def _end_episode(self, reason: str) -> None:
+    def restart(self, reason: str) -> None:
+        """End the episode: the next chunk starts afresh (clock, held values, filter); ``reason`` is counted."""
         self.counters[reason] += 1
         log.info("input stream break (%s): new episode", reason)
         if self._clock0 is not None:
@@ -252,7 +253,7 @@ class Pipeline:
             # The clock stream jumping back by more than a gap (a restarted simulation, a looped
             # bag) is a new time line, not a late sample.
             if stream == 0 and reason == "out_of_order" and last - stamp_ns > self._max_gap_ns:
-                self._end_episode("time_backwards")
+                self.restart("time_backwards")
                 st = self._streams[0]
             else:
                 self.counters[reason] += 1
@@ -261,7 +262,7 @@ class Pipeline:
             self.counters["out_of_range"] += 1  # finite but absurd (a sensor fault): it would swamp the model state
             return []
         elif stream == 0 and last is not None and stamp_ns - last > self._max_gap_ns:
-            self._end_episode("gap")
+            self.restart("gap")
             st = self._streams[0]
         st.add(stamp_ns, v)
         self.counters["accepted"] += 1
@@ -281,7 +282,7 @@ class Pipeline:
                 self.counters["ticks_waiting"] += 1
                 continue
             if any(t - h[0] > self._max_gap_ns for h in held):
-                self._end_episode("stream_silent")
+                self.restart("stream_silent")
                 return out
             self._rows.append(np.concatenate([h[1] for h in held]))
             self._tick += 1

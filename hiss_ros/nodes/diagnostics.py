@@ -1,0 +1,101 @@
+"""The estimator's ``/diagnostics``: one status, named ``<node>: estimator`` as diagnostic_updater
+names its tasks, with a level a robot's monitoring can act on:
+
+- ERROR: no model (configure failed) or the model gave non-finite outputs since the last report;
+- WARN: not configured or not active (lifecycle), waiting for data, an input silent for longer
+  than ``sensor_timeout_s``, or the clock input arriving at under half its trained rate;
+- OK otherwise.
+Values: counters of the serving core and the pipeline, per-input receipts and measured rates,
+the time per estimate and the model step's share of it, device, backend, model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+from hiss_ros.serving import ServingSpec
+
+SERVING_COUNTERS = ("estimates", "resets", "nonfinite_output")  # reported on their own, not as "pipeline ..."
+OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
+
+
+def _ms(seconds: Any, q: float) -> str:
+    return f"{np.percentile(np.asarray(seconds) * 1e3, q):.3f}" if len(seconds) else "0.000"
+
+
+class Diagnostics:
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.name = f"{node.get_fully_qualified_name().lstrip('/')}: estimator"
+        self.failure = ""  # why the node has no model, when it has none
+        self.track(None)
+        self.publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        node.create_timer(node.p["diagnostics_period_s"], self.report)
+
+    def track(self, spec: ServingSpec | None) -> None:
+        """Start counting the inputs of ``spec`` (None: no model)."""
+        n = len(spec.inputs) if spec else 0
+        self.spec = spec
+        self.received, self.unreadable, self.last_receipt = [0] * n, [0] * n, [0] * n
+        self._mark = (time.monotonic(), 0, [0] * n, 0)  # time, estimates, received, non-finite outputs
+
+    def report(self) -> None:
+        node, est = self.node, self.node.est
+        if est is not None:
+            level, message = self._assess()
+        else:  # a failed configure is an error; not configured yet is waiting for a lifecycle manager
+            level, message = (ERROR, f"no model: {self.failure}") if self.failure else (WARN, "unconfigured")
+        values: dict[str, Any] = {}
+        if est is not None:
+            counters = est.counters
+            now = time.monotonic()
+            t_then, est_then, recv_then, _ = self._mark
+            span = max(now - t_then, 1e-9)
+            self._mark = (now, counters["estimates"], list(self.received), counters["nonfinite_output"])
+            topics = [s.topic.lstrip("/") for s in self.spec.inputs]
+            values = {
+                "estimates": counters["estimates"],
+                "estimate_rate_hz": f"{(counters['estimates'] - est_then) / span:.1f}",
+                "resets": counters["resets"], "nonfinite_outputs": counters["nonfinite_output"],
+                "device": node.device, "step_backend": est.model.step_backend, "compile": node.compile_status,
+                "model_path": est.path, "reloads": node.reloads,
+                "inference_ms_p50": _ms(node.latencies, 50), "inference_ms_p99": _ms(node.latencies, 99),
+                "step_ms_p50": _ms(est.step_seconds, 50),
+                **{key: value for t, sub, n, m, bad in zip(topics, node.subscriptions_ or [None] * len(topics),
+                                                           self.received, recv_then, self.unreadable, strict=True)
+                   for key, value in ((f"publishers {t}", sub.get_publisher_count() if sub else 0),
+                                      (f"received {t}", n), (f"rate_hz {t}", f"{(n - m) / span:.1f}"),
+                                      (f"unreadable {t}", bad))},
+                **{f"pipeline {k}": v for k, v in counters.items() if k not in SERVING_COUNTERS},
+            }
+        status = DiagnosticStatus(level=level, name=self.name, message=message,
+                                  hardware_id=f"hiss_ros {est.path if est else node.p['model_path']}")
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = node.get_clock().now().to_msg()
+        self.publisher.publish(msg)
+
+    def _assess(self) -> tuple[bytes, str]:
+        """(level, message) of a node with a model (before ``report`` moves the rate mark on)."""
+        node, est = self.node, self.node.est
+        if est.counters["nonfinite_output"] > self._mark[3]:
+            return ERROR, "the model gave non-finite outputs (not published; state reset)"
+        if not node.subscriptions_:
+            return WARN, "inactive: configured, not subscribed (lifecycle)"
+        now, timeout_ns = time.monotonic_ns(), node.p["sensor_timeout_s"] * 1e9
+        for i, s in enumerate(self.spec.inputs):
+            topic = node.resolve_topic_name(s.topic.lstrip("/"))
+            if self.received[i] == 0:
+                node.get_logger().warn(f"waiting for data on {topic}", throttle_duration_sec=5.0)
+                return WARN, f"waiting for data on {topic}"
+            if now - self.last_receipt[i] > timeout_ns:
+                return WARN, f"no data on {topic} for {(now - self.last_receipt[i]) / 1e9:.1f} s (stale)"
+        span = max(time.monotonic() - self._mark[0], 1e-9)
+        clock_rate, expected = (self.received[0] - self._mark[2][0]) / span, self.spec.pipeline.input_rate_hz
+        if clock_rate < 0.5 * expected:
+            return WARN, f"{self.spec.inputs[0].topic.lstrip('/')} at {clock_rate:.0f} Hz, trained at {expected:g} Hz"
+        return OK, f"{est.counters['estimates']} estimates"
