@@ -21,9 +21,19 @@ ROS_WHEELS = [
     "ros-jazzy-std-msgs==5.3.6",
     "ros-jazzy-sensor-msgs==5.3.6",
     "ros-jazzy-geometry-msgs==5.3.6",
+    "ros-jazzy-nav-msgs==5.3.6",
     "ros-jazzy-visualization-msgs==5.3.6",
     "ros-jazzy-diagnostic-msgs==5.3.6",
+    "ros-jazzy-std-srvs==5.3.6",
+    # From the rcl_interfaces repository, versioned apart from common_interfaces' 5.3.x; rclpy 7.1.6 needs
+    # the same 2.0.3 (rclpy.lifecycle uses lifecycle_msgs, the replay node publishes rosgraph_msgs/Clock).
+    "ros-jazzy-lifecycle-msgs==2.0.3",
+    "ros-jazzy-rosgraph-msgs==2.0.3",
 ]
+
+# `ros2 run hiss_ros <name>` runs lib/hiss_ros/<name>. These wrappers go there as data files, never
+# as scripts or console scripts, so a pip install does not put short names such as `train` on PATH.
+ROS2_RUN_SCRIPTS = ["scripts/estimator", "scripts/replay", "scripts/demo", "scripts/train"]
 
 setup(
     name=package_name,
@@ -31,6 +41,7 @@ setup(
     packages=find_packages(exclude=["test", "test.*"]),
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{package_name}"]),
+        (f"lib/{package_name}", ROS2_RUN_SCRIPTS),
         (f"share/{package_name}", ["package.xml"]),
         (f"share/{package_name}/launch", glob("launch/*.launch.py")),
         (f"share/{package_name}/config", glob("config/*")),
@@ -61,17 +72,16 @@ setup(
     description="Hierarchical State Space Models for real-time state estimation from raw robot sensors (ROS 2).",
     license="Apache-2.0",
     entry_points={
+        # Only hiss- names: a pip install puts these on PATH (colcon into lib/hiss_ros, setup.cfg).
         "console_scripts": [
-            "demo = hiss_ros.nodes.demo:main",
-            "hiss-demo = hiss_ros.nodes.demo:main",
-            "train = hiss_ros.nodes.trainer:main",
             "hiss-train = hiss_ros.train.cli:main",
-            "eval = hiss_ros.train.evaluate:main",
-            "estimator = hiss_ros.nodes.estimator:main",
-            "replay = hiss_ros.nodes.replay:main",
             "hiss-eval = hiss_ros.train.evaluate:main",
             "hiss-sim = hiss_ros.sim.cli:main",
             "hiss-import = hiss_ros.importers.cli:main",
+            "hiss-demo = hiss_ros.nodes.demo:main",
+            "hiss-estimator = hiss_ros.nodes.estimator:main",
+            "hiss-replay = hiss_ros.nodes.replay:main",
+            "hiss-train-node = hiss_ros.nodes.trainer:main",
         ],
     },
 )
