@@ -3,7 +3,7 @@
 #
 # Install order matters: torch==2.13.0 (CPU wheel) goes in first, and only when no torch is
 # importable, so a GPU user's CUDA torch (visible through --system-site-packages) survives.
-# The ROS 2 wheels (extra "ros") go in only when rclpy is not already importable (a sourced
+# The ROS 2 wheels (extra "ros") go in only when rclpy (with std_srvs, lifecycle_msgs) is not importable (a sourced
 # ROS 2 install provides it).
 
 PYTHON ?= python3
@@ -21,7 +21,7 @@ $(STAMP): setup.py setup.cfg package.xml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	$(PIP) install -e ".[test]"
-	$(PY) -c "import rclpy" 2>/dev/null || $(PIP) install -e ".[ros]"
+	$(PY) -c "import rclpy, std_srvs.srv, lifecycle_msgs.msg" 2>/dev/null || $(PIP) install -e ".[ros]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -27,8 +27,8 @@ TEXT = {
         "title": "contact",
         "what": (
             "Tactile skin (5 magnetometers x 3 axes, `/tactile`, `std_msgs/Float32MultiArray`, 100 Hz) + IMU "
-            "(`/imu/data`, 400 Hz: the input clock) -> contact wrench (`/hiss/wrench_gt`, force and torque in the "
-            "tool frame) and end-effector body twist (`/hiss/twist_gt`), 40 estimates per second (chunks of 10 IMU "
+            "(`/imu/data`, 400 Hz: the input clock) -> contact wrench (`hiss_estimator/wrench`, force and torque in the "
+            "tool frame) and end-effector body twist (`hiss_estimator/twist`), 40 estimates per second (chunks of 10 IMU "
             "samples)."
         ),
         "data": (
@@ -52,7 +52,7 @@ TEXT = {
     "broad_velocity": {
         "title": "broad_velocity",
         "what": (
-            "IMU (`/imu/data`, 285.7 Hz) -> body-frame linear velocity (`/hiss/mocap/twist`, `TwistStamped`, "
+            "IMU (`/imu/data`, 285.7 Hz) -> body-frame linear velocity (`hiss_estimator/twist`, `TwistStamped`, "
             "`twist.linear`), 28.6 estimates per second (chunks of 10 samples). Real data."
         ),
         "data": (
