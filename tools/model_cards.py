@@ -27,9 +27,9 @@ TEXT = {
         "title": "contact",
         "what": (
             "Tactile skin (5 magnetometers x 3 axes, `/tactile`, `std_msgs/Float32MultiArray`, 100 Hz) + IMU "
-            "(`/imu/data`, 400 Hz: the input clock) -> contact wrench (`hiss_estimator/wrench`, force and torque in the "
-            "tool frame) and end-effector body twist (`hiss_estimator/twist`), 40 estimates per second (chunks of 10 IMU "
-            "samples)."
+            "(`/imu/data`, 400 Hz: the input clock) -> contact wrench (`hiss_estimator/wrench`, force and torque "
+            "in the tool frame) and end-effector body twist (`hiss_estimator/twist`), 40 estimates per second (chunks "
+            "of 10 IMU samples)."
         ),
         "data": (
             "Simulated with `hiss-sim` (see [docs/SIMULATOR.md](../docs/SIMULATOR.md)): training recordings with "
