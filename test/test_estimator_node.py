@@ -510,3 +510,68 @@ def test_header_less_samples_keep_their_spacing_under_a_coarse_sim_clock(tmp_pat
     assert "Traceback" not in out, out[-3000:]
     assert int(diag.get("pipeline duplicate", 0)) == 0 and int(diag.get("pipeline out_of_order", 0)) == 0, diag
     assert int(diag["pipeline accepted"]) == 400 + sent and len(d.got) >= 35
+
+
+def test_fuzzed_input_never_crashes_the_node_nor_poisons_its_estimates(monkeypatch):
+    """A few thousand seeded hostile messages (NaN, Inf, 1e30, wrong sizes, duplicate, late,
+    +-1 h stamps, bursts) into the shipped contact model: the node lives, every received sample is
+    counted exactly once (used or dropped for one reason), and clean data afterwards gives finite
+    estimates again."""
+    from std_msgs.msg import Float32MultiArray
+
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    d = Driver("contact", "-p", "qos_depth:=1000", active=False)
+    tactile = d.node.create_publisher(Float32MultiArray, f"{d.ns}/tactile", 1000)
+    d.wait_until_active()
+    assert d.spin_until(lambda: d.diagnostics.get("publishers tactile") == "1", 30), d.diagnostics
+    rng = np.random.default_rng(7)
+    period, hour = 2_500_000, 3_600_000_000_000
+    t, sent, hostile = 100_000_000_000, 0, 0
+    try:
+        for k in range(3000):
+            t += period
+            stamp, gyro, accel = t, rng.standard_normal(3), rng.standard_normal(3)
+            kind = rng.integers(12) if k < 2600 else 99  # the last 400 samples (1 s) are clean
+            if kind == 0:
+                gyro[rng.integers(3)] = np.nan
+            elif kind == 1:
+                accel[0] = np.inf
+            elif kind == 2:
+                accel[:] = 1e30
+            elif kind == 3:
+                stamp = t - period  # a duplicate of the last stamp
+            elif kind == 4:
+                stamp = t - 3 * period  # late
+            elif kind == 5:
+                stamp = t + rng.choice([-hour, hour])  # a clock jump either way
+            hostile += kind <= 5
+            d.publish(stamp, gyro, accel)
+            if k % 4 == 0:
+                taxels = rng.standard_normal(rng.choice([15, 15, 15, 14, 16, 0]) if k < 2600 else 15)
+                if k < 2600 and rng.random() < 0.1:
+                    taxels[:1] = rng.choice([np.nan, 1e30])
+                tactile.publish(Float32MultiArray(data=taxels.astype(np.float32).tolist()))
+                sent += 1
+            if k % 250 != 249:  # bursts of 250 messages, then the node gets to catch up
+                continue
+            d.spin_until(lambda: False, 0.05)
+        sent += 3000
+        clean_from = t - 400 * period
+        assert d.spin_until(lambda: any(s > clean_from + 100_000_000 for s in d.got), 30), "no estimates after fuzz"
+        assert d.spin_until(lambda: int(d.diagnostics.get("received imu/data", 0))
+                            + int(d.diagnostics.get("received tactile", 0)) == int(d.diagnostics.get(
+                                "pipeline accepted", -1)) + sum(int(d.diagnostics.get(f"pipeline {r}", 0)) for r in (
+                                "nonfinite", "duplicate", "out_of_order", "out_of_range", "wrong_size")), 10), (
+            d.diagnostics)
+        alive = d.proc.poll() is None
+        diag, status = d.diagnostics, d.status
+    finally:
+        out = d.close()
+    assert alive and "Traceback" not in out, out[-3000:]
+    assert hostile > 1000 and int(diag["nonfinite_outputs"]) == 0 and status[0] != b"\x02", status
+    for r in ("nonfinite", "duplicate", "out_of_order", "out_of_range", "wrong_size", "time_backwards", "gap"):
+        assert int(diag.get(f"pipeline {r}", 0)) > 0, (r, diag)
+    assert all(np.isfinite(v).all() for v in d.got.values())
+    received = int(diag["received imu/data"]) + int(diag["received tactile"])
+    assert received + int(diag["lost imu/data"]) + int(diag["lost tactile"]) <= sent

@@ -41,6 +41,7 @@ class Diagnostics:
         n = len(spec.inputs) if spec else 0
         self.spec = spec
         self.received, self.unreadable, self.last_receipt = [0] * n, [0] * n, [0] * n
+        self.lost = [0] * n  # the middleware's message-lost events; -1: not supported by this rmw
         self._mark = (time.monotonic(), 0, [0] * n, 0)  # time, estimates, received, non-finite outputs
 
     def report(self) -> None:
@@ -65,11 +66,12 @@ class Diagnostics:
                 "model_path": est.path, "reloads": node.reloads,
                 "inference_ms_p50": _ms(node.latencies, 50), "inference_ms_p99": _ms(node.latencies, 99),
                 "step_ms_p50": _ms(est.step_seconds, 50),
-                **{key: value for t, sub, n, m, bad in zip(topics, node.subscriptions_ or [None] * len(topics),
-                                                           self.received, recv_then, self.unreadable, strict=True)
+                **{key: value for t, sub, n, m, bad, lost in zip(
+                    topics, node.subscriptions_ or [None] * len(topics), self.received, recv_then, self.unreadable,
+                    self.lost, strict=True)
                    for key, value in ((f"publishers {t}", sub.get_publisher_count() if sub else 0),
                                       (f"received {t}", n), (f"rate_hz {t}", f"{(n - m) / span:.1f}"),
-                                      (f"unreadable {t}", bad))},
+                                      (f"unreadable {t}", bad), (f"lost {t}", lost if lost >= 0 else "n/a"))},
                 **{f"pipeline {k}": v for k, v in counters.items() if k not in SERVING_COUNTERS},
             }
         status = DiagnosticStatus(level=level, name=self.name, message=message,

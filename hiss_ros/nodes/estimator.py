@@ -22,6 +22,7 @@ from typing import Any
 import rclpy
 import torch
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
@@ -104,11 +105,25 @@ class Estimator(LifecycleNode):
         self._readers: list[Any] = [None] * len(self._inputs)
         self._steady_offset: int | None = None  # clock-stream stamp minus steady time, for header-less inputs
         self._last_stamp = [0] * len(self._inputs)
-        self.subscriptions_ = [self.create_subscription(message_class(s.type), self._topic(s),
-                                                        lambda m, i=i: self._on_sample(i, m), qos)
-                               for i, s in enumerate(self._inputs)]
+        self._max_gap_ns = int(self.est.pipeline.config.max_gap_s * 1e9)
+        self.subscriptions_ = [self._subscribe(i, s, qos) for i, s in enumerate(self._inputs)]
         freeze_heap()  # no 100 ms garbage collection in the middle of the stream
         return super().on_activate(state)
+
+    def _subscribe(self, i: int, stream: StreamSpec, qos: QoSProfile) -> Any:
+        """Input ``i``'s subscription; the middleware's message-lost events counted for /diagnostics
+        (best effort: what it drops before the node sees it would otherwise go unnoticed)."""
+        def lost(info: Any) -> None:
+            self.diagnostics.lost[i] += info.total_count_change
+
+        events = SubscriptionEventCallbacks(message_lost=lost, use_default_callbacks=False)
+        try:
+            return self.create_subscription(message_class(stream.type), self._topic(stream),
+                                            lambda m: self._on_sample(i, m), qos, event_callbacks=events)
+        except UnsupportedEventTypeError:  # an rmw without the event: subscribe without it
+            self.diagnostics.lost[i] = -1
+            return self.create_subscription(message_class(stream.type), self._topic(stream),
+                                            lambda m: self._on_sample(i, m), qos)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         for sub in self.subscriptions_:
@@ -231,9 +246,13 @@ class Estimator(LifecycleNode):
             if i == 0:
                 self._steady_offset = stamp - steady
         elif self._steady_offset is not None:
-            # Header-less: the receipt time on the clock stream's time line, so its spacing is
-            # true whatever the /clock rate, and never the same stamp twice.
-            stamp = self._last_stamp[i] = max(steady + self._steady_offset, self._last_stamp[i] + 1)
+            # Header-less: the receipt time on the clock stream's time line, so its spacing is true
+            # whatever the /clock rate. Jitter of that mapping never gives a stamp twice; a jump of
+            # the time line (more than a gap back) is followed.
+            stamp, last = steady + self._steady_offset, self._last_stamp[i]
+            if last - self._max_gap_ns < stamp <= last:
+                stamp = last + 1
+            self._last_stamp[i] = stamp
         else:  # the clock stream itself has no header: the node's clock (sim time honoured)
             stamp = self.get_clock().now().nanoseconds
         est = self.est
