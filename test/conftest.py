@@ -35,6 +35,10 @@ def flat_config(kind: str, deltas: bool = True) -> dict:
 # Every model the library can build: HiSS over every (low, high) pair, and every flat baseline.
 MODEL_CONFIGS = {f"hiss-{lo}-{hi}": hiss_config(lo, hi) for lo in LAYER_KINDS for hi in LAYER_KINDS}
 MODEL_CONFIGS.update({f"flat-{k}": flat_config(k) for k in LAYER_KINDS})
+# Training-recipe options: chunk features averaged over the chunk, delta channels rescaled.
+MODEL_CONFIGS["hiss-s4d-mamba-mean"] = {**hiss_config("s4d", "mamba"), "pool": "mean"}
+MODEL_CONFIGS["hiss-s4d-mamba-scaled"] = {**hiss_config("s4d", "mamba"), "scale_deltas": True}
+MODEL_CONFIGS["flat-lstm-scaled"] = {**flat_config("lstm"), "scale_deltas": True}
 
 
 @pytest.fixture(params=sorted(MODEL_CONFIGS), ids=sorted(MODEL_CONFIGS))

@@ -189,3 +189,38 @@ def test_chunk_sweep_trains_one_model_per_chunk(tmp_path, bag):
     assert [(r["chunk"], r["output_rate_hz"]) for r in rows] == [(5, 40.0), (20, 10.0)]
     assert load_checkpoint(out / "chunk_20" / "model.safetensors").config.chunk == 20
     assert main(["--config", str(config(tmp_path)), "--bag", str(bag), "--out", str(out), "--sweep", "width=3"]) == 2
+
+
+def test_compare_over_two_seeds_reports_spread_and_the_paired_difference(tmp_path, bag):
+    """--seeds: one training per model and seed, mean +- std per model, HiSS paired seed by seed
+    with the best flat model; --val-bag validates on its own recording, --test-bag scores held out."""
+    other = contact_bag(tmp_path / "other", seconds=20.0, seed=5)
+    out = tmp_path / "cmp"
+    code = main(["--config", str(config(tmp_path, epochs=1, seq_chunks=16)), "--bag", str(bag), "--out", str(out),
+                 "--quiet", "--cache-dir", str(tmp_path / "cache"), "--compare", "hiss,flat-lstm", "--seeds", "0,1",
+                 "--val-bag", str(other), "--test-bag", str(other)])
+    assert code == 0
+    hiss, lstm = json.loads((out / "comparison.json").read_text())
+    for row in (hiss, lstm):
+        assert [r["seed"] for r in row["per_seed"]] == [0, 1]
+        vals = [r["val_mse"] for r in row["per_seed"]]
+        assert vals[0] != vals[1]  # the seed reached the training
+        assert row["val_mse"] == pytest.approx(np.mean(vals))
+        assert row["val_mse_std"] == pytest.approx(np.std(vals, ddof=1))
+        for s in (0, 1):
+            assert (out / row["name"] / f"seed_{s}" / "model.safetensors").is_file()
+    # The validation recording is the whole of the other bag: its chunks, not a fifth of the training bag's.
+    val_chunks = json.loads((out / "hiss" / "seed_0" / "metrics.json").read_text())["val_chunks"]
+    assert 20 * 20 - 5 <= val_chunks <= 20 * 20  # 20 s at 20 Hz (the pipeline may drop a partial chunk)
+    # Validation and test are the same recording here, scored the same way.
+    assert hiss["per_seed"][0]["test_mse"] == pytest.approx(hiss["per_seed"][0]["val_mse"], rel=1e-5)
+    verdict = hiss["vs_best_flat"]
+    diffs = [a["test_mse"] - b["test_mse"] for a, b in zip(hiss["per_seed"], lstm["per_seed"], strict=True)]
+    assert verdict["against"] == "flat-lstm" and verdict["diffs"] == pytest.approx(diffs)
+    expected = ("win" if np.mean(diffs) < 0 else "loss") if abs(np.mean(diffs)) > 2 * np.std(diffs, ddof=1) \
+        else "no clear difference"
+    assert verdict["call"] == expected
+    md = (out / "comparison.md").read_text()
+    assert f"| hiss | {hiss['val_mse']:.4f} +- {hiss['val_mse_std']:.4f} |" in md and expected in md
+    assert main(["--config", str(config(tmp_path)), "--bag", str(bag), "--out", str(out), "--compare", "hiss",
+                 "--seeds", "0,0"]) == 2

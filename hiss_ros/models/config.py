@@ -20,6 +20,7 @@ def layer_kinds() -> tuple[str, ...]:
 
     return tuple(MIXERS)
 
+POOLS = ("last", "mean")  # how HiSS reads a chunk feature from the low stack
 
 # Per-kind default state size: S4D counts complex modes (N/2 of the paper's N=64 real),
 # Mamba the state per inner channel (mamba_ssm's default 16). LSTM/Transformer have none.
@@ -100,11 +101,21 @@ def _check_io(where: str, input_dim: Any, output_dim: Any, chunk: Any) -> None:
     _require(_is_int(chunk) and chunk > 0, where, "chunk", chunk, "a positive int")
 
 
+def _check_deltas(where: str, deltas: Any, scale_deltas: Any) -> None:
+    _require(isinstance(deltas, bool), where, "deltas", deltas, "true or false")
+    _require(isinstance(scale_deltas, bool), where, "scale_deltas", scale_deltas, "true or false")
+    _require(deltas or not scale_deltas, where, "scale_deltas", scale_deltas, "false when deltas is false")
+
+
 @dataclass(frozen=True)
 class HiSSConfig:
     """Hierarchical SSM: ``low`` runs over each chunk of ``chunk`` samples from zero state, its
     output at the chunk's last sample feeds ``high``, which runs over the chunk sequence; a linear
-    head maps to ``output_dim``. ``deltas`` appends one-step input differences as channels."""
+    head maps to ``output_dim``. ``deltas`` appends one-step input differences as channels;
+    ``scale_deltas`` divides them by a per-channel scale fitted on the training data (a buffer,
+    saved with the weights). ``pool``: the chunk feature is the low stack's output at the chunk's
+    last sample (``last``) or its mean over the chunk (``mean``); either way it only uses samples
+    up to the chunk's last one, the instant the estimate refers to."""
 
     input_dim: int
     output_dim: int
@@ -112,12 +123,15 @@ class HiSSConfig:
     low: StackConfig
     high: StackConfig
     deltas: bool = True
+    scale_deltas: bool = False
+    pool: str = "last"
     kind: str = field(default="hiss")
 
     def __post_init__(self) -> None:
         _check_io("hiss", self.input_dim, self.output_dim, self.chunk)
         _require(self.kind == "hiss", "hiss", "kind", self.kind, "'hiss'")
-        _require(isinstance(self.deltas, bool), "hiss", "deltas", self.deltas, "true or false")
+        _check_deltas("hiss", self.deltas, self.scale_deltas)
+        _require(self.pool in POOLS, "hiss", "pool", self.pool, f"one of {list(POOLS)}")
         object.__setattr__(self, "low", _stack("hiss.low", self.low))
         object.__setattr__(self, "high", _stack("hiss.high", self.high))
 
@@ -132,12 +146,13 @@ class FlatConfig:
     chunk: int
     layers: StackConfig
     deltas: bool = True
+    scale_deltas: bool = False  # as HiSSConfig's
     kind: str = field(default="flat")
 
     def __post_init__(self) -> None:
         _check_io("flat", self.input_dim, self.output_dim, self.chunk)
         _require(self.kind == "flat", "flat", "kind", self.kind, "'flat'")
-        _require(isinstance(self.deltas, bool), "flat", "deltas", self.deltas, "true or false")
+        _check_deltas("flat", self.deltas, self.scale_deltas)
         object.__setattr__(self, "layers", _stack("flat.layers", self.layers))
 
 

@@ -51,7 +51,23 @@ class ChunkedModel(nn.Module):
         if not self.config.deltas:
             return x
         before = torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)  # (B, L, I)
-        return torch.cat([x, x - before], dim=-1)
+        delta = x - before
+        if self.config.scale_deltas:
+            delta = delta / self.delta_std
+        return torch.cat([x, delta], dim=-1)
+
+    def _init_deltas(self) -> None:
+        if self.config.scale_deltas:
+            # (I,) fitted on training data by the trainer; a buffer, so the checkpoint carries it
+            self.register_buffer("delta_std", torch.ones(self.config.input_dim))
+
+    def set_delta_std(self, std: Tensor) -> None:
+        """Scale of the delta channels, (I,) positive (``scale_deltas`` models only)."""
+        if not self.config.scale_deltas:
+            raise ValueError("set_delta_std: this model's config has scale_deltas false")
+        if std.shape != self.delta_std.shape or not bool((std > 0).all()):
+            raise ValueError(f"set_delta_std: expected {tuple(self.delta_std.shape)} positive values, got {std}")
+        self.delta_std.copy_(std)
 
     @property
     def feature_dim(self) -> int:
@@ -134,6 +150,7 @@ class HiSS(ChunkedModel):
         self.low = Stack(self.feature_dim, config.low)
         self.high = Stack(config.low.d_model, config.high)
         self.head = linear(config.high.d_model, config.output_dim)
+        self._init_deltas()
         self._fast_step = FastStep()
 
     @property
@@ -161,11 +178,12 @@ class HiSS(ChunkedModel):
 
     def _chunk_features(self, x: Tensor) -> Tensor:
         """x (B, K*chunk, I') -> (B, K, D_low): low stack over each chunk from zero state, read
-        at the chunk's last sample."""
+        at the chunk's last sample or averaged over the chunk (``pool``)."""
         B, L, F = x.shape
         K = L // self.config.chunk
         low = self.low(x.reshape(B * K, self.config.chunk, F))  # (B*K, chunk, D_low)
-        return low[:, -1].reshape(B, K, -1)
+        feature = low[:, -1] if self.config.pool == "last" else low.mean(1)  # (B*K, D_low)
+        return feature.reshape(B, K, -1)
 
     def _forward(self, x: Tensor) -> Tensor:
         return self.head(self.high(self._chunk_features(x)))
@@ -194,6 +212,7 @@ class Flat(ChunkedModel):
         self.config = config
         self.layers = Stack(self.feature_dim, config.layers)
         self.head = linear(config.layers.d_model, config.output_dim)
+        self._init_deltas()
 
     @property
     def stack_for_state(self) -> Stack:

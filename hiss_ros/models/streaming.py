@@ -167,6 +167,8 @@ class FastStep:
         if cfg.low.kind != "s4d" or cfg.high.kind != "mamba" or cfg.chunk > TOEPLITZ_MAX_LEN:
             return (f"it covers HiSS with an S4D low level, a Mamba high level and chunk <= {TOEPLITZ_MAX_LEN}; "
                     f"this model has low {cfg.low.kind!r}, high {cfg.high.kind!r}, chunk {cfg.chunk}")
+        if cfg.pool != "last":  # low_last evaluates the last block at the chunk's last sample only
+            return f"it covers pool 'last' only; this model has pool {cfg.pool!r}"
         return None
 
     @staticmethod

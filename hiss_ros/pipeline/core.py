@@ -108,6 +108,12 @@ class Episode:
     x: np.ndarray  # (K, chunk, channels), as Chunk.x
 
 
+def safe_std(a: np.ndarray) -> np.ndarray:
+    """Per-column standard deviation of a (N, C); a constant column keeps 1 (nothing to scale)."""
+    s = a.std(0)
+    return np.where(s > 1e-8, s, 1.0)
+
+
 @dataclass(frozen=True)
 class Normalization:
     """Per-channel statistics of the training data: the model sees ``(value - mean) / std`` on
@@ -142,12 +148,8 @@ class Normalization:
 
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray) -> Normalization:
-        """Statistics of input rows x (N, C) and targets y (N', O); a constant channel keeps std 1."""
-        def std(a: np.ndarray) -> np.ndarray:
-            s = a.std(0)
-            return np.where(s > 1e-8, s, 1.0)
-
-        return cls(x.mean(0), std(x), y.mean(0), std(y))
+        """Statistics of input rows x (N, C) and targets y (N', O)."""
+        return cls(x.mean(0), safe_std(x), y.mean(0), safe_std(y))
 
     @classmethod
     def from_dict(cls, data: object) -> Normalization:

@@ -34,8 +34,7 @@ def with_model(cfg: TrainConfig, choice: str) -> TrainConfig:
     low = cfg.model.get("low") or cfg.model.get("layers") or {}
     layers = {k: v for k, v in low.items() if k in ("d_model", "n_layers", "dropout")}
     model = {"kind": "flat", "layers": {**layers, "kind": choice.split("-", 1)[1]}}
-    if "deltas" in cfg.model:
-        model["deltas"] = cfg.model["deltas"]
+    model.update({k: cfg.model[k] for k in ("deltas", "scale_deltas") if k in cfg.model})
     return replace(cfg, model=model)
 
 
@@ -53,6 +52,13 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
     p.add_argument("--compare", metavar="MODELS",
                    help=f"train each of a comma list (of {','.join(MODEL_CHOICES)}) "
                         "at the HiSS parameter budget into OUT/<model>, and write OUT/comparison.md")
+    p.add_argument("--seeds", metavar="LIST", help="with --compare: train every model once per seed (e.g. 0,1,2) "
+                   "and report mean +- std and HiSS's paired difference to the best flat model")
+    p.add_argument("--val-bag", action="append", type=Path, default=[],
+                   help="an independent validation bag (early stopping, model selection); repeatable. Without "
+                        "it the last train.val_fraction of each --bag validates")
+    p.add_argument("--test-bag", action="append", type=Path, default=[],
+                   help="with --compare: a held-out bag every trained model is scored on; repeatable")
     p.add_argument("--sweep", metavar="chunk=LIST", help="train one HiSS per chunk size, e.g. chunk=5,10,20,40")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when available (one GPU per torchrun process), else CPU")
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
             rows = _comparison(cfg, args)
             print(json.dumps(rows, indent=2))
             return 0
-        ds = load_dataset(cfg, args.bag, cache_dir=args.cache_dir, progress=not args.quiet)
+        ds = load_dataset(cfg, args.bag, cache_dir=args.cache_dir, progress=not args.quiet, val_bags=args.val_bag)
         logging.info("train %d chunks, validation %d chunks, %d segment(s) skipped",
                      ds.train.chunks, ds.val.chunks, ds.skipped_segments)
         result = train(cfg, ds, args.out, resume=args.resume, progress=not args.quiet, device=device,
@@ -84,10 +90,13 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
 
 
 def _comparison(cfg: TrainConfig, args: argparse.Namespace) -> list[dict]:
+    if (args.seeds or args.test_bag) and not args.compare:
+        raise ConfigError("--seeds and --test-bag go with --compare")
     if args.compare:
         models = [m.strip() for m in args.compare.split(",") if m.strip()]
         return run_compare(cfg, args.bag, args.out, models, args.cache_dir, progress=not args.quiet,
-                           resume=args.resume)
+                           resume=args.resume, seeds=_seeds(args.seeds), val_bags=args.val_bag,
+                           test_bags=args.test_bag)
     key, _, values = args.sweep.partition("=")
     try:
         chunks = [int(v) for v in values.split(",")]
@@ -95,7 +104,19 @@ def _comparison(cfg: TrainConfig, args: argparse.Namespace) -> list[dict]:
         chunks = []
     if key != "chunk" or not chunks or min(chunks) < 1:
         raise ConfigError(f"--sweep {args.sweep!r}: expected chunk=N,N,... with positive integers")
-    return run_sweep(cfg, args.bag, args.out, chunks, args.cache_dir, progress=not args.quiet)
+    return run_sweep(cfg, args.bag, args.out, chunks, args.cache_dir, progress=not args.quiet, val_bags=args.val_bag)
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: expected distinct integers such as 0,1,2")
+    return seeds
 
 
 def _device(choice: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -23,9 +24,10 @@ import torch
 from hiss_ros.checkpoint import atomic_write, load_checkpoint
 from hiss_ros.errors import ConfigError
 from hiss_ros.models import ChunkedModel, build_model
+from hiss_ros.serving import load_model
 from hiss_ros.train.config import TrainConfig
-from hiss_ros.train.dataset import load_dataset
-from hiss_ros.train.loop import MODEL_FILE, model_config, train
+from hiss_ros.train.dataset import collect_segments, load_dataset, normalised
+from hiss_ros.train.loop import MODEL_FILE, evaluate, model_config, train
 
 log = logging.getLogger(__name__)
 FLAT_KINDS = ("mamba", "s4d", "lstm", "transformer")
@@ -41,7 +43,7 @@ def matched_flat(base: dict[str, Any], kind: str, target: int) -> dict[str, Any]
     low = base.get("low", {})
     layers = {"kind": kind, "n_layers": low.get("n_layers", 2), "dropout": low.get("dropout", 0.1)}
     io = {k: base[k] for k in ("input_dim", "output_dim", "chunk") if k in base}
-    extra = {"deltas": base["deltas"]} if "deltas" in base else {}
+    extra = {k: base[k] for k in ("deltas", "scale_deltas") if k in base}  # same input features
 
     def cfg(width: int) -> dict[str, Any]:
         return {"kind": "flat", **io, **extra, "layers": {**layers, "d_model": width}}
@@ -85,51 +87,119 @@ def _row(name: str, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
             "step_ms": round(step_cost_ms(model), 3), "train_seconds": metrics["seconds"], **extra}
 
 
+def _test_mse(folder: Path, cfg: TrainConfig, test_bags: list[Path], cache_dir: Path | None,
+              progress: bool) -> float:
+    """Normalised MSE over every chunk of ``test_bags``, each segment streamed whole from its start
+    (segments shorter than ``train.seq_chunks`` left out, as collect_segments does)."""
+    served = load_model(folder / MODEL_FILE)
+    seg = collect_segments(cfg, test_bags, cache_dir, progress, val_fraction=0.0)
+    return evaluate(served.model, normalised(seg.train, served.spec.normalization))[0]
+
+
+def _model_for(name: str, base: dict[str, Any], budget: int, cfg: TrainConfig) -> dict[str, Any]:
+    if name == "hiss":
+        return cfg.model
+    kind = name.removeprefix("flat-")
+    if kind not in FLAT_KINDS:
+        raise ConfigError(f"--compare: unknown model {name!r}; use hiss or flat-{{{','.join(FLAT_KINDS)}}}")
+    return {k: v for k, v in matched_flat(base, kind, budget).items() if k not in ("input_dim", "output_dim", "chunk")}
+
+
 def run_compare(cfg: TrainConfig, bags: list[Path], out: Path, models: list[str], cache_dir: Path | None,
-                progress: bool = True, resume: bool = False) -> list[dict[str, Any]]:
-    """Train each of ``models`` into ``out/<model>``; with ``resume``, models that finished are
-    kept and an interrupted one continues where it stopped."""
+                progress: bool = True, resume: bool = False, seeds: list[int] | None = None,
+                val_bags: list[Path] | None = None, test_bags: list[Path] | None = None) -> list[dict[str, Any]]:
+    """Train each of ``models`` into ``out/<model>`` (``out/<model>/seed_<s>`` for several
+    ``seeds``); with ``resume``, models that finished are kept and an interrupted one continues
+    where it stopped. ``val_bags``: independent validation recordings (early stopping, model
+    selection); ``test_bags``: held-out recordings, scored after training and never used in it."""
     if "hiss" not in models or cfg.model.get("kind") != "hiss":
         raise ConfigError("--compare needs 'hiss' in the list and a hiss model in the config (the budget to match)")
-    ds = load_dataset(cfg, bags, cache_dir, progress)
+    seeds = seeds or [cfg.train.seed]
+    ds = load_dataset(cfg, bags, cache_dir, progress, val_bags=val_bags or ())
     base = model_config(cfg, ds)
     budget = parameters(base)
     rows = []
     for name in models:
-        if name == "hiss":
-            model = cfg.model
-        else:
-            kind = name.removeprefix("flat-")
-            if kind not in FLAT_KINDS:
-                raise ConfigError(f"--compare: unknown model {name!r}; use hiss or flat-{{{','.join(FLAT_KINDS)}}}")
-            model = {k: v for k, v in matched_flat(base, kind, budget).items() if k not in ("input_dim", "output_dim",
-                                                                                           "chunk")}
-        if resume and (out / name / "metrics.json").is_file():
-            log.info("compare: %s finished earlier, kept", name)
-        else:
-            log.info("compare: training %s", name)
-            train(replace(cfg, model=model), ds, out / name, resume=resume, progress=progress)
-        row = _row(name, out / name, {})
+        model = _model_for(name, base, budget, cfg)
+        runs = []
+        for seed in seeds:
+            folder = out / name if len(seeds) == 1 else out / name / f"seed_{seed}"
+            if resume and (folder / "metrics.json").is_file():
+                log.info("compare: %s (seed %d) finished earlier, kept", name, seed)
+            else:
+                log.info("compare: training %s (seed %d)", name, seed)
+                train(replace(cfg, model=model, train=replace(cfg.train, seed=seed)), ds, folder, resume=resume,
+                      progress=progress)
+            run = _row(name, folder, {"seed": seed})
+            if test_bags:
+                run["test_mse"] = _test_mse(folder, cfg, test_bags, cache_dir, progress)
+            runs.append(run)
+        row = _aggregate(runs)
         row["budget_ratio"] = round(row["parameters"] / budget, 3)
         if abs(row["budget_ratio"] - 1) > 0.1:
             log.warning("compare: %s has %d parameters, %.0f%% of the budget", name, row["parameters"],
                         100 * row["budget_ratio"])
         rows.append(row)
+    verdict = paired_verdict(rows, "test_mse" if test_bags else "val_mse")
+    if verdict:
+        rows[models.index("hiss")]["vs_best_flat"] = verdict
     _report(out, rows, "Models at equal parameter budget",
             f"Budget: {budget:,} parameters (the HiSS model); each flat width is the multiple of 4 whose "
-            "parameter count is closest to it.")
+            f"parameter count is closest to it. Seeds: {', '.join(map(str, seeds))}; mean +- standard deviation "
+            f"over seeds where there are several. Validation: "
+            f"{'independent recordings' if val_bags else 'the last part of each training recording'}." +
+            (f"\n\n{verdict['text']}" if verdict else ""))
     return rows
 
 
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per model: the first seed's fields, metrics averaged over seeds (``*_std``: their
+    sample standard deviation, 0 for one seed) and every seed's own row under ``per_seed``."""
+    row = dict(runs[0])
+    del row["seed"]
+    for key in ("val_mse", "test_mse", "step_ms", "train_seconds"):
+        if key in row:
+            values = [r[key] for r in runs]
+            row[key] = statistics.fmean(values)
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    row["per_seed"] = runs
+    return row
+
+
+def paired_verdict(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """HiSS against the flat model with the lowest mean validation MSE (chosen without test data),
+    paired seed by seed on ``metric``: a win or a loss only where the mean difference is beyond
+    twice the standard deviation of the per-seed differences; one seed is no basis for a call."""
+    hiss = next(r for r in rows if r["name"] == "hiss")
+    flats = [r for r in rows if r["name"] != "hiss"]
+    if not flats:
+        return None
+    best = min(flats, key=lambda r: r["val_mse"])
+    diffs = [a[metric] - b[metric] for a, b in zip(hiss["per_seed"], best["per_seed"], strict=True)]
+    mean = statistics.fmean(diffs)
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
+    if len(diffs) < 2:
+        call = "no call (one seed)"
+    elif abs(mean) > 2 * spread:
+        call = "win" if mean < 0 else "loss"
+    else:
+        call = "no clear difference"
+    text = (f"HiSS - {best['name']} (best flat model by validation MSE), {metric} paired over "
+            f"{len(diffs)} seed(s): {mean:+.4f}" + (f" +- {spread:.4f}" if len(diffs) > 1 else "") +
+            f" per seed ({', '.join(f'{d:+.4f}' for d in diffs)}): **{call}**.")
+    return {"against": best["name"], "metric": metric, "diffs": diffs, "mean": mean,
+            "std": None if math.isnan(spread) else spread, "call": call, "text": text}
+
+
 def run_sweep(cfg: TrainConfig, bags: list[Path], out: Path, chunks: list[int], cache_dir: Path | None,
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True, val_bags: list[Path] | None = None) -> list[dict[str, Any]]:
     base_chunk = round(cfg.input_rate_hz / cfg.output_rate_hz)
     rows = []
     for c in chunks:
         seq = max(4, round(cfg.train.seq_chunks * base_chunk / c))
         sub = replace(cfg, output_rate_hz=cfg.input_rate_hz / c, train=replace(cfg.train, seq_chunks=seq))
         log.info("sweep: chunk %d (%.3g Hz estimates, %d chunks per training window)", c, sub.output_rate_hz, seq)
-        ds = load_dataset(sub, bags, cache_dir, progress)
+        ds = load_dataset(sub, bags, cache_dir, progress, val_bags=val_bags or ())
         train(sub, ds, out / f"chunk_{c}", progress=progress)
         rows.append(_row(f"chunk {c}", out / f"chunk_{c}", {"chunk": c, "output_rate_hz": sub.output_rate_hz}))
     _report(out, rows, "Chunk-size sweep (HiSS)",
@@ -137,14 +207,24 @@ def run_sweep(cfg: TrainConfig, bags: list[Path], out: Path, chunks: list[int], 
     return rows
 
 
+def _cell(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return ""
+    if len(row.get("per_seed", ())) > 1:
+        return f"{row[key]:.4f} +- {row[key + '_std']:.4f}"
+    return f"{row[key]:.4f}"
+
+
 def _report(out: Path, rows: list[dict[str, Any]], title: str, note: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "comparison.json", json.dumps(rows, indent=2).encode())
+    test = any("test_mse" in r for r in rows)
     lines = [f"# {title}", "", note, "",
-             "| model | val MSE (normalised) | parameters | step_chunk (ms, batch 1, CPU) | training (s) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['val_mse']:.4f} | {r['parameters']:,} | {r['step_ms']:.3f} | {r['train_seconds']} |"
-              for r in rows]
+             "| model | val MSE (normalised) |" + (" held-out test MSE (normalised) |" if test else "") +
+             " parameters | step_chunk (ms, batch 1, CPU) | training (s) |",
+             "|---|---|" + ("---|" if test else "") + "---|---|---|"]
+    lines += [f"| {r['name']} | {_cell(r, 'val_mse')} |" + (f" {_cell(r, 'test_mse')} |" if test else "") +
+              f" {r['parameters']:,} | {r['step_ms']:.3f} | {round(r['train_seconds'], 1)} |" for r in rows]
     atomic_write(out / "comparison.md", ("\n".join(lines) + "\n").encode())
     import matplotlib
 

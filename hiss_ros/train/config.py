@@ -24,19 +24,35 @@ class TrainSettings:
     patience: int = 10  # epochs without validation improvement before stopping
     grad_clip: float = 1.0
     seed: int = 0
+    # The first chunks of each training window only warm the state up: no loss on them, since the
+    # model is never asked for them from a zero state in the middle of a stream.
+    burn_in_chunks: int = 0
+    max_steps: int = 0  # optimiser steps in all (the last epoch cut short); 0: train.epochs full epochs
+    no_decay_ssm: bool = False  # AdamW decay off for SSM dynamics (A, dt, D), biases and norms
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if f.type == "bool":
+                if not isinstance(v, bool):
+                    raise ConfigError(f"train.{f.name} = {v!r}: expected true or false")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"train.{f.name} = {v!r}: expected a number")
         for name in ("epochs", "batch_size", "seq_chunks", "patience"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}: expected a positive int")
+        for name in ("burn_in_chunks", "max_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}: expected an int >= 0")
+        if self.burn_in_chunks >= self.seq_chunks:
+            raise ConfigError(f"train.burn_in_chunks = {self.burn_in_chunks!r}: expected fewer than "
+                              f"train.seq_chunks = {self.seq_chunks} (no chunk of a window would be trained on)")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"train.val_fraction = {self.val_fraction!r}: expected a number in (0, 1)")
         if self.lr <= 0:
             raise ConfigError(f"train.lr = {self.lr!r}: expected a positive number")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay = {self.weight_decay!r}: expected a number >= 0")
 
 
 @dataclass(frozen=True)

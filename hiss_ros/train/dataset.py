@@ -21,6 +21,7 @@ import numpy as np
 from hiss_ros.data import read_streams
 from hiss_ros.errors import HissError
 from hiss_ros.pipeline import Normalization, Pipeline
+from hiss_ros.pipeline.core import safe_std
 from hiss_ros.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,10 @@ class Segments:
 
 
 def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
-                     progress: bool = True) -> Segments:
-    """Each bag is its own time line (its own pipeline run); all their segments are pooled."""
+                     progress: bool = True, val_fraction: float | None = None) -> Segments:
+    """Each bag is its own time line (its own pipeline run); all their segments are pooled.
+    ``val_fraction`` (default ``cfg.train.val_fraction``) of each segment's end validates; 0: none."""
+    frac = cfg.train.val_fraction if val_fraction is None else val_fraction
     train, val = Split(), Split()
     dims: tuple[int, ...] | None = None
     skipped, chunk, counters = 0, 0, {}
@@ -98,8 +101,8 @@ def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: st
             y, ok = _targets(cfg, data.streams, ep.stamps_ns)
             for seg in _segments(ok):
                 n = seg.stop - seg.start
-                n_val = round(n * cfg.train.val_fraction)
-                if n - n_val < cfg.train.seq_chunks or n_val < 1:
+                n_val = round(n * frac)
+                if n - n_val < cfg.train.seq_chunks or (n_val < 1 and frac > 0):
                     skipped += 1
                     log.warning("%s: skipping a segment of %d chunks (%.1f s): shorter than one training "
                                 "sequence (%d chunks) plus its validation part", bag, n, n / cfg.output_rate_hz,
@@ -107,6 +110,8 @@ def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: st
                     continue
                 cut = seg.start + n - n_val
                 for part, sl in ((train, slice(seg.start, cut)), (val, slice(cut, seg.stop))):
+                    if sl.stop == sl.start:  # val_fraction 0: no validation part
+                        continue
                     part.x.append(ep.x[sl])
                     part.y.append(y[sl])
                     part.stamps.append(ep.stamps_ns[sl])
@@ -125,9 +130,16 @@ def whole_segments(seg: Segments) -> Split:
 
 
 def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
-                 progress: bool = True) -> Dataset:
-    """Segments of ``bags``, normalised with statistics of their training parts."""
-    seg = collect_segments(cfg, bags, cache_dir, progress)
+                 progress: bool = True, val_bags: Sequence[str | Path] = ()) -> Dataset:
+    """Segments of ``bags``, normalised with statistics of their training parts. With
+    ``val_bags``, ``bags`` train whole and every segment of ``val_bags`` validates: independent
+    recordings, where the end of a training recording is neither independent nor typical."""
+    seg = collect_segments(cfg, bags, cache_dir, progress, val_fraction=0.0 if val_bags else None)
+    if val_bags:
+        seg.val = collect_segments(cfg, val_bags, cache_dir, progress, val_fraction=0.0).train
+        if not seg.val.y:
+            raise HissError(f"no validation data: every segment of {', '.join(map(str, val_bags))} is shorter "
+                            f"than one training sequence ({cfg.train.seq_chunks} chunks)")
     if not seg.train.y:
         raise HissError(
             f"no training data: every segment of {', '.join(map(str, bags))} is shorter than one training "
@@ -154,3 +166,10 @@ def windows(split: Split, seq_chunks: int) -> tuple[np.ndarray, np.ndarray]:
             xs.append(x[s:s + seq_chunks].reshape(-1, x.shape[-1]))
             ys.append(y[s:s + seq_chunks])
     return np.stack(xs), np.stack(ys)
+
+
+def delta_std(split: Split) -> np.ndarray:
+    """(C,) standard deviation of the one-step input differences within each segment of ``split``
+    (normalised inputs): the scale that brings the model's delta channels to unit spread."""
+    d = np.concatenate([np.diff(x.reshape(-1, x.shape[-1]), axis=0) for x in split.x])
+    return safe_std(d).astype(np.float32)

@@ -33,7 +33,7 @@ from hiss_ros.errors import CheckpointError, ConfigError
 from hiss_ros.models import ChunkedModel, build_model
 from hiss_ros.serving import save_model
 from hiss_ros.train.config import TrainConfig
-from hiss_ros.train.dataset import Dataset, Split, windows
+from hiss_ros.train.dataset import Dataset, Split, delta_std, windows
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.safetensors"
@@ -66,6 +66,23 @@ def evaluate(model: ChunkedModel, split: Split, device: str = "cpu") -> tuple[fl
     """MSE (normalised) over every chunk of ``split`` and its per-channel part."""
     sq = (predict(model, split, device) - np.concatenate(split.y)) ** 2
     return float(sq.mean()), sq.mean(0)
+
+
+# SSM dynamics by parameter name: S4D's A, dt and skip, Mamba's A, skip and dt bias. Decay would
+# pull them towards A = -1 (log 0), dt = 1 and D = 0, not towards "no effect".
+_SSM_PARAMS = ("log_A_real", "A_imag", "log_dt", "A_log", "D", "dt_proj.bias")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_ssm: bool) -> list[dict[str, Any]]:
+    """AdamW groups: with ``no_decay_ssm``, SSM dynamics, biases and norm weights (every 1-D
+    tensor) get no weight decay, the other weights ``weight_decay``."""
+    if not no_decay_ssm:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        exempt = p.ndim < 2 or any(name == n or name.endswith("." + n) for n in _SSM_PARAMS)
+        (keep if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
 def _save_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
@@ -130,13 +147,16 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
     torch.manual_seed(s.seed)
     model = build_model(model_config(cfg, ds)).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if getattr(model.config, "scale_deltas", False):
+        model.set_delta_std(torch.from_numpy(delta_std(ds.train)))
     xw, yw = (torch.from_numpy(a) for a in windows(ds.train, s.seq_chunks))
     steps_per_epoch = math.ceil(len(xw) / s.batch_size)
-    total = steps_per_epoch * s.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    total = s.max_steps or steps_per_epoch * s.epochs
+    epochs = math.ceil(total / steps_per_epoch)
+    opt = torch.optim.AdamW(param_groups(model, s.weight_decay, s.no_decay_ssm), lr=s.lr)
 
-    def lr_at(step: int) -> float:  # linear warm-up over one epoch, then cosine to 1% of lr
-        warm = steps_per_epoch
+    def lr_at(step: int) -> float:  # linear warm-up over one epoch (at most a fifth of all), then cosine to 1%
+        warm = min(steps_per_epoch, max(1, total // 5))
         if step < warm:
             return (step + 1) / warm
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
@@ -151,19 +171,20 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         csv_path.write_text("epoch,train_loss,val_mse,lr,seconds\n")
     board = _tensorboard(out) if lead else None
     t_start = time.perf_counter()
-    bar = tqdm(total=s.epochs, initial=meta["epoch"], desc="training", unit="epoch", disable=not (progress and lead))
-    for epoch in range(meta["epoch"], s.epochs):
+    bar = tqdm(total=epochs, initial=meta["epoch"], desc="training", unit="epoch", disable=not (progress and lead))
+    for epoch in range(meta["epoch"], epochs):
         torch.manual_seed(s.seed * 100_003 + epoch)  # same order on every rank, and after --resume
         model.train()
         order = torch.randperm(len(xw))
         sq_sum, count = torch.zeros(2, dtype=torch.float64), 0
-        for i in range(steps_per_epoch):
+        for i in range(min(steps_per_epoch, total - epoch * steps_per_epoch)):
             for g in opt.param_groups:
                 g["lr"] = s.lr * lr_at(epoch * steps_per_epoch + i)
             batch = order[i * s.batch_size:(i + 1) * s.batch_size]
             idx = batch[rank::world]  # this rank's share
-            y = yw[idx].to(device)
-            sq = torch.nn.functional.mse_loss(net(xw[idx].to(device)), y, reduction="sum")
+            y = yw[idx, s.burn_in_chunks:].to(device)  # (b, seq - burn_in, O)
+            pred = net(xw[idx].to(device))[:, s.burn_in_chunks:]
+            sq = torch.nn.functional.mse_loss(pred, y, reduction="sum")
             loss = sq * world / (len(batch) * y[0].numel())  # DDP averages over ranks -> global mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -193,7 +214,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
             board.add_scalar("lr", opt.param_groups[0]["lr"], epoch + 1)
             board.flush()
         if lead and on_epoch is not None:
-            on_epoch({"epoch": epoch + 1, "epochs": s.epochs, "train_loss": train_loss, "val_mse": val,
+            on_epoch({"epoch": epoch + 1, "epochs": epochs, "train_loss": train_loss, "val_mse": val,
                       "best_val_mse": meta["best_val"], "seconds": time.perf_counter() - t_start})
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{meta['best_val']:.4f}")
         bar.update()
