@@ -56,7 +56,7 @@ def steady_mse(model: torch.nn.Module, split: Any) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hiss_ros.checkpoint import load_checkpoint
+    from hiss_ros.serving import load_model
     from hiss_ros.train.compare import matched_flat, parameters
     from hiss_ros.train.config import TrainConfig
     from hiss_ros.train.dataset import Split, collect_segments, load_dataset, normalised
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         flat = matched_flat(base, args.model.removeprefix("flat-"), parameters(base))
         cfg = replace(cfg, model={k: v for k, v in flat.items() if k not in ("input_dim", "output_dim", "chunk")})
     result = train(cfg, ds, args.out, progress=False)
-    ckpt = load_checkpoint(args.out / "model.safetensors")
+    ckpt = load_model(args.out / "model.safetensors")
     # The same test chunks for every run: segments as long as the shipped build's windows (64 chunks).
     fixed = replace(cfg, train=replace(cfg.train, seq_chunks=TEST_MIN_CHUNKS, burn_in_chunks=0))
     seg = collect_segments(fixed, trial_bags(args.test), cache, progress=False, val_fraction=0.0)
-    test = normalised(Split(seg.train.x, seg.train.y, seg.train.stamps), ckpt.normalization)
+    test = normalised(Split(seg.train.x, seg.train.y, seg.train.stamps), ckpt.spec.normalization)
     from hiss_ros.train.loop import evaluate
 
     test_mse, _ = evaluate(ckpt.model, test)
