@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from hiss_ros.cli_common import fail
 from hiss_ros.data.write import replace_bag
 from hiss_ros.errors import HissError
 from hiss_ros.importers import broad, euroc
@@ -124,12 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.INFO)
     try:
         return _run_broad(args) if args.format == "broad" else _run_euroc(args)
-    except HissError as exc:
-        log.error("%s", exc)
-        return 2
-    except OSError as exc:
-        log.error("%s", exc)
-        return 2
+    except (HissError, OSError) as exc:
+        return fail("hiss-import", exc, Path(args.out) if args.out else None)
 
 
 if __name__ == "__main__":
