@@ -43,9 +43,10 @@ _OS_ERRORS: dict[int, tuple[str, str]] = {
 
 
 def os_error_message(exc: OSError, place: Path | None = None) -> str:
-    """One line for ``exc``: the file it names (a failed ``write`` names none: then ``place``, the
-    command's output), what went wrong and what would fix it."""
-    where = exc.filename if exc.filename is not None else place
+    """One line for ``exc``: the file it names (a rename's destination, not the temporary file it
+    moves; a failed ``write`` names none: then ``place``, the command's output), what went wrong
+    and what would fix it."""
+    where = next((f for f in (exc.filename2, exc.filename, place) if f is not None), None)
     what, fix = _OS_ERRORS.get(exc.errno or 0, (exc.strerror or str(exc), "check the path and try again"))
     return f"{where if where is not None else 'output'}: {what}; {fix}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import importlib
 import io
 import json
 import logging
@@ -229,7 +230,7 @@ def test_disk_full_while_evaluating_leaves_nothing(work, trained, tmp_path, caps
 def test_disk_full_while_writing_a_bag_leaves_no_bag_and_keeps_the_old_one(work, trained, tmp_path, capsys,
                                                                           monkeypatch, prog, module):
     run = outputs(work, trained, tmp_path)[prog]
-    real = __import__(module, fromlist=["write_bag"]).write_bag
+    real = importlib.import_module(module).write_bag
 
     def half_written(path, records, **kwargs):
         real(path, (r for _, r in zip(range(50), records, strict=False)), **kwargs)

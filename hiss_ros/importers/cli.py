@@ -6,7 +6,8 @@
     hiss-import euroc MH_01_easy --out bags/mh01                         # folder holding mav0/
     hiss-import euroc --imu imu.csv --groundtruth gt.csv --out bags/seq
 
-Exit status: 0 done, 2 bad input (message names the file and, for CSVs, the line).
+Exit status: 0 done, 2 bad input (message names the file and, for CSVs, the line) or an output
+that cannot be written; each bag appears whole or not at all.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 
 ``--out`` is the bag folder (ROS 2 convention: it holds metadata.yaml and sim0.mcap or
 sim0.db3). Flags override the values of ``--config`` (a YAML mapping of SimConfig fields).
-Exit status 2 on a bad setting or an existing output (unless ``--force``).
+Exit status 2 on a bad setting, an existing output (unless ``--force``) or an output that cannot be
+written (one line on stderr); the bag appears whole or not at all.
 """
 
 from __future__ import annotations
