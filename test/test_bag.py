@@ -56,6 +56,25 @@ def test_second_read_comes_from_cache(tmp_path):
         np.testing.assert_array_equal(first.streams[topic].stamps_ns, second.streams[topic].stamps_ns)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other arrays"])
+def test_corrupt_cache_entry_is_discarded_with_a_warning_and_rebuilt(tmp_path, caplog, damage):
+    bag = write_bag(tmp_path / "b", records())
+    first = read_streams([bag], [IMU, TACTILE], cache_dir=tmp_path / "cache", progress=False)
+    (entry,) = (tmp_path / "cache").glob("*.npz")
+    blob = entry.read_bytes()
+    if damage == "truncated":  # a crash or a full disk mid-write of an older version
+        entry.write_bytes(blob[: len(blob) // 2])
+    elif damage == "garbage":
+        entry.write_bytes(b"not a zip archive at all")
+    else:  # a valid archive without the expected arrays
+        np.savez(entry, meta=np.frombuffer(b'{"topics": [], "report": {}}', dtype=np.uint8))
+    with caplog.at_level("WARNING"):
+        again = read_streams([bag], [IMU, TACTILE], cache_dir=tmp_path / "cache", progress=False)
+    assert not again.from_cache and "discarding the corrupt bag cache entry" in caplog.text
+    np.testing.assert_array_equal(again.streams["/imu"].values, first.streams["/imu"].values)
+    assert read_streams([bag], [IMU, TACTILE], cache_dir=tmp_path / "cache", progress=False).from_cache  # rebuilt
+
+
 def test_nonfinite_late_and_duplicate_samples_are_dropped_as_the_live_pipeline_drops_them(tmp_path):
     recs = [("/imu", (1000 + k) * MS, imu((1000 + k) * MS, (k, 0, 0), (0, 0, 0))) for k in range(10)]
     recs[3] = ("/imu", 1003 * MS, imu(1003 * MS, (np.nan, 0, 0), (0, 0, 0)))

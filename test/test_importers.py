@@ -173,7 +173,7 @@ def test_broad_lever_arm_moves_pose_and_twist_to_the_imu(broad_mat, tmp_path):
     assert run(["broad", str(mat), "--out", str(tmp_path / "x"), "--lever-arm", "1,2"]) == 2
 
 
-def test_broad_several_trials_existing_output_and_bad_input(broad_mat, tmp_path, caplog):
+def test_broad_several_trials_existing_output_and_bad_input(broad_mat, tmp_path, capsys):
     mat = broad_mat[0]
     folder = tmp_path / "trials"
     folder.mkdir()
@@ -185,26 +185,26 @@ def test_broad_several_trials_existing_output_and_bad_input(broad_mat, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["07_synthetic_trial", "08_other"]
     assert (out / "08_other" / "ATTRIBUTION.md").is_file()
 
-    caplog.clear()
+    capsys.readouterr()
     assert run(["broad", str(second), "--out", str(out / "08_other"), "--duration", "1"]) == 2
-    assert "already exists; pass --force" in caplog.text
+    assert "already exists; pass --force" in capsys.readouterr().err
     assert run(["broad", str(second), "--out", str(out / "08_other"), "--duration", "1", "--force"]) == 0
     assert len(read(out / "08_other", IMU)["/imu/data"].stamps_ns) == round(RATE)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     assert run(["broad", str(second), "--out", str(tmp_path / "notes"), "--force"]) == 2
-    assert (tmp_path / "notes" / "keep.txt").is_file() and "not deleting" in caplog.text
+    assert (tmp_path / "notes" / "keep.txt").is_file() and "not deleting" in capsys.readouterr().err
 
-    caplog.clear()
     assert run(["broad", str(folder), "--trials", "99", "--out", str(tmp_path / "x")]) == 2
-    assert "--trials 99: no such trial" in caplog.text and "08_other" in caplog.text
+    err = capsys.readouterr().err
+    assert "--trials 99: no such trial" in err and "08_other" in err
     text = tmp_path / "fake.mat"
     text.write_text("not a mat file\n")
     assert run(["broad", str(text), "--out", str(tmp_path / "y")]) == 2
-    assert "not a MATLAB .mat file" in caplog.text
+    assert "not a MATLAB .mat file" in capsys.readouterr().err
     scipy.io.savemat(tmp_path / "other.mat", {"imu_acc": np.zeros((5, 3))})
     assert run(["broad", str(tmp_path / "other.mat"), "--out", str(tmp_path / "z")]) == 2
-    assert "not a BROAD trial: no imu_gyr" in caplog.text
+    assert "not a BROAD trial: no imu_gyr" in capsys.readouterr().err
     assert run(["broad", str(tmp_path / "missing.mat"), "--out", str(tmp_path / "z")]) == 2
     assert run(["nosuchformat", "x"]) == 2
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
@@ -312,7 +312,7 @@ def test_euroc_angular_from_gyro_and_excerpt(euroc_seq, tmp_path):
     assert np.abs(tw["/groundtruth/twist"].values[:, 3:] - omega[sel]).max() < 5e-3
 
 
-def test_euroc_malformed_row(euroc_seq, tmp_path, caplog):
+def test_euroc_malformed_row(euroc_seq, tmp_path, capsys):
     root = euroc_seq[0]
     lines = (root / "mav0/imu0/data.csv").read_text().splitlines()
     lines[16] = ",".join(lines[16].split(",")[:5])  # line 17: 5 fields
@@ -322,13 +322,13 @@ def test_euroc_malformed_row(euroc_seq, tmp_path, caplog):
     gt = str(root / "mav0/state_groundtruth_estimate0/data.csv")
     assert run(["euroc", "--imu", str(bad), "--groundtruth", gt, "--out", str(tmp_path / "o")]) == 2
     assert (f"{bad}:17: expected 7 comma-separated numbers (timestamp + gyro xyz + accel xyz), got 5"
-            in caplog.text)
+            in capsys.readouterr().err)
     lines[16] = lines[17].replace(",", ",x", 1)
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetError, match=r"data.csv:17: expected a number in column 2, got 'x"):
         euroc.read_csv(bad, euroc.IMU_LAYOUT)
     assert run(["euroc", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "not a EuRoC/ASL sequence" in caplog.text
+    assert "not a EuRoC/ASL sequence" in capsys.readouterr().err
     assert run(["euroc", "--imu", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
 

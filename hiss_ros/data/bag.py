@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,11 +118,14 @@ def read_streams(
             raise BagError(f"{p}: no such bag")
     cache = Path(cache_dir) / f"{_cache_key(paths, specs)}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
-        return _load_cache(cache, specs)
+        cached = _load_cache(cache, specs)
+        if cached is not None:
+            return cached
     by_topic = {s.topic: s for s in specs}
     stamps: dict[str, list[int]] = {s.topic: [] for s in specs}
     values: dict[str, list[np.ndarray]] = {s.topic: [] for s in specs}
     report = {s.topic: StreamReport() for s in specs}
+    nonfinite: dict[str, np.ndarray] = {}  # per topic: non-finite values per channel, over the dropped rows
     t0 = time.perf_counter()
     try:
         with AnyReader(paths, default_typestore=_typestore()) as reader:
@@ -150,6 +154,8 @@ def read_streams(
                 reason = verdict(stamps[spec.topic][-1] if stamps[spec.topic] else None, stamp, row)
                 if reason is not None:
                     setattr(rep, _REPORT_FIELD[reason], getattr(rep, _REPORT_FIELD[reason]) + 1)
+                    if reason == "nonfinite":
+                        nonfinite[spec.topic] = nonfinite.get(spec.topic, 0) + ~np.isfinite(row)
                     continue
                 stamps[spec.topic].append(stamp)
                 values[spec.topic].append(row)
@@ -160,6 +166,9 @@ def read_streams(
         raise BagError(f"{', '.join(map(str, paths))}: cannot read bag ({type(exc).__name__}: {exc}); "
                        "is it truncated or still being recorded?") from None
     seconds = time.perf_counter() - t0
+    for spec in specs:
+        if not stamps[spec.topic]:
+            raise BagError(_nothing_usable(spec, report[spec.topic], nonfinite.get(spec.topic, np.zeros(0)), paths))
     n = sum(r.messages for r in report.values())
     streams = {t: _finish(by_topic[t], stamps[t], values[t], report[t]) for t in by_topic}
     for t, spec in by_topic.items():
@@ -175,21 +184,51 @@ def read_streams(
     return data
 
 
+def _nothing_usable(spec: StreamSpec, rep: StreamReport, bad: np.ndarray, paths: Sequence[Path]) -> str:
+    """Why a stream of which every sample was dropped (only non-finite values can do that: the
+    first finite sample is always used) cannot be trained on, naming its non-finite fields."""
+    names = list(spec.fields) if len(spec.fields) == len(bad) else [f"channel {k}" for k in range(len(bad))]
+    fields = ", ".join(f"{names[k]} {int(bad[k])}" for k in np.flatnonzero(bad)[:6])
+    return (f"{spec.topic}: {rep.nonfinite_dropped} of {rep.messages} samples non-finite (NaN or inf values per "
+            f"field: {fields}) in {', '.join(map(str, paths))}; no usable sample is left: fix the recording, "
+            "or leave the stream out of the config")
+
+
 def _save_cache(path: Path, data: BagData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Cache ``data`` at ``path``; a cache that cannot be written (read-only folder, disk full) is
+    skipped with a warning: it only saves time."""
     arrays = {}
     for i, s in enumerate(data.streams.values()):
         arrays[f"t{i}"], arrays[f"v{i}"] = s.stamps_ns, s.values
     meta = {"topics": list(data.streams), "report": {t: vars(r) for t, r in data.report.items()}}
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("not caching the bag arrays in %s (%s); make it writable or pass another --cache-dir to "
+                    "save re-reading the bag next time", path.parent, exc.strerror or exc)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
-def _load_cache(path: Path, specs: Sequence[StreamSpec]) -> BagData:
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(z["meta"].tobytes().decode())
-        streams = {t: StreamData(z[f"t{i}"], z[f"v{i}"]) for i, t in enumerate(meta["topics"])}
-    report = {t: StreamReport(**r) for t, r in meta["report"].items()}
+def _load_cache(path: Path, specs: Sequence[StreamSpec]) -> BagData | None:
+    """The cached arrays, or None (after a warning, with the entry deleted so it is rebuilt) when
+    the entry is unreadable: truncated by a crash or a full disk, or not a cache file at all."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            streams = {t: StreamData(z[f"t{i}"], z[f"v{i}"]) for i, t in enumerate(meta["topics"])}
+        report = {t: StreamReport(**r) for t, r in meta["report"].items()}
+        missing = [s.topic for s in specs if s.topic not in streams]
+        if missing:
+            raise KeyError(f"no arrays of {missing}")
+    except Exception as exc:  # whatever a damaged file makes numpy, zipfile or json raise: the cache is disposable
+        log.warning("discarding the corrupt bag cache entry %s (%s: %s); reading the bag again",
+                    path, type(exc).__name__, " ".join(str(exc).split())[:120])
+        with suppress(OSError):  # a read-only cache: rebuilt in memory every time, warned again on saving
+            path.unlink(missing_ok=True)
+        return None
     log.info("read %s from cache %s", ", ".join(s.topic for s in specs), path)
     return BagData(streams, report, from_cache=True)

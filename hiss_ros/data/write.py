@@ -9,7 +9,8 @@ Used by tests (tiny bags in tmp_path, no binary fixtures) and by the importers a
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
+from hiss_ros.cli_common import temp_folder_beside
 from hiss_ros.errors import HissError
 
 TYPESTORE = get_typestore(Stores.ROS2_JAZZY)
@@ -131,3 +133,19 @@ def replace_bag(path: Path, force: bool, delete: bool = True) -> None:
                         "not deleting it even with --force")
     if delete:
         shutil.rmtree(path)
+
+
+@contextmanager
+def staged_bag(path: Path, force: bool) -> Iterator[Path]:
+    """Where to write a new bag that will replace ``path``: a path in a temporary folder beside
+    it (same file system), moved to ``path`` only once the block completes. A failure (disk full,
+    Ctrl-C) deletes the temporary folder, so ``path`` never holds half a bag, and an old bag
+    there survives a failed ``--force`` run. ``replace_bag``'s rules apply, checked up front."""
+    replace_bag(path, force, delete=False)
+    tmp = temp_folder_beside(path)
+    try:
+        yield tmp / path.name  # the bag's own name: rosbags names the storage file after its folder
+        replace_bag(path, force)
+        (tmp / path.name).rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

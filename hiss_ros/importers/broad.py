@@ -26,7 +26,7 @@ import scipy.io
 from scipy.signal import savgol_filter
 from scipy.spatial.transform import Rotation
 
-from hiss_ros.data.write import imu, magnetic_field, pose, replace_bag, twist
+from hiss_ros.data.write import imu, magnetic_field, pose, replace_bag, staged_bag, twist
 from hiss_ros.importers.common import (
     DatasetError,
     ImportSummary,
@@ -126,7 +126,7 @@ def import_trial(mat_path: str | Path, out: str | Path, *, t0_ns: int = T0_NS, s
     if t0_ns <= 0:
         raise DatasetError(f"--t0 must be positive, got {t0_ns} ns")
     d = load_trial(mat_path)
-    replace_bag(out, force)
+    replace_bag(out, force, delete=False)  # refused before the work
     n = len(d["imu_acc"])
     t = stamps_ns(n, d["sampling_rate"], t0_ns)
     q = quat_xyzw(d["opt_quat"])
@@ -161,15 +161,16 @@ def import_trial(mat_path: str | Path, out: str | Path, *, t0_ns: int = T0_NS, s
     ti = idx[twist_ok[idx]]
     streams.append(Stream(TOPICS["twist"], t[ti], ti, lambda i: twist(ts[i], lin[i], ang[i], "imu")))
 
-    counts = write_streams(out, streams, storage=storage, zstd=zstd, progress=progress)
     what = "" if len(idx) == n else \
         f", samples {idx[0]}..{idx[-1]} ({start_s or 0:g} s + {len(idx) / d['sampling_rate']:.3g} s)"
     lever = f" positions moved by the lever arm {list(lever_arm_m)} m (IMU frame);" \
         if lever_arm_m is not None and any(lever_arm_m) else ""
-    (out / "ATTRIBUTION.md").write_text(ATTRIBUTION.format(trial=mat_path.stem, excerpt=what, t0_s=t0_ns / 1e9,
-                                                           rate=d["sampling_rate"], info=d["info"].strip(),
-                                                           lever=lever),
-                                        encoding="utf-8")
+    with staged_bag(out, force) as bag:  # the bag and its attribution appear together, or not at all
+        counts = write_streams(bag, streams, storage=storage, zstd=zstd, progress=progress)
+        (bag / "ATTRIBUTION.md").write_text(ATTRIBUTION.format(trial=mat_path.stem, excerpt=what, t0_s=t0_ns / 1e9,
+                                                               rate=d["sampling_rate"], info=d["info"].strip(),
+                                                               lever=lever),
+                                            encoding="utf-8")
     short_in = int((~twist_ok[idx] & pose_ok[idx]).sum())
     dropped = {"NaN mocap samples (no pose, no twist)": int((~pose_ok[idx]).sum()),
                "samples in mocap runs too short to differentiate (no twist)": short_in}

@@ -6,7 +6,8 @@
     hiss-import euroc MH_01_easy --out bags/mh01                         # folder holding mav0/
     hiss-import euroc --imu imu.csv --groundtruth gt.csv --out bags/seq
 
-Exit status: 0 done, 2 bad input (message names the file and, for CSVs, the line).
+Exit status: 0 done, 2 bad input (message names the file and, for CSVs, the line) or an output
+that cannot be written; each bag appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from hiss_ros.cli_common import fail
 from hiss_ros.data.write import replace_bag
 from hiss_ros.errors import HissError
 from hiss_ros.importers import broad, euroc
@@ -124,12 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.INFO)
     try:
         return _run_broad(args) if args.format == "broad" else _run_euroc(args)
-    except HissError as exc:
-        log.error("%s", exc)
-        return 2
-    except OSError as exc:
-        log.error("%s", exc)
-        return 2
+    except (HissError, OSError) as exc:
+        return fail("hiss-import", exc, Path(args.out) if args.out else None)
 
 
 if __name__ == "__main__":

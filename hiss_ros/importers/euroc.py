@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hiss_ros.data.write import imu, pose, replace_bag, twist
+from hiss_ros.data.write import imu, pose, replace_bag, staged_bag, twist
 from hiss_ros.importers.common import (
     DatasetError,
     ImportSummary,
@@ -144,7 +144,7 @@ def import_sequence(imu_csv: str | Path, gt_csv: str | Path, out: str | Path, *,
     if angular == "gyro" and v_gt.shape[1] != 16:
         raise DatasetError(f"{gt_csv}: --angular gyro needs the gyro bias columns of "
                            "state_groundtruth_estimate0/data.csv (17 columns)")
-    replace_bag(out, force)
+    replace_bag(out, force, delete=False)  # refused before the work
     gyr, acc = v_imu[:, 0:3], v_imu[:, 3:6]
     position = v_gt[:, 0:3]
     q = v_gt[:, [4, 5, 6, 3]]  # w, x, y, z -> x, y, z, w
@@ -179,6 +179,7 @@ def import_sequence(imu_csv: str | Path, gt_csv: str | Path, out: str | Path, *,
     ]
     if not len(ii) and not len(gi):
         raise DatasetError(f"--start {start_s} --duration {duration_s}: no samples in that excerpt")
-    counts = write_streams(out, streams, storage=storage, zstd=zstd, progress=progress)
+    with staged_bag(out, force) as bag:
+        counts = write_streams(bag, streams, storage=storage, zstd=zstd, progress=progress)
     stamps = np.concatenate([t_imu[ii], t_gt[gi]])
     return ImportSummary(out, counts, (stamps.max() - stamps.min()) / 1e9, dropped, time.perf_counter() - began)

@@ -6,17 +6,18 @@
 
 ``--out`` is the bag folder (ROS 2 convention: it holds metadata.yaml and sim0.mcap or
 sim0.db3). Flags override the values of ``--config`` (a YAML mapping of SimConfig fields).
-Exit status 2 on a bad setting or an existing output (unless ``--force``).
+Exit status 2 on a bad setting, an existing output (unless ``--force``) or an output that cannot be
+written (one line on stderr); the bag appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from hiss_ros.cli_common import fail
 from hiss_ros.errors import HissError
 from hiss_ros.sim.config import SimConfig
 
@@ -50,23 +51,19 @@ def main(argv: list[str] | None = None) -> int:
             cfg = SimConfig.load(args.config, **overrides)
         else:
             cfg = SimConfig(**{k: v for k, v in overrides.items() if v is not None})
-        from hiss_ros.data.write import replace_bag  # rosbags: only when writing
+        from hiss_ros.data.write import replace_bag, staged_bag  # rosbags: only when writing
         from hiss_ros.sim.bag import topic_counts, write_sim_bag
 
-        replace_bag(args.out, args.force)
+        replace_bag(args.out, args.force, delete=False)  # refused before simulating
         from hiss_ros.sim.endeffector import simulate
 
         t0 = time.perf_counter()
         res = simulate(cfg)
-        try:
-            write_sim_bag(args.out, res, args.storage, args.zstd, args.magnetic_field,
+        with staged_bag(args.out, args.force) as tmp:  # no half-written bag left behind
+            write_sim_bag(tmp, res, args.storage, args.zstd, args.magnetic_field,
                           progress=not args.quiet and sys.stderr.isatty())
-        except BaseException:
-            shutil.rmtree(args.out, ignore_errors=True)  # no half-written bag left behind
-            raise
-    except HissError as exc:
-        print(f"hiss-sim: error: {exc}", file=sys.stderr)
-        return 2
+    except (HissError, OSError) as exc:
+        return fail("hiss-sim", exc, args.out)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     counts = ", ".join(f"{t} {n}" for t, n in topic_counts(res, args.magnetic_field).items())
     print(f"hiss-sim: wrote {args.out} ({args.storage}{'+zstd' if args.zstd else ''}, {cfg.seconds:g} s, "

@@ -10,13 +10,13 @@ import argparse
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from hiss_ros.cli_common import fail
 from hiss_ros.errors import ConfigError, HissError
 from hiss_ros.models import MODEL_CHOICES
 from hiss_ros.serving import resolve_device
@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
                      ds.train.chunks, ds.val.chunks, ds.skipped_segments)
         result = train(cfg, ds, args.out, resume=args.resume, progress=not args.quiet, device=device,
                        on_epoch=on_epoch)
-    except HissError as exc:
-        print(f"hiss-train: error: {exc}", file=sys.stderr)
-        return 2
+    except (HissError, OSError) as exc:
+        return fail("hiss-train", exc, args.out)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hiss_ros.data import read_streams
+from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import HissError
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.pipeline.core import safe_std
@@ -146,10 +147,37 @@ def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | 
             f"sequence ({cfg.train.seq_chunks} chunks = {cfg.train.seq_chunks / cfg.output_rate_hz:.1f} s) plus "
             f"its validation part; record longer runs or lower train.seq_chunks"
         )
-    norm = Normalization.fit(np.concatenate([x.reshape(-1, x.shape[-1]) for x in seg.train.x]),
-                             np.concatenate(seg.train.y))
+    norm = _fit(cfg, seg, bags)
     return Dataset(normalised(seg.train, norm), normalised(seg.val, norm), seg.input_dims, norm.output_mean.size,
                    seg.chunk, norm, seg.skipped, seg.counters)
+
+
+def _fit(cfg: TrainConfig, seg: Segments, bags: Sequence[str | Path]) -> Normalization:
+    """Normalisation statistics of the training parts; refused, naming the channels, where values
+    so large (finite, but beyond ~1e154) that their variance overflows make them meaningless."""
+    x = np.concatenate([x.reshape(-1, x.shape[-1]) for x in seg.train.x])
+    y = np.concatenate(seg.train.y)
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = np.concatenate([x.std(0), y.std(0)])
+    bad = ~np.isfinite(spread)
+    if bad.any():
+        names = _channels(cfg.inputs, seg.input_dims) + _channels(cfg.outputs, (y.shape[1],))
+        peak = np.concatenate([np.abs(x).max(0), np.abs(y).max(0)])
+        worst = ", ".join(f"{names[k]} up to {peak[k]:.3g}" for k in np.flatnonzero(bad)[:4])
+        raise HissError(f"{', '.join(map(str, bags))}: values too large to train on ({worst}): their variance "
+                        "overflows; fix the recording or drop those samples")
+    return Normalization.fit(x, y)
+
+
+def _channels(specs: Sequence[StreamSpec], dims: tuple[int, ...]) -> list[str]:
+    """A name per channel: ``topic:field`` where each field is one channel, else ``topic[k]``
+    (``dims``: channels per stream, or one total when only that is known)."""
+    names = [f"{s.topic}:{f}" for s in specs for f in s.channel_names]
+    if len(names) == sum(dims):
+        return names
+    if len(dims) == len(specs):
+        return [f"{s.topic}[{k}]" for s, d in zip(specs, dims, strict=True) for k in range(d)]
+    return [f"channel {k}" for k in range(sum(dims))]
 
 
 def normalised(split: Split, norm: Normalization) -> Split:

@@ -13,13 +13,12 @@ import argparse
 import csv
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hiss_ros.checkpoint import atomic_write
+from hiss_ros.cli_common import MARKER, fail, staged_folder, strict_json
 from hiss_ros.errors import HissError
 from hiss_ros.models import config_to_dict
 from hiss_ros.serving import load_model
@@ -66,14 +65,16 @@ def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_
 
 
 def write_report(ev: Evaluation, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "predictions.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["stamp_ns", *(f"pred {c}" for c in ev.channels), *(f"truth {c}" for c in ev.channels)])
-        for t, p, y in zip(ev.stamps_ns, ev.pred, ev.truth, strict=True):
-            w.writerow([int(t), *(f"{v:.6g}" for v in p), *(f"{v:.6g}" for v in y)])
-    _plots(ev, out)
-    atomic_write(out / "metrics.json", json.dumps(ev.metrics, indent=2).encode())  # last: complete output only
+    """predictions.csv, the plots and metrics.json into ``out``, all or nothing (``staged_folder``)."""
+    metrics = strict_json(ev.metrics, str(out / "metrics.json"))  # refused before anything is written
+    with staged_folder(out) as tmp:
+        with (tmp / "predictions.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["stamp_ns", *(f"pred {c}" for c in ev.channels), *(f"truth {c}" for c in ev.channels)])
+            for t, p, y in zip(ev.stamps_ns, ev.pred, ev.truth, strict=True):
+                w.writerow([int(t), *(f"{v:.6g}" for v in p), *(f"{v:.6g}" for v in y)])
+        _plots(ev, tmp)
+        (tmp / MARKER).write_bytes(metrics)
 
 
 def _plots(ev: Evaluation, out: Path) -> None:
@@ -119,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ev = evaluate_bags(args.model, args.bag, args.split, args.cache_dir, progress=not args.quiet)
         write_report(ev, args.out)
-    except HissError as exc:
-        print(f"hiss-eval: error: {exc}", file=sys.stderr)
-        return 2
+    except (HissError, OSError) as exc:
+        return fail("hiss-eval", exc, args.out)
     print(json.dumps({k: ev.metrics[k] for k in ev.metrics if k not in ("bags", "model")}, indent=2))
     return 0
 

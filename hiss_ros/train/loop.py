@@ -3,8 +3,10 @@
 Writes into ``out``:
     model.safetensors   best checkpoint (weights, model config, normalisation, data spec)
     train_state.safetensors  last epoch's weights + optimizer state, for --resume
-    metrics.csv         one row per epoch (and tensorboard/ event files when TensorBoard is installed)
-    metrics.json        val_mse (normalised) and per-channel MSE in physical units of the best epoch
+    metrics.csv         one row per epoch (and tensorboard/ event files when TensorBoard is installed);
+                        its seconds count across resumes
+    metrics.json        val_mse (normalised) and per-channel MSE in physical units of the best epoch;
+                        removed when a run starts, written last: only a finished run has one
 
 Deterministic on CPU for a fixed seed: each epoch reseeds from (seed, epoch), so a resumed run
 takes exactly the steps the uninterrupted run would have taken.
@@ -18,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from hiss_ros.checkpoint import atomic_write, load_checkpoint
+from hiss_ros.cli_common import MARKER, strict_json
 from hiss_ros.errors import CheckpointError, ConfigError
 from hiss_ros.models import ChunkedModel, build_model
 from hiss_ros.serving import save_model
@@ -38,6 +41,8 @@ from hiss_ros.train.dataset import Dataset, Split, delta_std, windows
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.safetensors"
 MODEL_FILE = "model.safetensors"
+METRICS_FILE = MARKER
+CSV_HEADER = "epoch,train_loss,val_mse,lr,seconds\n"
 
 
 @dataclass
@@ -96,21 +101,53 @@ def _save_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, met
     atomic_write(path, save(tensors, metadata={"train_state": json.dumps(meta)}))
 
 
-def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer) -> dict[str, Any]:
+def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, config: dict[str, Any]) -> dict[str, Any]:
+    """The train state's meta, after loading its weights and optimizer state; refused when it was
+    written for another ``config`` (``_fingerprint``): its weights would not fit, or fit and mislead."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["train_state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot resume from it ({exc}); delete it to start afresh") from None
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    changed = _changes(meta.get("config", config), config)
+    if changed:
+        raise ConfigError(f"--resume: {path.parent} was trained with another config ({'; '.join(changed[:4])}); "
+                          "resume with the run's config, or train the new one into another --out")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
             _, idx, name = k.split(".", 2)
             state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    except (RuntimeError, ValueError, KeyError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path}: does not fit this model ({detail}); delete it to start afresh") from None
     return meta
+
+
+def _fingerprint(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the whole config (as JSON values)
+    and the model as built for the data."""
+    return json.loads(json.dumps({**asdict(cfg), "model": model_config(cfg, ds)}, default=str))
+
+
+def _changes(was: Any, now: Any, key: str = "") -> list[str]:
+    """``key: was -> now`` for each leaf that differs between two JSON values."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        return [c for k in sorted(set(was) | set(now), key=str)
+                for c in _changes(was.get(k), now.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if was == now else [f"{key or 'config'}: {was!r} -> {now!r}"]
+
+
+def _trim_rows(csv_path: Path, epochs: int) -> None:
+    """Keep the header and the rows of the first ``epochs`` epochs: a run stopped after writing an
+    epoch's row but before its train state repeats that epoch, and must not list it twice."""
+    lines = csv_path.read_text().splitlines(keepends=True) if csv_path.is_file() else [CSV_HEADER]
+    kept = lines[:1] + [r for r in lines[1:] if r.split(",", 1)[0].isdigit() and int(r.split(",", 1)[0]) < epochs]
+    atomic_write(csv_path, "".join(kept).encode())
 
 
 def _tensorboard(out: Path) -> Any:
@@ -161,16 +198,21 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
             return (step + 1) / warm
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-    meta = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0}
+    config = _fingerprint(cfg, ds)
+    meta = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "seconds": 0.0, "config": config}
     if resume and (out / STATE_FILE).is_file():
-        meta = _load_state(out / STATE_FILE, model, opt)
+        meta = {**meta, **_load_state(out / STATE_FILE, model, opt, config)}  # older states lack "seconds"
         log.info("resuming after epoch %d (best val_mse %.5f at epoch %d)", meta["epoch"], meta["best_val"],
                  meta["best_epoch"])
     csv_path = out / "metrics.csv"
-    if lead and meta["epoch"] == 0:
-        csv_path.write_text("epoch,train_loss,val_mse,lr,seconds\n")
+    if lead:
+        (out / METRICS_FILE).unlink(missing_ok=True)  # a run in progress is not finished: no metrics.json
+        if meta["epoch"] == 0:
+            csv_path.write_text(CSV_HEADER)
+        else:
+            _trim_rows(csv_path, meta["epoch"])
     board = _tensorboard(out) if lead else None
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - meta["seconds"]  # seconds count across resumes
     bar = tqdm(total=epochs, initial=meta["epoch"], desc="training", unit="epoch", disable=not (progress and lead))
     for epoch in range(meta["epoch"], epochs):
         torch.manual_seed(s.seed * 100_003 + epoch)  # same order on every rank, and after --resume
@@ -204,10 +246,11 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         else:
             meta["bad_epochs"] += 1
         meta["epoch"] = epoch + 1
+        meta["seconds"] = time.perf_counter() - t_start
         if lead:
             with csv_path.open("a", newline="") as f:
                 csv.writer(f).writerow([epoch, f"{train_loss:.6f}", f"{val:.6f}", f"{opt.param_groups[0]['lr']:.3g}",
-                                        f"{time.perf_counter() - t_start:.1f}"])
+                                        f"{meta['seconds']:.1f}"])
             _save_state(out / STATE_FILE, model, opt, meta)
         if board is not None:
             board.add_scalars("mse", {"train": train_loss, "val": val}, epoch + 1)
@@ -244,8 +287,9 @@ def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seco
         "processes": _distributed()[1],
     }
     if write:
-        atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        blob = strict_json(metrics, str(out / METRICS_FILE))
         # The validation error travels with the model: the node's velocity covariance.
         save_model(out / MODEL_FILE, best, cfg.serving_spec(ds.input_dims, ds.normalization, physical),
                    cfg.checkpoint_extra())
+        atomic_write(out / METRICS_FILE, blob)  # last: its presence says the run finished
     return result
