@@ -223,3 +223,17 @@ def test_replace_bag_deletes_only_bags_and_only_with_force(tmp_path):
             replace_bag(lone, force=True)
         assert lone.is_file()
     assert (mixed / "notes.txt").is_file()
+
+
+def test_a_stamped_array_sensor_as_joint_state_keeps_its_own_stamps(tmp_path):
+    """The stamped alternative to a header-less Float32MultiArray skin: JointState.position."""
+    from hiss_ros.data.write import joint_state
+
+    recs = [("/skin", (1000 + 10 * k) * MS + 7 * MS, joint_state((1000 + 10 * k) * MS, [k, 2.0 * k, -k]))
+            for k in range(20)]  # recorded 7 ms after its stamp
+    bag = write_bag(tmp_path / "b", recs)
+    spec = StreamSpec("/skin", "sensor_msgs/msg/JointState", ("position",))
+    s = read_streams([bag], [spec], progress=False).streams["/skin"]
+    np.testing.assert_array_equal(s.stamps_ns, (1000 + 10 * np.arange(20)) * MS)  # the header, not the receipt
+    np.testing.assert_array_equal(s.values[:, 1], 2.0 * np.arange(20))
+    assert spec.has_header

@@ -25,6 +25,9 @@ SUPPORTED_TYPES: dict[str, bool] = {
     "sensor_msgs/msg/MagneticField": True,
     "std_msgs/msg/Float32MultiArray": False,
     "std_msgs/msg/Float64MultiArray": False,
+    # A stamped array for a tactile skin or any other array sensor: its values in ``position``
+    # (or ``effort``), the names optional. Stamped at the source, it needs no stamping on receipt.
+    "sensor_msgs/msg/JointState": True,
     "geometry_msgs/msg/WrenchStamped": True,
     "geometry_msgs/msg/TwistStamped": True,
     "geometry_msgs/msg/TwistWithCovarianceStamped": True,

@@ -64,6 +64,13 @@ def float_array(values: Sequence[float]) -> Any:
     return _T["std_msgs/msg/Float32MultiArray"](layout=layout, data=np.asarray(values, dtype=np.float32))
 
 
+def joint_state(stamp_ns: int, position: Sequence[float], frame_id: str = "") -> Any:
+    """sensor_msgs/msg/JointState with only ``position`` filled: a stamped float array."""
+    return _T["sensor_msgs/msg/JointState"](header=_header(stamp_ns, frame_id), name=[],
+                                            position=np.asarray(position, dtype=np.float64),
+                                            velocity=np.zeros(0), effort=np.zeros(0))
+
+
 def wrench(stamp_ns: int, force: Sequence[float], torque: Sequence[float], frame_id: str = "tool") -> Any:
     w = _T["geometry_msgs/msg/Wrench"](force=_vec(force), torque=_vec(torque))
     return _T["geometry_msgs/msg/WrenchStamped"](header=_header(stamp_ns, frame_id), wrench=w)
