@@ -161,6 +161,7 @@ def resolve_device(choice: str) -> str:
 class Estimate(NamedTuple):
     stamp_ns: int  # the time of the chunk's last input sample
     values: np.ndarray  # (O,) float64, physical units, in ``spec.output_channels`` order
+    variance: np.ndarray | None = None  # (O,) its predicted variance, physical units squared (variance head)
 
 
 class StreamingEstimator:
@@ -185,6 +186,11 @@ class StreamingEstimator:
         est = cls(loaded.model, loaded.spec, device, loaded.path, max_gap_s)
         est.warm_up()
         return est
+
+    @property
+    def predicts_variance(self) -> bool:
+        """Whether each estimate comes with its own predicted variance (a model with a variance head)."""
+        return bool(getattr(self.model.config, "variance", False))
 
     def reset(self) -> None:
         """A fresh model state from the next chunk on."""

@@ -3,7 +3,8 @@ names its tasks, with a level a robot's monitoring can act on:
 
 - ERROR: no model (configure failed) or the model gave non-finite outputs since the last report;
 - WARN: not configured or not active (lifecycle), waiting for data, an input silent for longer
-  than ``sensor_timeout_s``, or the clock input arriving at under half its trained rate;
+  than ``sensor_timeout_s``, a model with a variance head predicting over 3x its validation error
+  (out of its depth: unseen input, a sensor fault), or the clock input at under half its trained rate;
 - OK otherwise.
 Values: counters of the serving core and the pipeline, per-input receipts and measured rates,
 the time per estimate and the model step's share of it, device, backend, model.
@@ -12,6 +13,7 @@ the time per estimate and the model step's share of it, device, backend, model.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from hiss_ros.serving import ServingSpec
 
 SERVING_COUNTERS = ("estimates", "resets", "nonfinite_output")  # reported on their own, not as "pipeline ..."
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
+OOD_STD_RATIO = 3.0  # predicted std this many times the validation RMSE, over the last 20 estimates: WARN
 
 
 def _ms(seconds: Any, q: float) -> str:
@@ -42,7 +45,17 @@ class Diagnostics:
         self.spec = spec
         self.received, self.unreadable, self.last_receipt = [0] * n, [0] * n, [0] * n
         self.lost = [0] * n  # the middleware's message-lost events; -1: not supported by this rmw
+        # Predicted std over the validation RMSE, averaged over channels, per estimate (variance head):
+        # about 1 on data like the validation data, far above it out of the model's depth.
+        self.std_ratio: deque[float] = deque(maxlen=200)
+        mse = spec.validation_mse if spec else None
+        self._typical_var = np.asarray(mse) if mse else None
         self._mark = (time.monotonic(), 0, [0] * n, 0)  # time, estimates, received, non-finite outputs
+
+    def confidence(self, variance: np.ndarray) -> None:
+        """Record one estimate's predicted variance (O,) (physical units)."""
+        if self._typical_var is not None:
+            self.std_ratio.append(float(np.sqrt(variance / self._typical_var).mean()))
 
     def report(self) -> None:
         node, est = self.node, self.node.est
@@ -66,6 +79,8 @@ class Diagnostics:
                 "model_path": est.path, "reloads": node.reloads,
                 "inference_ms_p50": _ms(node.latencies, 50), "inference_ms_p99": _ms(node.latencies, 99),
                 "step_ms_p50": _ms(est.step_seconds, 50),
+                **({"predicted_std_over_validation_rmse_median": f"{np.median(self.std_ratio):.2f}"}
+                   if self.std_ratio else {}),
                 **{key: value for t, sub, n, m, bad, lost in zip(
                     topics, node.subscriptions_ or [None] * len(topics), self.received, recv_then, self.unreadable,
                     self.lost, strict=True)
@@ -96,6 +111,9 @@ class Diagnostics:
                 return WARN, f"waiting for data on {topic}"
             if now - self.last_receipt[i] > timeout_ns:
                 return WARN, f"no data on {topic} for {(now - self.last_receipt[i]) / 1e9:.1f} s (stale)"
+        if len(self.std_ratio) >= 20 and np.median(list(self.std_ratio)[-20:]) > OOD_STD_RATIO:
+            return WARN, (f"predicted uncertainty {np.median(list(self.std_ratio)[-20:]):.1f}x the validation error: "
+                          "input unlike the training data (unseen contact, sensor fault?)")
         span = max(time.monotonic() - self._mark[0], 1e-9)
         clock_rate, expected = (self.received[0] - self._mark[2][0]) / span, self.spec.pipeline.input_rate_hz
         if clock_rate < 0.5 * expected:

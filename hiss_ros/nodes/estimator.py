@@ -151,7 +151,8 @@ class Estimator(LifecycleNode):
         return StreamingEstimator.from_checkpoint(path, self.device, self.p["max_gap_s"] or None)
 
     def _messages(self, est: StreamingEstimator) -> EstimateMessages:
-        return EstimateMessages(est.spec, self.p["velocity_covariance"], self._frame_id, self._publisher)
+        return EstimateMessages(est.spec, self.p["velocity_covariance"], self._frame_id, self._publisher,
+                                per_estimate=est.predicts_variance)
 
     def _publisher(self, topic: str, msg_type: str) -> Any:
         if (topic, msg_type) not in self._outputs:
@@ -260,7 +261,9 @@ class Estimator(LifecycleNode):
             t0 = time.perf_counter()
             estimate = est.estimate(chunk)
             if estimate is not None:
-                stamp_msg = self.messages.publish(estimate.values, estimate.stamp_ns)
+                stamp_msg = self.messages.publish(estimate.values, estimate.stamp_ns, estimate.variance)
+                if estimate.variance is not None:
+                    self.diagnostics.confidence(estimate.variance)
                 if self.markers is not None:
                     self.markers.publish(self.messages.arrows(estimate.values, stamp_msg))
             self.latencies.append(time.perf_counter() - t0)

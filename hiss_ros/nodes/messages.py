@@ -8,6 +8,7 @@ more than the model step); each is serialised at ``publish``, so reusing it is s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,51 +69,86 @@ def output_names(types: list[str], streams: list[StreamSpec]) -> list[str]:
     return [f"~/{n}" for n in names]
 
 
+@dataclass
+class _Outgoing:
+    """One output stream's publisher and the message refilled at every estimate."""
+
+    publisher: Any
+    msg: Any
+    fields: list[tuple[Any, str]]  # where each channel goes: (parent object, attribute)
+    covariance: list[int]  # TwistWithCovariance: each channel's diagonal slot, for per-estimate variances
+    variance: tuple[Any, Any, list[tuple[Any, str]]] | None  # other types: a companion of variances
+
+
+def _slots(msg: Any, paths: list[str]) -> list[tuple[Any, str]]:
+    fields = []
+    for path in paths:
+        *parents, leaf = path.split(".")
+        obj = msg
+        for name in parents:
+            obj = getattr(obj, name)
+        fields.append((obj, leaf))
+    return fields
+
+
 class EstimateMessages:
-    """Per output stream of a model: a message to refill and publish at every estimate."""
+    """Per output stream of a model: a message to refill and publish at every estimate. A model
+    that predicts its own variance (``per_estimate``) publishes twists with that variance as
+    covariance diagonal, and every other output's variances on a companion topic
+    ``<topic>_variance`` of the same type (no stamped wrench with covariance exists in ROS)."""
 
     def __init__(self, spec: ServingSpec, covariance: bool, frame_of: Callable[[StreamSpec, str], str],
-                 publisher_of: Callable[[str, str], Any]) -> None:
+                 publisher_of: Callable[[str, str], Any], per_estimate: bool = False) -> None:
         """``frame_of(stream, msg_type)`` -> frame id; ``publisher_of(topic, msg_type)`` -> publisher."""
-        self.types = [estimate_type(s, covariance) for s in spec.outputs]
-        if covariance and TWIST_COV in self.types and spec.validation_mse is None:
+        self.types = [estimate_type(s, covariance or per_estimate) for s in spec.outputs]
+        if covariance and not per_estimate and TWIST_COV in self.types and spec.validation_mse is None:
             raise HissError("velocity_covariance:=true, but the model holds no validation error (trained by an "
                             "older hiss-train?): retrain it, or set velocity_covariance:=false")
         self.frames = [frame_of(s, t) for s, t in zip(spec.outputs, self.types, strict=True)]
-        self.outgoing: list[tuple[Any, Any, list[tuple[Any, str]]]] = []  # publisher, message, (parent, leaf)
-        first = 0
         self.topics = output_names(self.types, list(spec.outputs))
+        self.outgoing: list[_Outgoing] = []
+        first, mse = 0, spec.validation_mse
         for stream, msg_type, frame, topic in zip(spec.outputs, self.types, self.frames, self.topics, strict=True):
             pub = publisher_of(topic, msg_type)
             msg = pub.msg_type()
             msg.header.frame_id = frame
             paths = channel_paths(stream, msg_type)
+            slots, companion = [], None
             if msg_type == TWIST_COV:
-                mse = spec.validation_mse
                 msg.twist.covariance = twist_covariance(paths, None if mse is None else mse[first:first + len(paths)])
-            fields = []
-            for path in paths:
-                *parents, leaf = path.split(".")
-                obj = msg
-                for name in parents:
-                    obj = getattr(obj, name)
-                fields.append((obj, leaf))
-            self.outgoing.append((pub, msg, fields))
+                slots = [7 * _COV_ROW[".".join(p.split(".")[-2:])] for p in paths]
+            elif per_estimate:
+                var_pub = publisher_of(f"{topic}_variance", msg_type)
+                var_msg = var_pub.msg_type()
+                var_msg.header.frame_id = frame
+                companion = (var_pub, var_msg, _slots(var_msg, paths))
+            self.outgoing.append(_Outgoing(pub, msg, _slots(msg, paths), slots, companion))
             first += len(paths)
         self.sizes = [len(s.channel_names) for s in spec.outputs]
 
-    def publish(self, values: np.ndarray, stamp_ns: int) -> Any:
-        """Publish the physical-unit estimate (O,) of the chunk ending at ``stamp_ns``; its stamp."""
+    def publish(self, values: np.ndarray, stamp_ns: int, variance: np.ndarray | None = None) -> Any:
+        """Publish the physical-unit estimate (O,) of the chunk ending at ``stamp_ns`` (and its
+        per-channel variance (O,), when the model predicts one); returns its stamp."""
         flat = values.tolist()
+        var = variance.tolist() if variance is not None else None
         sec, nanosec = divmod(stamp_ns, 1_000_000_000)
         k = 0
-        for pub, msg, fields in self.outgoing:
+        for out in self.outgoing:
+            msg = out.msg
             msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
-            for obj, leaf in fields:
-                setattr(obj, leaf, flat[k])
-                k += 1
-            pub.publish(msg)
-        return self.outgoing[0][1].header.stamp
+            for j, (obj, leaf) in enumerate(out.fields):
+                setattr(obj, leaf, flat[k + j])
+                if var is not None and out.covariance:
+                    msg.twist.covariance[out.covariance[j]] = var[k + j]
+            out.publisher.publish(msg)  # serialised now: the message is reused for the next estimate
+            if var is not None and out.variance is not None:
+                var_pub, var_msg, var_fields = out.variance
+                var_msg.header.stamp.sec, var_msg.header.stamp.nanosec = sec, nanosec
+                for j, (obj, leaf) in enumerate(var_fields):
+                    setattr(obj, leaf, var[k + j])
+                var_pub.publish(var_msg)
+            k += len(out.fields)
+        return self.outgoing[0].msg.header.stamp
 
     def arrows(self, values: np.ndarray, stamp: Any) -> MarkerArray:
         """One arrow from its frame's origin per output stream, along its first three channels."""
