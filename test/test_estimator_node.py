@@ -256,6 +256,17 @@ def test_hot_reload_swaps_good_checkpoints_and_refuses_bad_ones(imu_model, monke
     save_file(tensors, str(wrong), metadata={"hiss_ros": json.dumps(meta)})
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a checkpoint")
+    # Hostile checkpoints that once killed the node or made it publish NaN (#12).
+    meta["data"]["inputs"][0]["topic"] = "/imu/data"
+    hostile = {"nan_weights": ({k: v.clone().fill_(float("nan")) if k == "head.weight" else v
+                                for k, v in tensors.items()}, meta),
+               "list_metadata": (tensors, []),
+               "huge_config": (tensors, {**meta, "model": {**meta["model"], "high": {
+                   **meta["model"]["high"], "d_model": 10**9}}}),
+               "zero_std": (tensors, {**meta, "normalization": {
+                   **meta["normalization"], "input_std": [0.0] * len(meta["normalization"]["input_std"])}})}
+    for name, (t, m) in hostile.items():
+        save_file(t, str(tmp_path / f"{name}.safetensors"), metadata={"hiss_ros": json.dumps(m)})
     for k, v in ROS_ENV.items():
         monkeypatch.setenv(k, v)
     d = Driver(model_path)
@@ -268,6 +279,9 @@ def test_hot_reload_swaps_good_checkpoints_and_refuses_bad_ones(imu_model, monke
         assert not ok and "not a readable safetensors file" in reason
         ok, reason = set_model(wrong)
         assert not ok and "/imu/other" in reason and "restart the node" in reason
+        for name in hostile:
+            ok, reason = set_model(tmp_path / f"{name}.safetensors")
+            assert not ok and reason.startswith("model_path refused: ") and "\n" not in reason, (name, reason)
         stamps, gyro, accel = bag_imu(bag)
         for n in range(100):
             d.publish(stamps[n], gyro[n], accel[n])
@@ -575,3 +589,23 @@ def test_fuzzed_input_never_crashes_the_node_nor_poisons_its_estimates(monkeypat
     assert all(np.isfinite(v).all() for v in d.got.values())
     received = int(diag["received imu/data"]) + int(diag["received tactile"])
     assert received + int(diag["lost imu/data"]) + int(diag["lost tactile"]) <= sent
+
+
+def test_the_params_file_applies_under_a_namespace(imu_model, monkeypatch, tmp_path):
+    """config/estimator.yaml sits under `/**:`: a copy with another frame applies to a node in any
+    namespace (under a `hiss_estimator:` key it silently applied to none)."""
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    params = yaml.safe_load(open("config/estimator.yaml"))
+    params["/**"]["ros__parameters"].update(frame_id="from_params_file", model_path="contact")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    d = Driver(imu_model[1], "--params-file", str(tmp_path / "params.yaml"), "-p", f"model_path:={imu_model[1]}")
+    stamps, gyro, accel = bag_imu(imu_model[0])
+    try:
+        for n in range(100):
+            d.publish(stamps[n], gyro[n], accel[n])
+        assert d.spin_until(lambda: len(d.wrenches) >= 5, 20), d.diagnostics
+    finally:
+        out = d.close()
+    assert "Traceback" not in out, out[-3000:]
+    assert d.ns != "/" and {m.header.frame_id for m in d.wrenches} == {"from_params_file"}
