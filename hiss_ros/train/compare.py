@@ -23,14 +23,13 @@ import torch
 
 from hiss_ros.checkpoint import atomic_write, load_checkpoint
 from hiss_ros.errors import ConfigError
-from hiss_ros.models import ChunkedModel, build_model
+from hiss_ros.models import MODEL_CHOICES, ChunkedModel, build_model
 from hiss_ros.serving import load_model
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import collect_segments, load_dataset, normalised
 from hiss_ros.train.loop import MODEL_FILE, evaluate, model_config, train
 
 log = logging.getLogger(__name__)
-FLAT_KINDS = ("mamba", "s4d", "lstm", "transformer")
 
 
 def parameters(config: dict[str, Any]) -> int:
@@ -99,9 +98,9 @@ def _test_mse(folder: Path, cfg: TrainConfig, test_bags: list[Path], cache_dir: 
 def _model_for(name: str, base: dict[str, Any], budget: int, cfg: TrainConfig) -> dict[str, Any]:
     if name == "hiss":
         return cfg.model
+    if name not in MODEL_CHOICES:
+        raise ConfigError(f"--compare: unknown model {name!r}; use one of {', '.join(MODEL_CHOICES)}")
     kind = name.removeprefix("flat-")
-    if kind not in FLAT_KINDS:
-        raise ConfigError(f"--compare: unknown model {name!r}; use hiss or flat-{{{','.join(FLAT_KINDS)}}}")
     return {k: v for k, v in matched_flat(base, kind, budget).items() if k not in ("input_dim", "output_dim", "chunk")}
 
 
