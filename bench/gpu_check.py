@@ -105,7 +105,9 @@ class Figures:
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.data[key] = value
-        self.path.write_text(json.dumps(self.data, indent=1))
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.data, indent=1))
+        partial.replace(self.path)  # whole or not at all, even when the time box strikes mid-write
         print(f"  {key}: {json.dumps(value)}", flush=True)
 
 
