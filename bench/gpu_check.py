@@ -414,7 +414,11 @@ def bench_step(fig: Figures, device: torch.device, hiss_cfg: dict, calls: int) -
     model = build_model(hiss_cfg).eval()
     x = torch.randn(1, 10, IO["input_dim"])
     with torch.no_grad():  # the fast step applies without autograd; no_grad tensors can be captured
+        # One torch thread: at batch 1 more threads only add synchronisation (as bench_streaming found)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         fig["step/cpu-eager"] = step_ms(eager_step(model), torch.device("cpu"), calls)
+        torch.set_num_threads(threads)
         if device.type != "cuda":
             print("CUDA eager and CUDA graph steps need CUDA: not measured")
             return
@@ -493,7 +497,8 @@ def markdown(report: dict[str, Any]) -> str:
                                      [[k, fmt_ms(v), ratio(seq, v)] for k, v in scans.items()])]
         steps = {k.split("/", 1)[1]: v for k, v in bench.items() if k.startswith("step/") and isinstance(v, dict)}
         if steps:
-            lines += ["Batch-1 `step_chunk` of the paper-size HiSS, chunk in host memory to estimate in host memory:",
+            lines += ["Batch-1 `step_chunk` of the paper-size HiSS, chunk in host memory to estimate in host memory "
+                      "(CPU: 1 torch thread):",
                       "", markdown_table(["step", "median ms", "p99 ms"],
                                          [[k, fmt_ms(v), fmt_ms(v, "p99_ms")] for k, v in steps.items()])]
         graph_err = bench.get("step/graph_vs_eager_max_abs")

@@ -84,6 +84,11 @@ def test_linear_scan_is_the_recurrence():
     torch.testing.assert_close(linear_scan(log_decay, x, chunk=4), torch.stack(expected, 1), rtol=1e-12, atol=1e-12)
 
 
+def test_chunk_of_one_is_refused():
+    with pytest.raises(ValueError, match="chunk = 1, expected at least 2"):
+        chunked_selective_scan(*scan_inputs(1, 5, 2, 2, torch.float64), chunk=1)
+
+
 def test_dispatch_picks_the_chunked_scan_on_cuda():
     # torch.device("cuda") exists as a value without a GPU: the choice is testable here.
     assert scan_impl(torch.device("cuda")) is chunked_selective_scan

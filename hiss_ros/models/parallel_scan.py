@@ -39,6 +39,8 @@ def linear_scan(log_decay: Tensor, x: Tensor, chunk: int = DEFAULT_CHUNK) -> Ten
     log_decay, x: (B, L, *rest) -> h (B, L, *rest). No autograd graph is needed through it (the
     callers' backward is hand-written), so it works in place on its own copies.
     """
+    if chunk < 2:  # a chunk of 1 would recurse on a sequence as long as the input, forever
+        raise ValueError(f"linear_scan: chunk = {chunk}, expected at least 2")
     batch, length, *rest = x.shape
     if length <= 1:
         return x.clone()
