@@ -13,7 +13,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.hiss_ros-installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,14 @@ bench: $(STAMP)
 	$(PY) bench/bench_streaming.py
 	$(PY) bench/bench_bag.py
 	$(PY) bench/bench_latency.py
+
+# The GPU check (docs/GPU.md): for a GPU machine, so it uses that machine's python3 and torch and
+# no venv. Its logs and report go to $OUT (a device run's folder), else out/gpu_check. Here:
+# make gpu-check GPU_PYTHON=.venv/bin/python GPU_CHECK_ARGS=--dry-run
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --out "$${OUT:-out/gpu_check}" --wheels .whl $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from hiss_ros.models.cache import DerivedTensor
 from hiss_ros.models.config import StackConfig
 from hiss_ros.models.linear import linear
-from hiss_ros.models.scan import selective_scan, selective_scan_step
+from hiss_ros.models.scan import scan_impl, selective_scan_step
 
 try:  # optional fast path (extra "cuda"); mamba_ssm imports only where CUDA is present
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
@@ -105,7 +105,7 @@ class Mamba(nn.Module):
             ).transpose(1, 2)  # (B, L, E), gated by z inside the kernel
         else:
             delta, Bm, C = self._ssm_inputs(x)
-            y = selective_scan(x, delta, A, Bm, C) + x * self.D
+            y = scan_impl(x.device)(x, delta, A, Bm, C) + x * self.D
             y = y * F.silu(z)
         return self.out_proj(y)
 

@@ -18,8 +18,12 @@ memory is O(B*T*E*N) and every product outside the time loop is a batched einsum
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from hiss_ros.models.parallel_scan import chunked_selective_scan
 
 DEFAULT_BLOCK = 16
 
@@ -116,6 +120,13 @@ def selective_scan(
         Bm, C: (B, L, N) input and output projections; block: time steps per recomputed block.
     """
     return _SelectiveScan.apply(u, delta, A, Bm, C, block)
+
+
+def scan_impl(device: torch.device) -> Callable[..., Tensor]:
+    """The pure-PyTorch selective scan for tensors on ``device`` (same arguments and result):
+    on CUDA the chunked parallel scan, since a loop over time steps is launch-bound there; on
+    the CPU the blocked sequential scan above, which keeps its working set in cache."""
+    return chunked_selective_scan if device.type == "cuda" else selective_scan
 
 
 def selective_scan_step(

@@ -1,0 +1,574 @@
+"""The GPU check of issue #15: one prepared command for a GPU machine that is lent rarely and briefly.
+
+Parts, each in a child process of its own with a time box (one that fails or runs out of time is
+logged, and the others still run), in this order:
+  env     device, driver, torch / CUDA / cuDNN / Triton versions, whether mamba-ssm is there
+  wheels  installs the carried wheels (bench/gpu_wheels.txt: rosbags and what it needs that the GPU
+          image lacks) into a private folder with --no-index --no-deps: the machine's torch and
+          numpy are never touched, and only the check's own child processes see the folder
+  tests   test/test_cuda.py (every model kind on CUDA == on the CPU to 1e-4 in float32, gradients
+          too, streaming == offline on CUDA) and test/test_scan.py
+  train   a short ``hiss-train --device cuda`` on data/sample/contact_sim (tiny model, 3 epochs)
+  ddp     torchrun, DDP over NCCL, one process per GPU (one on these machines: NCCL takes one GPU
+          per rank); DDP gradients must equal the single-process full-batch gradients
+  bench   forward+backward of the paper-size HiSS (S4D 256x6 low, Mamba 128x6 high) and a flat
+          Mamba 128x6 on batch 16 x 2000 samples, GPU against CPU; the selective scan alone
+          (chunked parallel vs sequential, on the GPU); the batch-1 ``step_chunk`` on the CPU,
+          on CUDA eagerly and replayed from a CUDA graph
+Everything lands in --out (8 files at most, what a device run sends back): NAME.log per part,
+gpu_check.json (every figure and each part's status) and benchmarks_gpu.md (a docs/BENCHMARKS.md
+section with the device and date; ``--merge FILE`` puts it into docs/BENCHMARKS.md).
+
+Usage (from the repository root):
+    python3 bench/gpu_check.py --out "$OUT" --wheels .whl     # on the GPU machine (docs/GPU.md)
+    python3 bench/gpu_check.py --dry-run --out /tmp/gpu-dry   # every part on the CPU, tiny sizes
+Exit status: 0 every part passed, 1 a part failed or ran out of time, 2 a usage error (no CUDA
+without --dry-run included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from benchutil import DEFAULT_DOC, REPO, cpu_model, markdown_table, time_calls, write_section
+
+from hiss_ros.models import ChunkedModel, build_model
+
+SECTION = "gpu_check"
+# Seconds per part. Their sum stays under 8 minutes, so one device call (10 at most) holds them all.
+BUDGETS = {"env": 20, "wheels": 40, "tests": 100, "train": 60, "ddp": 45, "bench": 180}
+PARTS = tuple(BUDGETS)
+WHEEL_LIST = REPO / "bench" / "gpu_wheels.txt"
+SAMPLE_BAG = REPO / "data" / "sample" / "contact_sim"
+REPORT, MARKDOWN = "gpu_check.json", "benchmarks_gpu.md"
+IO = {"input_dim": 6, "output_dim": 3}
+
+
+# --- running parts and commands, time-boxed ----------------------------------------------------
+
+
+def run_boxed(cmd: list[str], timeout_s: float, log: Any, env: dict[str, str] | None = None) -> str:
+    """Run ``cmd`` with its output into ``log``; "ok", "exit N" or "timeout after Ns". It runs in a
+    session of its own, so a timeout ends it with everything it started (torchrun's workers too:
+    SIGTERM first, which torchrun forwards to them, then SIGKILL)."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return f"timeout after {timeout_s:.0f}s"
+    return "ok" if rc == 0 else f"exit {rc}"
+
+
+def child_env(scratch: Path, dry_run: bool) -> dict[str, str]:
+    """The repository and the installed wheels first on the path; unbuffered, so a part killed at
+    its time box still leaves its log."""
+    paths = [str(REPO), str(scratch / "site"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "PYTHONUNBUFFERED": "1"}
+    if dry_run:
+        env["HISS_TEST_DEVICE"] = "cpu"
+    return env
+
+
+class Figures:
+    """A part's figures, written to scratch/NAME.json at every update: a part killed at its time
+    box keeps what it measured before."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.data = path, {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.data, indent=1))
+        partial.replace(self.path)  # whole or not at all, even when the time box strikes mid-write
+        print(f"  {key}: {json.dumps(value)}", flush=True)
+
+
+def run_parts(args: argparse.Namespace, scratch: Path) -> dict[str, dict[str, Any]]:
+    """Every part not skipped, each as ``gpu_check.py --part NAME`` in a child process."""
+    results: dict[str, dict[str, Any]] = {}
+    env = child_env(scratch, args.dry_run)
+    for name in PARTS:
+        if name in args.skip:
+            results[name] = {"status": "skipped", "seconds": 0.0, "figures": {}}
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--scratch", str(scratch),
+               "--wheels", str(args.wheels), *(["--dry-run"] if args.dry_run else []),
+               *(["--quick"] if args.quick else [])]
+        began = time.monotonic()
+        with open(args.out / f"{name}.log", "w") as log:
+            status = run_boxed(cmd, BUDGETS[name], log, env)
+        figures_file = scratch / f"{name}.json"
+        figures = json.loads(figures_file.read_text()) if figures_file.exists() else {}
+        results[name] = {"status": status, "seconds": round(time.monotonic() - began, 1), "figures": figures}
+        print(f"{name:7s} {status} ({results[name]['seconds']} s)", flush=True)
+    return results
+
+
+# --- the parts (each runs in its own child process) --------------------------------------------
+
+
+def device_for(dry_run: bool) -> torch.device:
+    return torch.device("cpu") if dry_run else torch.device("cuda", 0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def part_env(args: argparse.Namespace, fig: Figures) -> None:
+    from hiss_ros.models import cuda_kernels_available
+
+    fig["python"] = platform.python_version()
+    fig["torch"] = torch.__version__
+    fig["cuda"] = torch.version.cuda
+    fig["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    fig["cpu"] = f"{cpu_model()} ({os.cpu_count()} logical cores)"
+    fig["mamba_ssm"] = cuda_kernels_available()
+    try:
+        import triton
+
+        fig["triton"] = triton.__version__
+    except ImportError:
+        fig["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        fig["gpus"] = torch.cuda.device_count()
+        fig["gpu"] = props.name
+        fig["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        fig["capability"] = f"{props.major}.{props.minor}"
+    if shutil.which("nvidia-smi"):
+        subprocess.run(["nvidia-smi"], check=False, timeout=10)
+
+
+def wheel_names() -> list[str]:
+    """The wheel files bench/gpu_wheels.txt lists (one a line; '#' starts a comment)."""
+    lines = (line.split("#", 1)[0].strip() for line in WHEEL_LIST.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def part_wheels(args: argparse.Namespace, fig: Figures) -> None:
+    names = wheel_names()
+    missing = [n for n in names if not (args.wheels / n).is_file()]
+    fig["wheels"] = names
+    fig["missing"] = missing
+    site = args.scratch / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+           "--no-cache-dir", "--disable-pip-version-check", "--target", str(site),
+           *(str(args.wheels / n) for n in names)]
+    if args.dry_run:  # cp312 wheels do not install on another Python: say what would run
+        print("would run:", " ".join(cmd))
+        return
+    if missing:
+        raise SystemExit(f"missing from {args.wheels}: {missing}; download them as docs/GPU.md says and carry "
+                         f"the folder with the run call")
+    subprocess.run(cmd, check=True, timeout=BUDGETS["wheels"] - 10)
+    probe = "import rosbags, rosbags.highlevel; print(rosbags.__file__)"
+    fig["rosbags"] = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
+                                    env=child_env(args.scratch, False), timeout=20).stdout.strip()
+
+
+def junit_counts(path: Path) -> dict[str, int]:
+    """tests / failures / errors / skipped from a pytest junit XML file."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    return {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+
+
+def part_tests(args: argparse.Namespace, fig: Figures) -> None:
+    junit = args.scratch / "tests.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "test/test_cuda.py"]
+    # The dry run keeps to two model kinds: it checks the plumbing, in seconds.
+    cmd += ["-k", "flat-mamba or hiss-s4d-mamba-scaled"] if args.dry_run else ["test/test_scan.py"]
+    status = run_boxed(cmd, BUDGETS["tests"] - 10, sys.stdout, child_env(args.scratch, args.dry_run))
+    if junit.exists():
+        fig["pytest"] = junit_counts(junit)
+    if status != "ok":
+        raise SystemExit(f"pytest: {status}")
+    if fig.data.get("pytest", {}).get("skipped"):
+        raise SystemExit("tests were skipped: CUDA not seen by pytest")
+
+
+def tiny_train_config(epochs: int) -> dict[str, Any]:
+    """The shipped contact recipe with a tiny model and a few epochs."""
+    cfg = yaml.safe_load((REPO / "config" / "train_contact.yaml").read_text())
+    cfg["model"] = {"kind": "hiss", "low": {"kind": "s4d", "d_model": 32, "n_layers": 2},
+                    "high": {"kind": "mamba", "d_model": 32, "n_layers": 2}}
+    cfg["train"].update(epochs=epochs, patience=epochs)
+    return cfg
+
+
+def part_train(args: argparse.Namespace, fig: Figures) -> None:
+    config = args.scratch / "train.yaml"
+    config.write_text(yaml.safe_dump(tiny_train_config(1 if args.dry_run else 3)))
+    out = args.scratch / "train"
+    cmd = [sys.executable, "-m", "hiss_ros.train.cli", "--config", str(config), "--bag", str(SAMPLE_BAG),
+           "--out", str(out), "--cache-dir", str(args.scratch / "cache"), "--quiet",
+           "--device", "cpu" if args.dry_run else "cuda"]
+    began = time.monotonic()
+    status = run_boxed(cmd, BUDGETS["train"] - 10, sys.stdout, child_env(args.scratch, args.dry_run))
+    fig["seconds"] = round(time.monotonic() - began, 1)
+    if status != "ok":
+        raise SystemExit(f"hiss-train: {status}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    fig["metrics"] = {k: metrics.get(k) for k in ("val_mse", "best_epoch", "epochs_run", "seconds", "processes")}
+
+
+def part_ddp(args: argparse.Namespace, fig: Figures) -> None:
+    # One process per GPU for NCCL (1 here); the dry run takes 2 CPU processes over gloo.
+    nproc = 2 if args.dry_run else torch.cuda.device_count()
+    fig["processes"] = nproc
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(Path(__file__).resolve()), "--ddp-worker", "--scratch", str(args.scratch),
+           *(["--dry-run"] if args.dry_run else [])]
+    env = {**child_env(args.scratch, args.dry_run), "OMP_NUM_THREADS": "1"}
+    status = run_boxed(cmd, BUDGETS["ddp"] - 10, sys.stdout, env)
+    result = args.scratch / "ddp_worker.json"
+    if result.exists():
+        fig["result"] = json.loads(result.read_text())
+    if status != "ok":
+        raise SystemExit(f"torchrun: {status}")
+
+
+def ddp_worker(args: argparse.Namespace) -> int:
+    """One torchrun rank: DDP's averaged gradient over the ranks' shards must equal the gradient of
+    the whole batch in one process (the loss is a mean, every shard the same size)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    backend = "gloo" if args.dry_run else "nccl"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu") if args.dry_run else torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    stack = {"d_model": 32, "n_layers": 2, "dropout": 0.0}
+    model = build_model({"kind": "hiss", **IO, "chunk": 10, "low": {"kind": "s4d", **stack},
+                         "high": {"kind": "mamba", **stack}}).to(device)
+    x = torch.randn(4 * world, 200, IO["input_dim"]).to(device)  # the same on every rank (seeded)
+    whole = copy.deepcopy(model)
+    whole(x).square().mean().backward()
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp(x[rank::world]).square().mean().backward()
+    err = max(((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30)).item()
+              for p, q in zip(model.parameters(), whole.parameters(), strict=True))
+    total = torch.tensor([float(rank + 1)], device=device)
+    dist.all_reduce(total)
+    ok = err <= 1e-4 and total.item() == world * (world + 1) / 2
+    if rank == 0:
+        (args.scratch / "ddp_worker.json").write_text(json.dumps(
+            {"backend": backend, "world_size": world, "device": str(device), "grad_rel_err": err,
+             "all_reduce_sum": total.item(), "ok": ok}))
+    dist.barrier()  # rank 0's file is written before any rank tears the group down (gloo aborts otherwise)
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+def bench_configs(dry_run: bool) -> dict[str, dict[str, Any]]:
+    """The paper-size HiSS (Marker Writing: S4D 256x6 low, Mamba 128x6 high) and a flat Mamba 128x6;
+    a tiny version of each in a dry run."""
+    hiss = {**yaml.safe_load((REPO / "config" / "paper_models.yaml").read_text())["marker_writing"], **IO}
+    flat = {"kind": "flat", "chunk": 10, "layers": {"kind": "mamba", "d_model": 128, "n_layers": 6}, **IO}
+    if dry_run:
+        tiny = {"d_model": 16, "n_layers": 2}
+        hiss = {**hiss, "low": {**hiss["low"], **tiny}, "high": {**hiss["high"], **tiny}}
+        flat = {**flat, "layers": {**flat["layers"], **tiny}}
+    return {"hiss": hiss, "flat-mamba": flat}
+
+
+def train_step_ms(model: ChunkedModel, x: torch.Tensor, repeats: int, warmup: int, budget_s: float) -> list[float]:
+    """Forward+backward (mean squared output) times in ms, the device synchronised."""
+    def once() -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        sync(x.device)
+
+    return [1e3 * t for t in time_calls(once, repeats, warmup, budget_s)]
+
+
+def peak_mib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
+
+
+def bench_train(fig: Figures, device: torch.device, configs: dict[str, dict], batch: int, length: int,
+                repeats: int, warmup: int) -> None:
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = build_model(cfg).train().to(device)
+        x = torch.randn(batch, length, IO["input_dim"], device=device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = train_step_ms(model, x, repeats, warmup, budget_s=30)
+        fig[f"fwdbwd/{name}/{device.type}"] = {"median_ms": statistics.median(times), "calls": len(times),
+                                               "peak_mib": peak_mib(device)}
+
+
+def bench_scan(fig: Figures, device: torch.device, dry_run: bool) -> None:
+    """One Mamba layer's scan of the flat model, (B 16, L 2000, E 256, N 16), forward+backward:
+    the sequential scan (one step at a time, launch-bound on a GPU) against the chunked one."""
+    from hiss_ros.models.parallel_scan import chunked_selective_scan
+    from hiss_ros.models.scan import selective_scan
+
+    B, L, E, N = (2, 200, 8, 4) if dry_run else (16, 2000, 256, 16)
+    g = torch.Generator(device=device).manual_seed(0)
+    u, dt, Bm, C = (torch.randn(B, L, n, device=device, generator=g) for n in (E, E, N, N))
+    inputs = [t.requires_grad_() for t in (u, torch.nn.functional.softplus(dt - 2),
+                                            -torch.rand(E, N, device=device, generator=g) * 8, Bm, C)]
+    scans: dict[str, Callable] = {"sequential": selective_scan}
+    scans.update({f"chunked-{T}": (lambda *a, T=T: chunked_selective_scan(*a, chunk=T)) for T in (8, 16, 32, 64)})
+    for name, scan in scans.items():
+        def once(scan: Callable = scan) -> None:
+            torch.autograd.grad(scan(*inputs).square().sum(), inputs)
+            sync(device)
+
+        times = time_calls(once, 5 if name != "sequential" else 2, warmup=1, budget_s=20)
+        fig[f"scan/{name}"] = {"median_ms": 1e3 * statistics.median(times), "shape": [B, L, E, N]}
+
+
+def leaves(tree: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a nest of tuples (a model state), in order."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    else:
+        for item in tree:
+            yield from leaves(item)
+
+
+def graphed_step(model: ChunkedModel, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``step_chunk`` captured once in a CUDA graph on static input and state tensors; the returned
+    function copies a chunk in, replays, and copies the new state over the static one. Replaying
+    skips the ~hundreds of kernel launches of one step, which dominate at batch 1."""
+    static_x = x.clone()
+    static_state = model.init_state(x.shape[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            model.step_chunk(static_x, static_state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y, new_state = model.step_chunk(static_x, static_state)
+
+    def step(chunk: torch.Tensor) -> torch.Tensor:
+        static_x.copy_(chunk)
+        graph.replay()
+        for old, new in zip(leaves(static_state), leaves(new_state), strict=True):
+            old.copy_(new)
+        return static_y
+
+    return step
+
+
+def eager_step(model: ChunkedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``step_chunk`` at batch 1, the state carried from call to call."""
+    state = model.init_state(1)
+
+    def step(chunk: torch.Tensor) -> torch.Tensor:
+        nonlocal state
+        y, state = model.step_chunk(chunk, state)
+        return y
+
+    return step
+
+
+def step_ms(step: Callable[[torch.Tensor], torch.Tensor], device: torch.device, calls: int) -> dict[str, float]:
+    """Latency of one estimate as served: a chunk from host memory in, the estimate back in host memory."""
+    chunk = torch.randn(1, 10, IO["input_dim"])
+    times = sorted(1e3 * t for t in time_calls(lambda: step(chunk.to(device)).cpu(), calls, warmup=10))
+    return {"median_ms": statistics.median(times), "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))]}
+
+
+def bench_step(fig: Figures, device: torch.device, hiss_cfg: dict, calls: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(hiss_cfg).eval()
+    x = torch.randn(1, 10, IO["input_dim"])
+    with torch.no_grad():  # the fast step applies without autograd; no_grad tensors can be captured
+        # One torch thread: at batch 1 more threads only add synchronisation (as bench_streaming found)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        fig["step/cpu-eager"] = step_ms(eager_step(model), torch.device("cpu"), calls)
+        torch.set_num_threads(threads)
+        if device.type != "cuda":
+            print("CUDA eager and CUDA graph steps need CUDA: not measured")
+            return
+        model.to(device)
+        fig["step/cuda-eager"] = step_ms(eager_step(model), device, calls)
+        graphed, eager = graphed_step(model, x.to(device)), eager_step(model)
+        chunks = torch.randn(5, 1, 10, IO["input_dim"], device=device)
+        fig["step/graph_vs_eager_max_abs"] = max((graphed(c) - eager(c)).abs().max().item() for c in chunks)
+        fig["step/cuda-graph"] = step_ms(graphed, device, calls)
+
+
+def part_bench(args: argparse.Namespace, fig: Figures) -> None:
+    device = device_for(args.dry_run)
+    configs = bench_configs(args.dry_run)
+    batch, length = (2, 200) if args.dry_run else (16, 2000)
+    repeats = 1 if args.dry_run else (3 if args.quick else 10)
+    fig["sizes"] = {"batch": batch, "length": length}
+    if device.type == "cuda":
+        bench_train(fig, device, configs, batch, length, repeats, warmup=2)
+    bench_scan(fig, device, args.dry_run)
+    bench_step(fig, device, configs["hiss"], 20 if args.dry_run else (100 if args.quick else 300))
+    # The CPU side last and briefly (seconds a call at this size): the GPU figures matter most if
+    # the time box cuts this short.
+    fig["cpu_threads"] = torch.get_num_threads()
+    bench_train(fig, torch.device("cpu"), configs, batch, length, 1 if args.dry_run else 2, warmup=1)
+
+
+PART_FUNCTIONS: dict[str, Callable[[argparse.Namespace, Figures], None]] = {
+    "env": part_env, "wheels": part_wheels, "tests": part_tests, "train": part_train, "ddp": part_ddp,
+    "bench": part_bench,
+}
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def fmt_ms(entry: dict[str, Any] | None, key: str = "median_ms") -> str:
+    return f"{entry[key]:.2f}" if entry and entry.get(key) is not None else "–"
+
+
+def ratio(slow: dict | None, fast: dict | None) -> str:
+    return f"{slow['median_ms'] / fast['median_ms']:.1f}x" if slow and fast else "–"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The docs/BENCHMARKS.md section for a report (gpu_check.json's content)."""
+    parts, env = report["parts"], report["environment"]
+    bench = parts.get("bench", {}).get("figures", {})
+    lines = [
+        f"## GPU check (`bench/gpu_check.py`){' — DRY RUN on the CPU, not GPU figures' if report['dry_run'] else ''}",
+        "",
+        f"- Date: {report['date']}",
+        f"- Device: {env['device']}; CPU: {env['cpu']}",
+        f"- torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}",
+        f"- Command: `{report['command']}`",
+        "",
+        markdown_table(["part", "status", "seconds"],
+                       [[n, p["status"], f"{p['seconds']:.0f}"] for n, p in parts.items()]),
+    ]
+    if bench:
+        sizes = bench.get("sizes", {})
+        rows = []
+        for name in ("hiss", "flat-mamba"):
+            gpu, cpu = bench.get(f"fwdbwd/{name}/cuda"), bench.get(f"fwdbwd/{name}/cpu")
+            rows.append([name, fmt_ms(gpu), fmt_ms(cpu), ratio(cpu, gpu),
+                         str(gpu.get("peak_mib")) if gpu else "–"])
+        lines += [f"Forward+backward, batch {sizes.get('batch')} x {sizes.get('length')} samples, float32 "
+                  f"(CPU: {bench.get('cpu_threads')} threads):", "",
+                  markdown_table(["model", "GPU ms", "CPU ms", "GPU speed-up", "GPU peak MiB"], rows)]
+        scans = {k.split("/", 1)[1]: v for k, v in bench.items() if k.startswith("scan/")}
+        if scans:
+            seq = scans.get("sequential")
+            lines += [f"Selective scan alone, forward+backward, (B, L, E, N) = "
+                      f"{tuple(next(iter(scans.values()))['shape'])}:", "",
+                      markdown_table(["scan", "ms", "vs sequential"],
+                                     [[k, fmt_ms(v), ratio(seq, v)] for k, v in scans.items()])]
+        steps = {k.split("/", 1)[1]: v for k, v in bench.items() if k.startswith("step/") and isinstance(v, dict)}
+        if steps:
+            lines += ["Batch-1 `step_chunk` of the paper-size HiSS, chunk in host memory to estimate in host memory "
+                      "(CPU: 1 torch thread):",
+                      "", markdown_table(["step", "median ms", "p99 ms"],
+                                         [[k, fmt_ms(v), fmt_ms(v, "p99_ms")] for k, v in steps.items()])]
+        graph_err = bench.get("step/graph_vs_eager_max_abs")
+        if graph_err is not None:
+            lines += [f"CUDA graph against eager, 5 steps: max abs difference {graph_err:.1e}."]
+    return "\n".join(lines)
+
+
+def section_body(text: str) -> str:
+    """A written section without its start and end markers (``write_section`` adds them)."""
+    return "\n".join(line for line in text.splitlines() if not line.startswith(f"<!-- {SECTION}:"))
+
+
+def environment(dry_run: bool) -> dict[str, Any]:
+    device = "CPU (dry run)" if dry_run else f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return {"device": device, "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores)", "torch": torch.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=os.environ.get("OUT"),
+                   help="folder for the logs and the report (default: $OUT, as on a device run)")
+    p.add_argument("--wheels", type=Path, default=REPO / ".whl",
+                   help="folder holding the wheels of bench/gpu_wheels.txt (default: .whl)")
+    p.add_argument("--skip", action="append", default=[], choices=PARTS, metavar="PART",
+                   help=f"leave out a part; repeatable; parts: {', '.join(PARTS)}")
+    p.add_argument("--quick", action="store_true", help="fewer timed calls in the benchmarks")
+    p.add_argument("--dry-run", action="store_true",
+                   help="every part on the CPU with tiny sizes, in seconds: checks the script, measures nothing")
+    p.add_argument("--merge", type=Path, metavar="MD",
+                   help=f"put a {MARKDOWN} that a run wrote into docs/BENCHMARKS.md, and do nothing else")
+    p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a child process: run this part
+    p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # a torchrun rank
+    p.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.merge or args.ddp_worker or args.part:
+        return args
+    if args.out is None:
+        p.error("--out is required (or set OUT)")
+    if not args.dry_run and not torch.cuda.is_available():
+        p.error("torch sees no CUDA device: run this on a GPU machine (docs/GPU.md), or with --dry-run to "
+                "exercise every part on the CPU")
+    if set(args.skip) == set(PARTS):
+        p.error("every part skipped: nothing to run")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.merge:
+        write_section(DEFAULT_DOC, SECTION, section_body(args.merge.read_text()))
+        return 0
+    if args.ddp_worker:
+        return ddp_worker(args)
+    if args.part:
+        PART_FUNCTIONS[args.part](args, Figures(args.scratch / f"{args.part}.json"))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python3 bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    with tempfile.TemporaryDirectory(prefix="hiss_gpu_check_") as tmp:
+        report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "dry_run": args.dry_run, "command": command.strip(), "environment": environment(args.dry_run),
+                  "parts": run_parts(args, Path(tmp))}
+    (args.out / REPORT).write_text(json.dumps(report, indent=1))
+    body = markdown(report)
+    (args.out / MARKDOWN).write_text(f"<!-- {SECTION}:start -->\n{body.rstrip()}\n<!-- {SECTION}:end -->\n")
+    print(body)
+    return 0 if all(p["status"] in ("ok", "skipped") for p in report["parts"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

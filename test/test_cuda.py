@@ -1,0 +1,82 @@
+"""Every model kind on CUDA against the same model on the CPU, and streaming against offline on CUDA.
+
+Skipped without CUDA. The device under test is ``HISS_TEST_DEVICE`` (default ``cuda``);
+``bench/gpu_check.py --dry-run`` sets it to ``cpu`` so that these comparisons run (trivially
+equal, but through the same code) on a machine without a GPU.
+
+float32 throughout, with TF32 off: TF32 matmuls and convolutions round to 10 mantissa bits (~1e-3),
+which would hide real differences at the 1e-4 tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from conftest import CHUNK
+
+from hiss_ros.models import ChunkedModel, build_model
+
+DEVICE = os.environ.get("HISS_TEST_DEVICE", "cuda")
+TOLERANCE = 1e-4
+K = 7  # chunks per test sequence
+
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32() -> Iterator[None]:
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def on_both(config: dict) -> tuple[ChunkedModel, ChunkedModel, torch.Tensor]:
+    """The model in eval mode on the CPU, an exact copy on DEVICE, and an input (2, K*chunk, I)."""
+    cpu = build_model(config).eval()
+    x = torch.randn(2, K * CHUNK, config["input_dim"])
+    return cpu, copy.deepcopy(cpu).to(DEVICE), x
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Within TOLERANCE, absolute and relative to the tensor's largest entry."""
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.cpu(), expected, atol=TOLERANCE * scale, rtol=TOLERANCE, msg=what)
+
+
+def test_forward_on_device_matches_cpu(model_config):
+    cpu, dev, x = on_both(model_config)
+    with torch.no_grad():
+        assert_close(dev(x.to(DEVICE)), cpu(x), "forward")
+
+
+def without_dropout(config: dict) -> dict:
+    return {k: {**v, "dropout": 0.0} if k in ("low", "high", "layers") else v for k, v in config.items()}
+
+
+def test_gradients_on_device_match_cpu(model_config):
+    # Training mode (cuDNN's LSTM has no backward in eval mode), without dropout (whose random
+    # masks differ between devices).
+    cpu, dev, x = on_both(without_dropout(model_config))
+    cpu.train()
+    dev.train()
+    for model, inp in ((cpu, x), (dev, x.to(DEVICE))):
+        model(inp).square().mean().backward()
+    for (name, p_cpu), p_dev in zip(cpu.named_parameters(), dev.parameters(), strict=True):
+        assert_close(p_dev.grad, p_cpu.grad, f"gradient of {name}")
+
+
+def test_streaming_matches_offline_on_device(model_config):
+    _, dev, x = on_both(model_config)
+    x = x.to(DEVICE)
+    with torch.inference_mode():
+        offline = dev(x)
+        state = dev.init_state(x.shape[0])
+        for k in range(K):
+            y, state = dev.step_chunk(x[:, k * CHUNK:(k + 1) * CHUNK], state)
+            assert y.device == x.device
+            assert_close(y, offline[:, k].cpu(), f"chunk {k}")
