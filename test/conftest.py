@@ -12,6 +12,10 @@ from hiss_ros.models import LAYER_KINDS
 
 CHUNK = 10
 
+# test_cuda.py compares every model on CUDA with the CPU: collected where torch sees a GPU (or a
+# device is named, as bench/gpu_check.py's dry run does), not as 69 skips on every CPU run.
+collect_ignore = [] if torch.cuda.is_available() or os.environ.get("HISS_TEST_DEVICE") else ["test_cuda.py"]
+
 # DDS tests of this run talk in a domain of their own (valid domains 1..101 here) and discover
 # peers on this host only, so parallel test runs do not hear each other.
 ROS_ENV = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
