@@ -25,7 +25,7 @@ from hiss_ros.train.cli import main as train_main
 from hiss_ros.train.config import TrainConfig, TrainSettings
 from hiss_ros.train.dataset import Dataset, Split
 from hiss_ros.train.evaluate import main as eval_main
-from hiss_ros.train.loop import predict_gaussian, train
+from hiss_ros.train.loop import batch_loss, predict_gaussian, train
 
 SEQ = 16
 QUIET, NOISY = 0.1, 1.0  # target noise std where input channel 1 is 0 / 1
@@ -93,6 +93,17 @@ def test_post_hoc_scale_makes_mean_z2_one_on_validation(trained):
     assert list(metrics["variance_scale"].values()) == pytest.approx(list(served.spec.variance_scale))
     assert metrics["val_calibration"]["mean_z2"] == pytest.approx({c: 1.0 for c in metrics["variance_scale"]},
                                                                   rel=1e-4)
+
+
+def test_beta_nll_at_beta_one_gives_the_mean_the_squared_error_gradient():
+    """beta-NLL weights each element by its variance (held constant): at beta = 1 the mean's
+    gradient is (mean - y), whatever the variance, as MSE's; plain NLL's is (mean - y) / variance."""
+    model = build_model({**MODEL, "input_dim": 9, "output_dim": 3, "chunk": CHUNK})
+    out = torch.cat([torch.randn(2, 4, 3), torch.randn(2, 4, 3)], dim=-1).requires_grad_()  # (b, k, 2*O)
+    y = torch.randn(2, 4, 3)
+    for beta, expected in ((1.0, out[..., :3] - y), (0.0, (out[..., :3] - y) / out[..., 3:].exp())):
+        (grad,) = torch.autograd.grad(batch_loss(model, out, y, nll=True, beta=beta), out)
+        torch.testing.assert_close(grad[..., :3], expected.detach())
 
 
 def spec(scale: tuple[float, ...] | None = None) -> ServingSpec:
@@ -175,6 +186,8 @@ def test_hiss_eval_writes_calibration_metrics_and_plot(tmp_path):
     ({"loss": "l1"}, r"train.loss = 'l1': expected one of \['mse', 'nll'\]"),
     ({"loss": "nll", "nll_warmup_epochs": -1}, "train.nll_warmup_epochs = -1: expected an int >= 0"),
     ({"nll_warmup_epochs": 2}, "train.nll_warmup_epochs = 2: applies to train.loss nll only"),
+    ({"loss": "nll", "nll_beta": 1.5}, r"train.nll_beta = 1.5: expected a number in \[0, 1\]"),
+    ({"nll_beta": 0.5}, "train.nll_beta = 0.5: applies to train.loss nll only"),
 ])
 def test_train_settings_errors_name_field_and_value(edit, message):
     with pytest.raises(ConfigError, match=message):

@@ -32,9 +32,11 @@ class TrainSettings:
     max_steps: int = 0  # optimiser steps in all (the last epoch cut short); 0: train.epochs full epochs
     no_decay_ssm: bool = False  # AdamW decay off for SSM dynamics (A, dt, D), biases and norms
     # "nll" (needs model.variance): Gaussian negative log-likelihood of the targets under the
-    # predicted mean and variance; the first nll_warmup_epochs train the mean alone on MSE.
+    # predicted mean and variance; the first nll_warmup_epochs train the mean alone on MSE;
+    # nll_beta in [0, 1] weights each element by its variance^beta (beta-NLL; see loop.batch_loss).
     loss: str = "mse"
     nll_warmup_epochs: int = 0
+    nll_beta: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -57,9 +59,12 @@ class TrainSettings:
         if self.burn_in_chunks >= self.seq_chunks:
             raise ConfigError(f"train.burn_in_chunks = {self.burn_in_chunks!r}: expected fewer than "
                               f"train.seq_chunks = {self.seq_chunks} (no chunk of a window would be trained on)")
-        if self.nll_warmup_epochs and self.loss != "nll":
-            raise ConfigError(f"train.nll_warmup_epochs = {self.nll_warmup_epochs}: applies to train.loss nll only "
-                              f"(train.loss is {self.loss!r})")
+        for name in ("nll_warmup_epochs", "nll_beta"):
+            if getattr(self, name) and self.loss != "nll":
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}: applies to train.loss nll only "
+                                  f"(train.loss is {self.loss!r})")
+        if not 0 <= self.nll_beta <= 1:
+            raise ConfigError(f"train.nll_beta = {self.nll_beta!r}: expected a number in [0, 1]")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"train.val_fraction = {self.val_fraction!r}: expected a number in (0, 1)")
         if self.lr <= 0:

@@ -82,14 +82,19 @@ def evaluate(model: ChunkedModel, split: Split, device: str = "cpu") -> tuple[fl
     return float(sq.mean()), sq.mean(0)
 
 
-def batch_loss(model: ChunkedModel, out: torch.Tensor, y: torch.Tensor, nll: bool) -> torch.Tensor:
+def batch_loss(model: ChunkedModel, out: torch.Tensor, y: torch.Tensor, nll: bool, beta: float = 0.0) -> torch.Tensor:
     """Summed loss of model outputs ``out`` (b, k, W) against targets ``y`` (b, k, O): squared
     error of the mean, or (``nll``) the Gaussian negative log-likelihood under the predicted mean
-    and variance (its log clamped to LOG_VAR_RANGE by ``split_output``, so 1/variance stays finite)."""
+    and variance (its log clamped to LOG_VAR_RANGE by ``split_output``, so 1/variance stays finite),
+    each element weighted by its variance^beta held constant (beta-NLL, Seitzer et al., ICLR 2022):
+    plain NLL divides the mean's gradient by the variance, so it gives up on hard chunks; beta = 1
+    gives the mean MSE's gradient back."""
     mean, log_var = model.split_output(out)
-    if nll:
-        return torch.nn.functional.gaussian_nll_loss(mean, y, log_var.exp(), full=True, reduction="sum")
-    return torch.nn.functional.mse_loss(mean, y, reduction="sum")
+    if not nll:
+        return torch.nn.functional.mse_loss(mean, y, reduction="sum")
+    variance = log_var.exp()
+    per_element = torch.nn.functional.gaussian_nll_loss(mean, y, variance, full=True, reduction="none")
+    return (per_element * variance.detach() ** beta).sum() if beta else per_element.sum()
 
 
 # SSM dynamics by parameter name: S4D's A, dt and skip, Mamba's A, skip and dt bias. Decay would
@@ -208,7 +213,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
             idx = batch[rank::world]  # this rank's share
             y = yw[idx, s.burn_in_chunks:].to(device)  # (b, seq - burn_in, O)
             pred = net(xw[idx].to(device))[:, s.burn_in_chunks:]
-            summed = batch_loss(model, pred, y, nll=s.loss == "nll" and epoch >= s.nll_warmup_epochs)
+            summed = batch_loss(model, pred, y, s.loss == "nll" and epoch >= s.nll_warmup_epochs, s.nll_beta)
             loss = summed * world / (len(batch) * y[0].numel())  # DDP averages over ranks -> global mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
