@@ -133,8 +133,9 @@ def _reliability_plot(plt: Any, reliability: dict[str, Any], path: Path) -> None
     fig, ax = plt.subplots(figsize=(6, 6))
     expected = reliability["expected"]
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
-    for c, observed in reliability["observed"].items():
-        ax.plot(expected, observed, ".-", ms=3, lw=1, label=c.split(":")[-1])
+    for i, (c, observed) in enumerate(reliability["observed"].items()):
+        style = "-" if i < 10 else "--"  # matplotlib's cycle has 10 colours
+        ax.plot(expected, observed, marker=".", ls=style, ms=3, lw=1, label=c.split(":")[-1])
     ax.set_xlabel("expected coverage of the central interval")
     ax.set_ylabel("observed fraction of errors inside it")
     ax.set_xlim(0, 1)

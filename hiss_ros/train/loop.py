@@ -3,7 +3,8 @@
 Writes into ``out``:
     model.safetensors   best checkpoint (weights, model config, normalisation, data spec)
     train_state.safetensors  last epoch's weights + optimizer state, for --resume
-    metrics.csv         one row per epoch (and tensorboard/ event files when TensorBoard is installed)
+    metrics.csv         one row per epoch, train_loss the loss trained on (MSE, or NLL per element)
+                        (and tensorboard/ event files when TensorBoard is installed)
     metrics.json        val_mse (normalised) and per-channel MSE in physical units of the best epoch
                         (with the variance head: its calibration on the validation data too)
 
