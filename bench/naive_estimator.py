@@ -34,9 +34,8 @@ class WindowEstimator(StreamingEstimator):
             self.counters["resets"] += 1
         self.window.append(torch.from_numpy(chunk.x)[None])
         with torch.inference_mode():
-            y = self.model(torch.cat(tuple(self.window), dim=1))[0, -1].numpy()
-        self.counters["estimates"] += 1
-        return Estimate(chunk.stamp_ns, self.spec.normalization.physical(y))
+            y = self.model(torch.cat(tuple(self.window), dim=1))[0, -1]  # (W,)
+        return self.to_estimate(chunk.stamp_ns, y)
 
 
 class NaiveEstimator(Estimator):

@@ -4,6 +4,7 @@
     for stream, stamp_ns, values in samples:                     # stream: index into est.spec.inputs
         for e in est.push(stream, stamp_ns, values):
             print(e.stamp_ns, e.values)                          # (O,) float64, physical units
+            print(e.variance)                                    # (O,) or None: see Estimate
 
 The estimator node, ``hiss-eval``, the demo and the benchmarks all serve through this class, and
 the trainer writes what it reads (``ServingSpec``, stored in the checkpoint by ``save_model``):
@@ -12,12 +13,16 @@ inputs and outputs, and the validation error. ``push`` runs the trainer's own ``
 sample hygiene, resampling, filter, chunking, normalisation), advances the model one
 ``step_chunk`` per completed chunk with its state carried (O(chunk) per estimate however long it
 has run), restarts from a fresh state when the input breaks (gap, time jumping back), and
-de-normalises. A non-finite model output is never returned: the state is reset and it is counted.
+de-normalises. A model with the variance head (``variance: true``) also gives each estimate's
+per-channel variance, de-normalised and scaled by the calibration fitted after training
+(``ServingSpec.variance_scale``). A non-finite model output (mean or variance) is never returned:
+the state is reset and it is counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections import Counter, deque
@@ -45,6 +50,9 @@ class ServingSpec:
     pipeline: PipelineConfig  # channels per input, rates (so the chunk), gap limit, filter
     normalization: Normalization
     validation_mse: tuple[float, ...] | None = None  # per output channel, physical units
+    # Per output channel, the factor on the variance head's variance that made mean(z^2) = 1 on the
+    # validation data (z = error / predicted std); None: not calibrated (1), or no variance head.
+    variance_scale: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.pipeline.input_dims):
@@ -60,11 +68,22 @@ class ServingSpec:
         if self.validation_mse is not None and len(self.validation_mse) != n_out:
             raise ConfigError(f"serving spec: validation error has {len(self.validation_mse)} channels, "
                               f"the outputs {n_out}")
+        scale = self.variance_scale
+        if scale is not None and (len(scale) != n_out or not all(math.isfinite(v) and v > 0 for v in scale)):
+            raise ConfigError(f"serving spec: variance_scale = {list(scale)}: expected {n_out} finite positive "
+                              f"numbers, one per output channel")
 
     @property
     def output_channels(self) -> list[str]:
         """``topic:channel`` per output channel, in model order."""
         return [f"{s.topic}:{c}" for s in self.outputs for c in s.channel_names]
+
+    def physical_variance(self, log_var: np.ndarray) -> np.ndarray:
+        """The variance head's output (..., O), a log-variance in normalised units -> float64
+        variance in physical units squared, calibrated by ``variance_scale``."""
+        scale = np.asarray(self.variance_scale or 1.0)
+        with np.errstate(over="ignore"):  # an overflow is an inf: serving refuses it as non-finite
+            return np.exp(log_var.astype(np.float64)) * self.normalization.output_std ** 2 * scale
 
     def same_streams(self, other: ServingSpec) -> bool:
         """Whether ``other`` reads and writes the same streams in the same way (hot reload)."""
@@ -83,6 +102,7 @@ class ServingSpec:
             "input_dims": list(p.input_dims), "input_rate_hz": p.input_rate_hz, "output_rate_hz": p.output_rate_hz,
             "max_gap_s": p.max_gap_s, "filter": dataclasses.asdict(p.filter) if p.filter else None,
             **({"validation": {"mse_per_channel": list(self.validation_mse)}} if self.validation_mse else {}),
+            **({"variance_scale": list(self.variance_scale)} if self.variance_scale else {}),
         }
 
     @classmethod
@@ -101,6 +121,10 @@ class ServingSpec:
         if validation is not None and (not isinstance(validation, list)
                                        or not all(isinstance(v, (int, float)) for v in validation)):
             raise ConfigError(f"data spec: validation.mse_per_channel = {validation!r}: expected a list of numbers")
+        scale = data.get("variance_scale")
+        if scale is not None and (not isinstance(scale, list)
+                                  or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)):
+            raise ConfigError(f"data spec: variance_scale = {scale!r}: expected a list of numbers")
         dims = data["input_dims"]
         return cls(
             tuple(StreamSpec.from_dict(s) for s in data["inputs"]),
@@ -110,6 +134,7 @@ class ServingSpec:
                            FilterConfig(**filt) if isinstance(filt, dict) else filt),
             Normalization.from_dict(normalization),
             None if validation is None else tuple(float(v) for v in validation),
+            None if scale is None else tuple(float(v) for v in scale),
         )
 
 
@@ -146,6 +171,9 @@ def load_model(path_or_name: str | os.PathLike) -> Loaded:
     if (cfg.input_dim, cfg.output_dim, cfg.chunk) != expected:
         raise CheckpointError(f"{path}: the model takes {cfg.input_dim} channels in chunks of {cfg.chunk} and gives "
                               f"{cfg.output_dim}, its serving spec says {expected[0]}, {expected[2]} and {expected[1]}")
+    if spec.variance_scale is not None and not cfg.variance:
+        raise CheckpointError(f"{path}: its serving spec has a variance_scale, but the model has no variance head "
+                              "(model.variance false): re-export it with hiss-train")
     return Loaded(str(path), ckpt.model, spec, ckpt.data)
 
 
@@ -161,7 +189,9 @@ def resolve_device(choice: str) -> str:
 class Estimate(NamedTuple):
     stamp_ns: int  # the time of the chunk's last input sample
     values: np.ndarray  # (O,) float64, physical units, in ``spec.output_channels`` order
-    variance: np.ndarray | None = None  # (O,) its predicted variance, physical units squared (variance head)
+    # (O,) float64, the variance of each value in physical units squared (calibrated: see
+    # ``ServingSpec.variance_scale``); None for a model without the variance head.
+    variance: np.ndarray | None = None
 
 
 class StreamingEstimator:
@@ -237,10 +267,17 @@ class StreamingEstimator:
         with torch.inference_mode():
             y, self.state = self.model.step_chunk(x, self.state)
         self.step_seconds.append(time.perf_counter() - began)
-        y = y[0].cpu().numpy()
-        if not np.isfinite(y).all():
+        return self.to_estimate(chunk.stamp_ns, y[0])
+
+    def to_estimate(self, stamp_ns: int, y: torch.Tensor) -> Estimate | None:
+        """One model output y (W,) -> the estimate in physical units; None (counted, the state
+        reset) if its mean or variance is not finite."""
+        mean, log_var = self.model.split_output(y)  # (O,) each, log_var None without the variance head
+        values = self.spec.normalization.physical(mean.cpu().numpy())
+        variance = None if log_var is None else self.spec.physical_variance(log_var.cpu().numpy())
+        if not np.isfinite(values).all() or (variance is not None and not np.isfinite(variance).all()):
             self.counters["nonfinite_output"] += 1
             self.reset()
             return None
         self.counters["estimates"] += 1
-        return Estimate(chunk.stamp_ns, self.spec.normalization.physical(y))
+        return Estimate(stamp_ns, values, variance)

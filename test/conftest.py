@@ -43,6 +43,11 @@ MODEL_CONFIGS.update({f"flat-{k}": flat_config(k) for k in LAYER_KINDS})
 MODEL_CONFIGS["hiss-s4d-mamba-mean"] = {**hiss_config("s4d", "mamba"), "pool": "mean"}
 MODEL_CONFIGS["hiss-s4d-mamba-scaled"] = {**hiss_config("s4d", "mamba"), "scale_deltas": True}
 MODEL_CONFIGS["flat-lstm-scaled"] = {**flat_config("lstm"), "scale_deltas": True}
+# The variance head (output [mean | log-variance]): on the fast step's HiSS, on a HiSS outside it,
+# and on a flat model.
+MODEL_CONFIGS["hiss-s4d-mamba-variance"] = {**hiss_config("s4d", "mamba"), "variance": True}
+MODEL_CONFIGS["hiss-lstm-s4d-variance"] = {**hiss_config("lstm", "s4d"), "variance": True}
+MODEL_CONFIGS["flat-transformer-variance"] = {**flat_config("transformer"), "variance": True}
 
 
 @pytest.fixture(params=sorted(MODEL_CONFIGS), ids=sorted(MODEL_CONFIGS))

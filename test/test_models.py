@@ -34,7 +34,7 @@ def test_streaming_equals_offline(model_config, dtype, tol):
     with torch.no_grad():
         offline = model(x)
         online = stream(model, x)
-    assert offline.shape == (2, N_CHUNKS, 3)
+    assert offline.shape == (2, N_CHUNKS, 3 * (2 if model.config.variance else 1))
     assert (online - offline).abs().max().item() < tol
 
 
@@ -152,6 +152,7 @@ def test_bad_chunk_shape_in_step_chunk():
      r"hiss.high: unknown field\(s\) \['width'\]"),
     ({"chunck": 10}, r"unknown field\(s\) \['chunck'\]"),
     ({"kind": "lstm"}, "model.kind = 'lstm': expected one of"),
+    ({"variance": "yes"}, "hiss.variance = 'yes': expected true or false"),
 ])
 def test_config_errors_name_field_and_value(patch, message):
     cfg = {**hiss_config("s4d", "mamba"), **patch}

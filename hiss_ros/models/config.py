@@ -101,6 +101,10 @@ def _check_io(where: str, input_dim: Any, output_dim: Any, chunk: Any) -> None:
     _require(_is_int(chunk) and chunk > 0, where, "chunk", chunk, "a positive int")
 
 
+def _check_variance(where: str, variance: Any) -> None:
+    _require(isinstance(variance, bool), where, "variance", variance, "true or false")
+
+
 def _check_deltas(where: str, deltas: Any, scale_deltas: Any) -> None:
     _require(isinstance(deltas, bool), where, "deltas", deltas, "true or false")
     _require(isinstance(scale_deltas, bool), where, "scale_deltas", scale_deltas, "true or false")
@@ -115,7 +119,9 @@ class HiSSConfig:
     ``scale_deltas`` divides them by a per-channel scale fitted on the training data (a buffer,
     saved with the weights). ``pool``: the chunk feature is the low stack's output at the chunk's
     last sample (``last``) or its mean over the chunk (``mean``); either way it only uses samples
-    up to the chunk's last one, the instant the estimate refers to."""
+    up to the chunk's last one, the instant the estimate refers to. ``variance``: the head also
+    predicts a per-channel log-variance, so the output is (B, K, 2*O) = [mean | log-variance]
+    (``output_dim`` stays O; ``ChunkedModel.split_output`` separates them)."""
 
     input_dim: int
     output_dim: int
@@ -125,6 +131,7 @@ class HiSSConfig:
     deltas: bool = True
     scale_deltas: bool = False
     pool: str = "last"
+    variance: bool = False
     kind: str = field(default="hiss")
 
     def __post_init__(self) -> None:
@@ -132,6 +139,7 @@ class HiSSConfig:
         _require(self.kind == "hiss", "hiss", "kind", self.kind, "'hiss'")
         _check_deltas("hiss", self.deltas, self.scale_deltas)
         _require(self.pool in POOLS, "hiss", "pool", self.pool, f"one of {list(POOLS)}")
+        _check_variance("hiss", self.variance)
         object.__setattr__(self, "low", _stack("hiss.low", self.low))
         object.__setattr__(self, "high", _stack("hiss.high", self.high))
 
@@ -147,12 +155,14 @@ class FlatConfig:
     layers: StackConfig
     deltas: bool = True
     scale_deltas: bool = False  # as HiSSConfig's
+    variance: bool = False  # as HiSSConfig's
     kind: str = field(default="flat")
 
     def __post_init__(self) -> None:
         _check_io("flat", self.input_dim, self.output_dim, self.chunk)
         _require(self.kind == "flat", "flat", "kind", self.kind, "'flat'")
         _check_deltas("flat", self.deltas, self.scale_deltas)
+        _check_variance("flat", self.variance)
         object.__setattr__(self, "layers", _stack("flat.layers", self.layers))
 
 

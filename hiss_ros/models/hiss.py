@@ -1,11 +1,13 @@
 """Chunked sequence-to-sequence models: HiSS and the flat baselines.
 
-Shapes: B batch, L samples, K = L / chunk outputs, I input_dim, O output_dim.
+Shapes: B batch, L samples, K = L / chunk outputs, I input_dim, O output_dim, W output width:
+O, or 2*O = [mean | log-variance] for a config with ``variance`` (``split_output`` separates them).
 
 Streaming contract, shared by both:
-    y = model(x)                                  x (B, L, I), L % chunk == 0 -> y (B, K, O)
+    y = model(x)                                  x (B, L, I), L % chunk == 0 -> y (B, K, W)
     state = model.init_state(batch_size)
-    y_k, state = model.step_chunk(x_k, state)     x_k (B, chunk, I) -> y_k (B, O) == y[:, k]
+    y_k, state = model.step_chunk(x_k, state)     x_k (B, chunk, I) -> y_k (B, W) == y[:, k]
+    mean, log_var = model.split_output(y)         (..., O) each; log_var None without ``variance``
 Output k is the estimate at the time of chunk k's LAST sample and depends only on inputs
 0 .. (k+1)*chunk - 1 (no look-ahead, unlike the reference code; see docs).
 """
@@ -27,6 +29,10 @@ from hiss_ros.models.streaming import FastStep, Weights
 from hiss_ros.models.streaming import step as fast_step
 
 STEP_BACKENDS = ("eager", "compile")
+# Range of a predicted log-variance (normalised units), applied wherever one is read (the training
+# loss, calibration, serving), so they all see the same variance: 1e-4 .. 1e4 times the training
+# variance of the channel keeps exp() and the NLL's 1/variance finite in float32.
+LOG_VAR_RANGE = (-9.21, 9.21)
 
 
 class StreamState(NamedTuple):
@@ -70,11 +76,24 @@ class ChunkedModel(nn.Module):
         self.delta_std.copy_(std)
 
     @property
+    def output_width(self) -> int:
+        """W: the head's width, 2*O with the variance head (mean and log-variance), else O."""
+        return self.config.output_dim * (2 if self.config.variance else 1)
+
+    def split_output(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """y (..., W) -> mean (..., O) and log-variance (..., O) clamped to ``LOG_VAR_RANGE``, or
+        None for a model without the variance head."""
+        if not self.config.variance:
+            return y, None
+        mean, log_var = y.split(self.config.output_dim, dim=-1)
+        return mean, log_var.clamp(*LOG_VAR_RANGE)
+
+    @property
     def feature_dim(self) -> int:
         return self.config.input_dim * (2 if self.config.deltas else 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (B, L, I) -> (B, L // chunk, O), from zero state."""
+        """x (B, L, I) -> (B, L // chunk, W), from zero state."""
         self._check(x, f"{type(self).__name__}.forward")
         if x.shape[1] % self.config.chunk:
             raise ShapeError(
@@ -126,7 +145,7 @@ class ChunkedModel(nn.Module):
         pass
 
     def step_chunk(self, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
-        """x (B, chunk, I) -> (y (B, O), new state); O(chunk) work however long the stream ran."""
+        """x (B, chunk, I) -> (y (B, W), new state); O(chunk) work however long the stream ran."""
         self._check(x, f"{type(self).__name__}.step_chunk")
         if x.shape[1] != self.config.chunk or x.shape[0] != state.primed.shape[0]:
             raise ShapeError(
@@ -149,7 +168,7 @@ class HiSS(ChunkedModel):
         self.config = config
         self.low = Stack(self.feature_dim, config.low)
         self.high = Stack(config.low.d_model, config.high)
-        self.head = linear(config.high.d_model, config.output_dim)
+        self.head = linear(config.high.d_model, self.output_width)
         self._init_deltas()
         self._fast_step = FastStep()
 
@@ -211,7 +230,7 @@ class Flat(ChunkedModel):
         super().__init__()
         self.config = config
         self.layers = Stack(self.feature_dim, config.layers)
-        self.head = linear(config.layers.d_model, config.output_dim)
+        self.head = linear(config.layers.d_model, self.output_width)
         self._init_deltas()
 
     @property

@@ -82,8 +82,8 @@ def _stack(stack: Stack, blocks: list) -> StackWeights:
 class Weights(NamedTuple):
     low: StackWeights  # of S4DBlock
     high: StackWeights  # of MambaBlock
-    head_t: Tensor  # (D_high, O) head.weight.t()
-    head_b: Tensor  # (O,)
+    head_t: Tensor  # (D_high, W) head.weight.t(); W = O, or 2*O with the variance head
+    head_b: Tensor  # (W,)
 
 
 def gather(model: nn.Module) -> Weights:
@@ -119,7 +119,7 @@ def high_step(w: StackWeights, x: Tensor, state: StackState) -> tuple[Tensor, St
 
 
 def step(w: Weights, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
-    """x (B, L, I') chunk features -> (y (B, O), new high-stack state)."""
+    """x (B, L, I') chunk features -> (y (B, W), new high-stack state)."""
     h, state = high_step(w.high, low_last(w.low, x), state)
     return torch.addmm(w.head_b, h, w.head_t), state
 

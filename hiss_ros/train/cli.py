@@ -34,7 +34,7 @@ def with_model(cfg: TrainConfig, choice: str) -> TrainConfig:
     low = cfg.model.get("low") or cfg.model.get("layers") or {}
     layers = {k: v for k, v in low.items() if k in ("d_model", "n_layers", "dropout")}
     model = {"kind": "flat", "layers": {**layers, "kind": choice.split("-", 1)[1]}}
-    model.update({k: cfg.model[k] for k in ("deltas", "scale_deltas") if k in cfg.model})
+    model.update({k: cfg.model[k] for k in ("deltas", "scale_deltas", "variance") if k in cfg.model})
     return replace(cfg, model=model)
 
 

@@ -42,7 +42,7 @@ def matched_flat(base: dict[str, Any], kind: str, target: int) -> dict[str, Any]
     low = base.get("low", {})
     layers = {"kind": kind, "n_layers": low.get("n_layers", 2), "dropout": low.get("dropout", 0.1)}
     io = {k: base[k] for k in ("input_dim", "output_dim", "chunk") if k in base}
-    extra = {k: base[k] for k in ("deltas", "scale_deltas") if k in base}  # same input features
+    extra = {k: base[k] for k in ("deltas", "scale_deltas", "variance") if k in base}  # same features and head
 
     def cfg(width: int) -> dict[str, Any]:
         return {"kind": "flat", **io, **extra, "layers": {**layers, "d_model": width}}

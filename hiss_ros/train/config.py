@@ -12,6 +12,8 @@ from hiss_ros.errors import ConfigError
 from hiss_ros.pipeline import FilterConfig, Normalization, PipelineConfig
 from hiss_ros.serving import ServingSpec
 
+LOSSES = ("mse", "nll")  # train.loss: MSE of the mean, or Gaussian NLL through the variance head
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -29,10 +31,20 @@ class TrainSettings:
     burn_in_chunks: int = 0
     max_steps: int = 0  # optimiser steps in all (the last epoch cut short); 0: train.epochs full epochs
     no_decay_ssm: bool = False  # AdamW decay off for SSM dynamics (A, dt, D), biases and norms
+    # "nll" (needs model.variance): Gaussian negative log-likelihood of the targets under the
+    # predicted mean and variance; the first nll_warmup_epochs train the mean alone on MSE;
+    # nll_beta in [0, 1] weights each element by its variance^beta (beta-NLL; see loop.batch_loss).
+    loss: str = "mse"
+    nll_warmup_epochs: int = 0
+    nll_beta: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"train.loss = {self.loss!r}: expected one of {list(LOSSES)}")
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.type == "str":
+                continue  # checked by name above
             if f.type == "bool":
                 if not isinstance(v, bool):
                     raise ConfigError(f"train.{f.name} = {v!r}: expected true or false")
@@ -41,12 +53,18 @@ class TrainSettings:
         for name in ("epochs", "batch_size", "seq_chunks", "patience"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}: expected a positive int")
-        for name in ("burn_in_chunks", "max_steps"):
+        for name in ("burn_in_chunks", "max_steps", "nll_warmup_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}: expected an int >= 0")
         if self.burn_in_chunks >= self.seq_chunks:
             raise ConfigError(f"train.burn_in_chunks = {self.burn_in_chunks!r}: expected fewer than "
                               f"train.seq_chunks = {self.seq_chunks} (no chunk of a window would be trained on)")
+        for name in ("nll_warmup_epochs", "nll_beta"):
+            if getattr(self, name) and self.loss != "nll":
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}: applies to train.loss nll only "
+                                  f"(train.loss is {self.loss!r})")
+        if not 0 <= self.nll_beta <= 1:
+            raise ConfigError(f"train.nll_beta = {self.nll_beta!r}: expected a number in [0, 1]")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"train.val_fraction = {self.val_fraction!r}: expected a number in (0, 1)")
         if self.lr <= 0:
@@ -65,6 +83,11 @@ class TrainConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     max_gap_s: float = 0.5
     filter: FilterConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.train.loss == "nll" and self.model.get("variance") is not True:
+            raise ConfigError("train.loss = 'nll' needs the variance head: set model.variance: true "
+                              f"(model.variance is {self.model.get('variance', False)!r})")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "config") -> TrainConfig:
@@ -100,7 +123,7 @@ class TrainConfig:
     def from_checkpoint(cls, data: dict[str, Any], model: dict[str, Any]) -> TrainConfig:
         """The config a checkpoint was trained with, from its data spec and model config."""
         # input_dims are the data's, validation the trained model's: neither is part of the config
-        spec = {k: v for k, v in data.items() if k not in ("input_dims", "validation")}
+        spec = {k: v for k, v in data.items() if k not in ("input_dims", "validation", "variance_scale")}
         return cls.from_dict({**spec, "model": model}, source="checkpoint data spec")
 
     @classmethod
@@ -111,10 +134,13 @@ class TrainConfig:
         return PipelineConfig(input_dims, self.input_rate_hz, self.output_rate_hz, self.max_gap_s, self.filter)
 
     def serving_spec(self, input_dims: tuple[int, ...], normalization: Normalization,
-                     validation_mse: list[float] | None = None) -> ServingSpec:
-        """What the live node needs besides the model: streams, rates, gap limit, filter, normalisation."""
+                     validation_mse: list[float] | None = None,
+                     variance_scale: list[float] | None = None) -> ServingSpec:
+        """What the live node needs besides the model: streams, rates, gap limit, filter, normalisation
+        (and, once fitted, the validation error and the variance head's calibration)."""
         return ServingSpec(self.inputs, self.outputs, self.pipeline_config(input_dims), normalization,
-                           None if validation_mse is None else tuple(validation_mse))
+                           None if validation_mse is None else tuple(validation_mse),
+                           None if variance_scale is None else tuple(variance_scale))
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """Stored beside the serving spec: the settings, so hiss-eval can rebuild the same validation split."""

@@ -5,6 +5,12 @@
 ``--split val`` (default) evaluates the validation part of each segment exactly as the trainer
 did, so its ``val_mse`` reproduces the trainer's; ``all`` evaluates each whole segment as one
 stream from its start, as the live node runs it.
+
+For a model with the variance head, the calibrated variance (as served) is checked on the same
+chunks: ``metrics.json`` gets ``calibration`` (per channel the fraction of errors within 1, 2, 3
+predicted standard deviations, ideally 0.683 / 0.954 / 0.997, mean z^2, the Gaussian NLL in
+normalised units, and the reliability diagram's points), ``calibration.png`` plots the observed
+against the expected coverage of central intervals, and the predictions plot shows +-2 std.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,9 +29,10 @@ from hiss_ros.cli_common import MARKER, fail, staged_folder, strict_json
 from hiss_ros.errors import HissError
 from hiss_ros.models import config_to_dict
 from hiss_ros.serving import load_model
+from hiss_ros.train.calibration import calibration_metrics
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import collect_segments, normalised, whole_segments
-from hiss_ros.train.loop import predict
+from hiss_ros.train.loop import predict_gaussian
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,7 @@ class Evaluation:
     pred: np.ndarray  # (K, O) physical units
     truth: np.ndarray  # (K, O)
     channels: list[str]
+    std: np.ndarray | None = None  # (K, O) predicted standard deviation, physical units (variance head only)
 
 
 def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_dir: Path | None = None,
@@ -48,8 +57,10 @@ def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_
         raise HissError(f"nothing to evaluate in {', '.join(map(str, bags))} (no segment long enough)")
     norm = served.spec.normalization
     data = normalised(raw, norm)
-    pred_n, truth_n = predict(served.model, data), np.concatenate(data.y)
+    pred_n, log_var = predict_gaussian(served.model, data)
+    truth_n = np.concatenate(data.y)
     pred, truth = norm.physical(pred_n), np.concatenate(raw.y)
+    variance = None if log_var is None else served.spec.physical_variance(log_var)  # (K, O) as served
     channels = served.spec.output_channels
     mse = ((pred - truth) ** 2).mean(0)
     metrics = {
@@ -61,7 +72,10 @@ def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_
         "model": served.path,
         "bags": [str(b) for b in bags],
     }
-    return Evaluation(metrics, np.concatenate(raw.stamps), pred, truth, channels)
+    if variance is not None:  # normalised units: the NLL of each channel on the same scale
+        metrics["calibration"] = calibration_metrics(pred_n - truth_n, variance / norm.output_std ** 2, channels)
+    return Evaluation(metrics, np.concatenate(raw.stamps), pred, truth, channels,
+                      None if variance is None else np.sqrt(variance))
 
 
 def write_report(ev: Evaluation, out: Path) -> None:
@@ -70,9 +84,11 @@ def write_report(ev: Evaluation, out: Path) -> None:
     with staged_folder(out) as tmp:
         with (tmp / "predictions.csv").open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["stamp_ns", *(f"pred {c}" for c in ev.channels), *(f"truth {c}" for c in ev.channels)])
-            for t, p, y in zip(ev.stamps_ns, ev.pred, ev.truth, strict=True):
-                w.writerow([int(t), *(f"{v:.6g}" for v in p), *(f"{v:.6g}" for v in y)])
+            stds = [f"std {c}" for c in ev.channels] if ev.std is not None else []
+            w.writerow(["stamp_ns", *(f"pred {c}" for c in ev.channels), *(f"truth {c}" for c in ev.channels), *stds])
+            std = ev.std if ev.std is not None else np.empty((len(ev.pred), 0))  # (K, O) or (K, 0)
+            for t, p, y, sd in zip(ev.stamps_ns, ev.pred, ev.truth, std, strict=True):
+                w.writerow([int(t), *(f"{v:.6g}" for v in p), *(f"{v:.6g}" for v in y), *(f"{v:.6g}" for v in sd)])
         _plots(ev, tmp)
         (tmp / MARKER).write_bytes(metrics)
 
@@ -89,6 +105,9 @@ def _plots(ev: Evaluation, out: Path) -> None:
     for i, ax in enumerate(axes[:, 0]):
         ax.plot(t, ev.truth[:, i], ".", ms=2, color="k", label="ground truth")
         ax.plot(t, ev.pred[:, i], ".", ms=2, color="C1", label="estimate")
+        if ev.std is not None:
+            ax.fill_between(t, ev.pred[:, i] - 2 * ev.std[:, i], ev.pred[:, i] + 2 * ev.std[:, i], color="C1",
+                            alpha=0.25, lw=0, label="estimate +- 2 std")
         ax.set_ylabel(ev.channels[i].split(":")[-1], fontsize=8)
     axes[0, 0].legend(loc="upper right", markerscale=4)
     axes[-1, 0].set_xlabel("time since first evaluated chunk [s] (segments concatenated)")
@@ -104,6 +123,27 @@ def _plots(ev: Evaluation, out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "errors.png", dpi=100)
+    plt.close(fig)
+    if "calibration" in ev.metrics:
+        _reliability_plot(plt, ev.metrics["calibration"]["reliability"], out / "calibration.png")
+
+
+def _reliability_plot(plt: Any, reliability: dict[str, Any], path: Path) -> None:
+    """Observed against expected coverage of central intervals, one line per channel; a calibrated
+    channel lies on the diagonal, an over-confident one below it."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    expected = reliability["expected"]
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    for i, (c, observed) in enumerate(reliability["observed"].items()):
+        style = "-" if i < 10 else "--"  # matplotlib's cycle has 10 colours
+        ax.plot(expected, observed, marker=".", ls=style, ms=3, lw=1, label=c.split(":")[-1])
+    ax.set_xlabel("expected coverage of the central interval")
+    ax.set_ylabel("observed fraction of errors inside it")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -122,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         write_report(ev, args.out)
     except (HissError, OSError) as exc:
         return fail("hiss-eval", exc, args.out)
-    print(json.dumps({k: ev.metrics[k] for k in ev.metrics if k not in ("bags", "model")}, indent=2))
+    shown = {k: v for k, v in ev.metrics.items() if k not in ("bags", "model")}
+    if "calibration" in shown:  # the diagram's points are in metrics.json and calibration.png
+        shown["calibration"] = {k: v for k, v in shown["calibration"].items() if k != "reliability"}
+    print(json.dumps(shown, indent=2))
     return 0
 
 

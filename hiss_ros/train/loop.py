@@ -3,10 +3,16 @@
 Writes into ``out``:
     model.safetensors   best checkpoint (weights, model config, normalisation, data spec)
     train_state.safetensors  last epoch's weights + optimizer state, for --resume
-    metrics.csv         one row per epoch (and tensorboard/ event files when TensorBoard is installed);
-                        its seconds count across resumes
-    metrics.json        val_mse (normalised) and per-channel MSE in physical units of the best epoch;
+    metrics.csv         one row per epoch, train_loss the loss trained on (MSE, or NLL per element)
+                        (and tensorboard/ event files when TensorBoard is installed); its seconds
+                        count across resumes
+    metrics.json        val_mse (normalised) and per-channel MSE in physical units of the best epoch
+                        (with the variance head: its calibration on the validation data too);
                         removed when a run starts, written last: only a finished run has one
+
+With ``train.loss: nll`` the variance head is trained by Gaussian NLL; early stopping still
+selects on the MSE of the mean. After training, the head's variance is scaled per channel so that
+mean(z^2) = 1 on the validation data (``ServingSpec.variance_scale``, stored in the checkpoint).
 
 Deterministic on CPU for a fixed seed: each epoch reseeds from (seed, epoch), so a resumed run
 takes exactly the steps the uninterrupted run would have taken.
@@ -35,6 +41,7 @@ from hiss_ros.cli_common import MARKER, strict_json
 from hiss_ros.errors import CheckpointError, ConfigError
 from hiss_ros.models import ChunkedModel, build_model
 from hiss_ros.serving import save_model
+from hiss_ros.train.calibration import calibration_metrics, variance_scale
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import Dataset, Split, delta_std, windows
 
@@ -59,18 +66,41 @@ def model_config(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def predict(model: ChunkedModel, split: Split, device: str = "cpu") -> np.ndarray:
-    """(K, O) normalised predictions for every chunk of ``split``, each segment run from its
-    start (as the live node streams it)."""
+def predict_gaussian(model: ChunkedModel, split: Split, device: str = "cpu") -> tuple[np.ndarray, np.ndarray | None]:
+    """(K, O) normalised predictions (the mean) for every chunk of ``split``, each segment run
+    from its start (as the live node streams it), and their (K, O) log-variances (normalised
+    units, uncalibrated) from the variance head, None without one."""
     model.eval()
-    return np.concatenate([model(torch.from_numpy(x.reshape(1, -1, x.shape[-1])).to(device))[0].cpu().numpy()
-                           for x in split.x])
+    parts = [model.split_output(model(torch.from_numpy(x.reshape(1, -1, x.shape[-1])).to(device))[0])
+             for x in split.x]  # (K_segment, O) each
+    mean = np.concatenate([m.cpu().numpy() for m, _ in parts])
+    return mean, None if parts[0][1] is None else np.concatenate([v.cpu().numpy() for _, v in parts])
+
+
+def predict(model: ChunkedModel, split: Split, device: str = "cpu") -> np.ndarray:
+    """(K, O) normalised predictions for every chunk of ``split`` (the mean, with the variance head)."""
+    return predict_gaussian(model, split, device)[0]
 
 
 def evaluate(model: ChunkedModel, split: Split, device: str = "cpu") -> tuple[float, np.ndarray]:
     """MSE (normalised) over every chunk of ``split`` and its per-channel part."""
     sq = (predict(model, split, device) - np.concatenate(split.y)) ** 2
     return float(sq.mean()), sq.mean(0)
+
+
+def batch_loss(model: ChunkedModel, out: torch.Tensor, y: torch.Tensor, nll: bool, beta: float = 0.0) -> torch.Tensor:
+    """Summed loss of model outputs ``out`` (b, k, W) against targets ``y`` (b, k, O): squared
+    error of the mean, or (``nll``) the Gaussian negative log-likelihood under the predicted mean
+    and variance (its log clamped to LOG_VAR_RANGE by ``split_output``, so 1/variance stays finite),
+    each element weighted by its variance^beta held constant (beta-NLL, Seitzer et al., ICLR 2022):
+    plain NLL divides the mean's gradient by the variance, so it gives up on hard chunks; beta = 1
+    gives the mean MSE's gradient back."""
+    mean, log_var = model.split_output(out)
+    if not nll:
+        return torch.nn.functional.mse_loss(mean, y, reduction="sum")
+    variance = log_var.exp()
+    per_element = torch.nn.functional.gaussian_nll_loss(mean, y, variance, full=True, reduction="none")
+    return (per_element * variance.detach() ** beta).sum() if beta else per_element.sum()
 
 
 # SSM dynamics by parameter name: S4D's A, dt and skip, Mamba's A, skip and dt bias. Decay would
@@ -226,13 +256,13 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
             idx = batch[rank::world]  # this rank's share
             y = yw[idx, s.burn_in_chunks:].to(device)  # (b, seq - burn_in, O)
             pred = net(xw[idx].to(device))[:, s.burn_in_chunks:]
-            sq = torch.nn.functional.mse_loss(pred, y, reduction="sum")
-            loss = sq * world / (len(batch) * y[0].numel())  # DDP averages over ranks -> global mean
+            summed = batch_loss(model, pred, y, s.loss == "nll" and epoch >= s.nll_warmup_epochs, s.nll_beta)
+            loss = summed * world / (len(batch) * y[0].numel())  # DDP averages over ranks -> global mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             opt.step()
-            sq_sum[0] += sq.item()
+            sq_sum[0] += summed.item()
             count += len(batch) * y[0].numel()
         if world > 1:
             torch.distributed.all_reduce(sq_sum)
@@ -272,12 +302,25 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
     return _finish(out, cfg, ds, meta, time.perf_counter() - t_start, write=lead)
 
 
+def calibrate(model: ChunkedModel, split: Split, channels: list[str]) -> tuple[list[float], dict[str, Any]]:
+    """The variance head's per-channel scale that makes mean(z^2) = 1 on ``split`` (normalised
+    data), and the calibration metrics of the scaled variance there."""
+    mean, log_var = predict_gaussian(model, split)
+    if log_var is None:
+        raise ValueError("calibrate: the model has no variance head (model.variance false)")
+    error, variance = mean - np.concatenate(split.y), np.exp(log_var.astype(np.float64))  # (K, O) each
+    scale = variance_scale(error, variance)
+    return scale.tolist(), calibration_metrics(error, variance * scale, channels)
+
+
 def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seconds: float, write: bool) -> Result:
     best = load_checkpoint(out / MODEL_FILE).model
     val, per_channel = evaluate(best, ds.val)
     physical = (per_channel * ds.normalization.output_std ** 2).tolist()
     result = Result(meta["best_epoch"], val, physical, meta["epoch"], seconds)
     names = [f"{s.topic}:{f}" for s in cfg.outputs for f in s.channel_names]
+    labels = names if len(names) == len(physical) else [str(i) for i in range(len(physical))]
+    scale, calibration = calibrate(best, ds.val, labels) if best.config.variance else (None, None)
     metrics = {
         "val_mse": val, "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"],
         "val_mse_per_channel": dict(zip(names, physical, strict=True)) if len(names) == len(physical) else physical,
@@ -285,11 +328,12 @@ def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seco
         "pipeline": ds.pipeline_counters, "seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in best.parameters()),
         "processes": _distributed()[1],
+        **({"variance_scale": dict(zip(labels, scale, strict=True)), "val_calibration": calibration} if scale else {}),
     }
     if write:
         blob = strict_json(metrics, str(out / METRICS_FILE))
         # The validation error travels with the model: the node's velocity covariance.
-        save_model(out / MODEL_FILE, best, cfg.serving_spec(ds.input_dims, ds.normalization, physical),
+        save_model(out / MODEL_FILE, best, cfg.serving_spec(ds.input_dims, ds.normalization, physical, scale),
                    cfg.checkpoint_extra())
         atomic_write(out / METRICS_FILE, blob)  # last: its presence says the run finished
     return result
