@@ -609,3 +609,50 @@ def test_the_params_file_applies_under_a_namespace(imu_model, monkeypatch, tmp_p
         out = d.close()
     assert "Traceback" not in out, out[-3000:]
     assert d.ns != "/" and {m.header.frame_id for m in d.wrenches} == {"from_params_file"}
+
+
+def test_per_estimate_variance_is_published_and_equals_the_offline_model(tmp_path, monkeypatch):
+    """A model with the variance head: each wrench estimate comes with its predicted variance on
+    ~/wrench_variance (same stamp), equal to the offline forward pass's to 1e-4, and /diagnostics
+    reports the predicted std against the validation error."""
+    bag = contact_bag(tmp_path / "bag", seconds=20.0)
+    cfg = yaml.safe_load(config(tmp_path, epochs=2, loss="nll", nll_beta=1.0).read_text())
+    cfg["inputs"] = cfg["inputs"][:1]  # the IMU: header stamps only, so live stamps equal the bag's
+    cfg["model"]["variance"] = True
+    (tmp_path / "var.yaml").write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(tmp_path / "var.yaml"), "--bag", str(bag), "--out", str(tmp_path / "run"),
+                       "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0
+    model_path = tmp_path / "run" / "model.safetensors"
+    served = load_model(model_path)
+    streams = read_streams([bag], served.spec.inputs, progress=False).streams
+    (ep,) = Pipeline(served.spec.pipeline, served.spec.normalization).process(
+        [(streams[s.topic].stamps_ns, streams[s.topic].values) for s in served.spec.inputs])
+    with torch.no_grad():
+        _, log_var = served.model.split_output(served.model(torch.from_numpy(ep.x.reshape(1, -1, ep.x.shape[-1])))[0])
+    offline = dict(zip(ep.stamps_ns.tolist(), served.spec.physical_variance(log_var.numpy()), strict=True))
+
+    from geometry_msgs.msg import WrenchStamped
+
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    d = Driver(model_path, active=False)
+    variances: dict[int, np.ndarray] = {}
+    d.subs.append(d.node.create_subscription(WrenchStamped, f"{d.prefix}/wrench_variance", lambda m: variances.update(
+        {m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec:
+         np.array([m.wrench.force.x, m.wrench.force.y, m.wrench.force.z])}), 1000))
+    d.wait_until_active()
+    stamps, gyro, accel = bag_imu(bag)
+    try:
+        for n in range(400):
+            d.publish(stamps[n], gyro[n], accel[n])
+            if (n + 1) % 10 == 0:  # flow control: let the estimate of this chunk arrive first
+                assert d.spin_until(lambda n=n: len(variances) >= (n + 1) // 10 - 1, 20), f"stalled at {n}"
+        assert d.spin_until(lambda: len(variances) >= 35 and len(d.got) >= 35
+                            and "predicted_std_over_validation_rmse_median" in d.diagnostics, 30), d.diagnostics
+    finally:
+        out = d.close()
+    assert "Traceback" not in out, out[-3000:]
+    assert set(variances) == set(d.got) and set(variances) <= set(offline)
+    for t, v in variances.items():
+        np.testing.assert_allclose(v, offline[t], rtol=1e-4)
+    assert float(d.diagnostics["predicted_std_over_validation_rmse_median"]) > 0
