@@ -197,76 +197,159 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass
+class Plan:
+    """How many optimiser steps, and the learning rate of each: a linear warm-up over one epoch (at
+    most a fifth of all steps), then a cosine down to 1% of ``lr``."""
+
+    steps_per_epoch: int
+    total: int  # train.max_steps, or every epoch's steps
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total / self.steps_per_epoch)
+
+    def steps_in(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch)
+
+    def lr_factor(self, step: int) -> float:
+        warm = min(self.steps_per_epoch, max(1, self.total // 5))
+        if step < warm:
+            return (step + 1) / warm
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, self.total - warm)))
+
+
+def fit_epoch(net: torch.nn.Module, model: ChunkedModel, opt: torch.optim.Optimizer, xw: torch.Tensor,
+              yw: torch.Tensor, s: Any, plan: Plan, epoch: int, device: str) -> float:
+    """One epoch of optimiser steps over the training windows x (W, seq*chunk, C), y (W, seq, O);
+    returns the mean training loss per target element over every rank. Under torchrun each rank
+    takes its share of every batch, and the loss is normalised by the global batch, so N processes
+    take the same steps as one (up to float summation order)."""
+    rank, world = _distributed()
+    torch.manual_seed(s.seed * 100_003 + epoch)  # same order on every rank, and after --resume
+    model.train()
+    order = torch.randperm(len(xw))
+    loss_sum, count = torch.zeros(2, dtype=torch.float64), 0
+    nll = s.loss == "nll" and epoch >= s.nll_warmup_epochs
+    for i in range(plan.steps_in(epoch)):
+        for g in opt.param_groups:
+            g["lr"] = s.lr * plan.lr_factor(epoch * plan.steps_per_epoch + i)
+        batch = order[i * s.batch_size:(i + 1) * s.batch_size]
+        idx = batch[rank::world]  # this rank's share
+        y = yw[idx, s.burn_in_chunks:].to(device)  # (b, seq - burn_in, O)
+        pred = net(xw[idx].to(device))[:, s.burn_in_chunks:]
+        summed = batch_loss(model, pred, y, nll, s.nll_beta)
+        loss = summed * world / (len(batch) * y[0].numel())  # DDP averages over ranks -> global mean
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        loss_sum[0] += summed.item()
+        count += len(batch) * y[0].numel()
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+    return float(loss_sum[0]) / count
+
+
+# --- what each epoch is reported to (rank 0): csv, TensorBoard, the progress bar, a caller's hook ----
+
+class CsvLog:
+    """metrics.csv: a row per epoch; on --resume, cut back to the epochs the train state has (a
+    crash between a row and the state must not repeat one)."""
+
+    def __init__(self, out: Path, resumed_epochs: int) -> None:
+        self.path = out / "metrics.csv"
+        if resumed_epochs:
+            _trim_rows(self.path, resumed_epochs)
+        else:
+            self.path.write_text(CSV_HEADER)
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([r["epoch"] - 1, f"{r['train_loss']:.6f}", f"{r['val_mse']:.6f}",
+                                    f"{r['lr']:.3g}", f"{r['seconds']:.1f}"])
+
+    def close(self) -> None:
+        pass
+
+
+class BoardLog:
+    """TensorBoard scalars into ``out/tensorboard`` (extra "tensorboard")."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        self.writer.add_scalars("mse", {"train": r["train_loss"], "val": r["val_mse"]}, r["epoch"])
+        self.writer.add_scalar("lr", r["lr"], r["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class ProgressBar:
+    def __init__(self, epochs: int, done: int, show: bool) -> None:
+        self.bar = tqdm(total=epochs, initial=done, desc="training", unit="epoch", disable=not show)
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        self.bar.set_postfix(loss=f"{r['train_loss']:.4f}", val=f"{r['val_mse']:.4f}", best=f"{r['best_val_mse']:.4f}")
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Hook:
+    """A caller's ``on_epoch(record)`` (the ROS trainer node publishes it on /diagnostics)."""
+
+    def __init__(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        self.fn = fn
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        self.fn({k: r[k] for k in ("epoch", "epochs", "train_loss", "val_mse", "best_val_mse", "seconds")})
+
+    def close(self) -> None:
+        pass
+
+
+def _reporters(out: Path, meta: dict[str, Any], plan: Plan, progress: bool,
+               on_epoch: Callable[[dict[str, Any]], None] | None) -> list[Any]:
+    board = _tensorboard(out)
+    return [CsvLog(out, meta["epoch"]), *([BoardLog(board)] if board else []),
+            ProgressBar(plan.epochs, meta["epoch"], progress), *([Hook(on_epoch)] if on_epoch else [])]
+
+
+# --- the whole run ----------------------------------------------------------------------------
+
 def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progress: bool = True,
           device: str = "cpu", on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Result:
-    """Train on ``ds``; under torchrun every rank calls this with the same data, each takes its
-    share of every batch, and rank 0 alone writes files. The loss is normalised by the global
-    batch, so N processes take the same steps as one (up to float summation order)."""
+    """Train on ``ds``; under torchrun every rank calls this with the same data and rank 0 alone
+    writes files. ``on_epoch`` gets {epoch, epochs, train_loss, val_mse, best_val_mse, seconds}
+    after each epoch (rank 0 only)."""
     rank, world = _distributed()
     lead = rank == 0
     s = cfg.train
-    # ``on_epoch`` gets {epoch, epochs, train_loss, val_mse, best_val_mse, seconds} after each epoch
-    # (rank 0 only): the ROS trainer node publishes it on /diagnostics.
     if s.batch_size < world:
         raise ConfigError(f"train.batch_size = {s.batch_size} is smaller than the {world} processes")
     if lead:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     model = build_model(model_config(cfg, ds)).to(device)
+    if getattr(model.config, "scale_deltas", False):  # fitted before DDP wraps the model
+        model.set_delta_std(torch.from_numpy(delta_std(ds.train)).to(device))
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    if getattr(model.config, "scale_deltas", False):
-        model.set_delta_std(torch.from_numpy(delta_std(ds.train)))
     xw, yw = (torch.from_numpy(a) for a in windows(ds.train, s.seq_chunks))
     steps_per_epoch = math.ceil(len(xw) / s.batch_size)
-    total = s.max_steps or steps_per_epoch * s.epochs
-    epochs = math.ceil(total / steps_per_epoch)
+    plan = Plan(steps_per_epoch, s.max_steps or steps_per_epoch * s.epochs)
     opt = torch.optim.AdamW(param_groups(model, s.weight_decay, s.no_decay_ssm), lr=s.lr)
-
-    def lr_at(step: int) -> float:  # linear warm-up over one epoch (at most a fifth of all), then cosine to 1%
-        warm = min(steps_per_epoch, max(1, total // 5))
-        if step < warm:
-            return (step + 1) / warm
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    config = _fingerprint(cfg, ds)
-    meta = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "seconds": 0.0, "config": config}
-    if resume and (out / STATE_FILE).is_file():
-        meta = {**meta, **_load_state(out / STATE_FILE, model, opt, config)}  # older states lack "seconds"
-        log.info("resuming after epoch %d (best val_mse %.5f at epoch %d)", meta["epoch"], meta["best_val"],
-                 meta["best_epoch"])
-    csv_path = out / "metrics.csv"
+    meta = _resumable_state(out, model, opt, _fingerprint(cfg, ds), resume)
     if lead:
         (out / METRICS_FILE).unlink(missing_ok=True)  # a run in progress is not finished: no metrics.json
-        if meta["epoch"] == 0:
-            csv_path.write_text(CSV_HEADER)
-        else:
-            _trim_rows(csv_path, meta["epoch"])
-    board = _tensorboard(out) if lead else None
+    reporters = _reporters(out, meta, plan, progress, on_epoch) if lead else []
     t_start = time.perf_counter() - meta["seconds"]  # seconds count across resumes
-    bar = tqdm(total=epochs, initial=meta["epoch"], desc="training", unit="epoch", disable=not (progress and lead))
-    for epoch in range(meta["epoch"], epochs):
-        torch.manual_seed(s.seed * 100_003 + epoch)  # same order on every rank, and after --resume
-        model.train()
-        order = torch.randperm(len(xw))
-        sq_sum, count = torch.zeros(2, dtype=torch.float64), 0
-        for i in range(min(steps_per_epoch, total - epoch * steps_per_epoch)):
-            for g in opt.param_groups:
-                g["lr"] = s.lr * lr_at(epoch * steps_per_epoch + i)
-            batch = order[i * s.batch_size:(i + 1) * s.batch_size]
-            idx = batch[rank::world]  # this rank's share
-            y = yw[idx, s.burn_in_chunks:].to(device)  # (b, seq - burn_in, O)
-            pred = net(xw[idx].to(device))[:, s.burn_in_chunks:]
-            summed = batch_loss(model, pred, y, s.loss == "nll" and epoch >= s.nll_warmup_epochs, s.nll_beta)
-            loss = summed * world / (len(batch) * y[0].numel())  # DDP averages over ranks -> global mean
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            opt.step()
-            sq_sum[0] += summed.item()
-            count += len(batch) * y[0].numel()
-        if world > 1:
-            torch.distributed.all_reduce(sq_sum)
-        train_loss = float(sq_sum[0]) / count
+    for epoch in range(meta["epoch"], plan.epochs):
+        train_loss = fit_epoch(net, model, opt, xw, yw, s, plan, epoch, device)
         val, _ = evaluate(model, ds.val, device)
         if val < meta["best_val"]:
             meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
@@ -275,31 +358,34 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
                            cfg.checkpoint_extra())
         else:
             meta["bad_epochs"] += 1
-        meta["epoch"] = epoch + 1
-        meta["seconds"] = time.perf_counter() - t_start
+        meta.update(epoch=epoch + 1, seconds=time.perf_counter() - t_start)
+        record = {"epoch": epoch + 1, "epochs": plan.epochs, "train_loss": train_loss, "val_mse": val,
+                  "best_val_mse": meta["best_val"], "lr": opt.param_groups[0]["lr"], "seconds": meta["seconds"]}
+        for report in reporters:  # the csv row before the state: a crash between them repeats, never loses, a row
+            report(record)
         if lead:
-            with csv_path.open("a", newline="") as f:
-                csv.writer(f).writerow([epoch, f"{train_loss:.6f}", f"{val:.6f}", f"{opt.param_groups[0]['lr']:.3g}",
-                                        f"{meta['seconds']:.1f}"])
             _save_state(out / STATE_FILE, model, opt, meta)
-        if board is not None:
-            board.add_scalars("mse", {"train": train_loss, "val": val}, epoch + 1)
-            board.add_scalar("lr", opt.param_groups[0]["lr"], epoch + 1)
-            board.flush()
-        if lead and on_epoch is not None:
-            on_epoch({"epoch": epoch + 1, "epochs": epochs, "train_loss": train_loss, "val_mse": val,
-                      "best_val_mse": meta["best_val"], "seconds": time.perf_counter() - t_start})
-        bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{meta['best_val']:.4f}")
-        bar.update()
         if meta["bad_epochs"] >= s.patience:
             log.info("early stop: no validation improvement for %d epochs", s.patience)
             break
-    bar.close()
-    if board is not None:
-        board.close()
+    for report in reporters:
+        report.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0's files are complete before anyone reads them
     return _finish(out, cfg, ds, meta, time.perf_counter() - t_start, write=lead)
+
+
+def _resumable_state(out: Path, model: ChunkedModel, opt: torch.optim.Optimizer, config: dict[str, Any],
+                     resume: bool) -> dict[str, Any]:
+    """The run's state: epochs done, best validation and its epoch, epochs without improvement,
+    seconds so far and the config; fresh, or with ``resume`` the interrupted run's (its weights and
+    optimiser state loaded into ``model`` and ``opt``)."""
+    meta = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "seconds": 0.0, "config": config}
+    if resume and (out / STATE_FILE).is_file():
+        meta = {**meta, **_load_state(out / STATE_FILE, model, opt, config)}  # older states lack "seconds"
+        log.info("resuming after epoch %d (best val_mse %.5f at epoch %d)", meta["epoch"], meta["best_val"],
+                 meta["best_epoch"])
+    return meta
 
 
 def calibrate(model: ChunkedModel, split: Split, channels: list[str]) -> tuple[list[float], dict[str, Any]]:
