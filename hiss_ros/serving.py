@@ -243,14 +243,18 @@ class StreamingEstimator:
         if not (torch.isfinite(y).all() and torch.isfinite(y2).all()):
             raise CheckpointError(f"{self.path}: the model gives non-finite outputs on zero input (corrupt weights?)")
 
-    def compile(self) -> float:
-        """Compile the streaming step (``step_backend`` compile) and switch to it; the seconds it
-        took. ValueError for a model the compiled step does not cover; Inductor's own errors when
-        compiling fails. Safe in another thread while ``push`` steps eagerly."""
+    def compile(self) -> str:
+        """Compile the streaming step (``step_backend`` compile) and switch to it; the outcome for
+        diagnostics, ``in use (...)`` or ``failed (...)``: a model the compiled step does not cover, or a
+        compile that fails (no C++ compiler, ...), keeps the eager step. Safe in another thread
+        while ``push`` steps eagerly (the switch is one attribute)."""
         began = time.monotonic()
-        self.model.compile_step()
+        try:
+            self.model.compile_step()
+        except Exception as exc:  # ValueError (not covered); Inductor fails in many ways
+            return f"failed ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]})"
         self.model.set_step_backend("compile")
-        return time.monotonic() - began
+        return f"in use ({time.monotonic() - began:.1f} s to compile)"
 
     def push(self, stream: int, stamp_ns: int, values: Any) -> list[Estimate]:
         """One sample of input ``stream`` -> the estimates it completed (usually none or one)."""

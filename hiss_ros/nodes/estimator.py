@@ -116,14 +116,13 @@ class Estimator(LifecycleNode):
         def lost(info: Any) -> None:
             self.diagnostics.lost[i] += info.total_count_change
 
-        events = SubscriptionEventCallbacks(message_lost=lost, use_default_callbacks=False)
+        args = (message_class(stream.type), self._topic(stream), lambda m: self._on_sample(i, m), qos)
         try:
-            return self.create_subscription(message_class(stream.type), self._topic(stream),
-                                            lambda m: self._on_sample(i, m), qos, event_callbacks=events)
+            return self.create_subscription(*args, event_callbacks=SubscriptionEventCallbacks(
+                message_lost=lost, use_default_callbacks=False))
         except UnsupportedEventTypeError:  # an rmw without the event: subscribe without it
             self.diagnostics.lost[i] = -1
-            return self.create_subscription(message_class(stream.type), self._topic(stream),
-                                            lambda m: self._on_sample(i, m), qos)
+            return self.create_subscription(*args)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         for sub in self.subscriptions_:
@@ -191,16 +190,12 @@ class Estimator(LifecycleNode):
         return SetParametersResult(successful=True)
 
     def _compile(self, est: StreamingEstimator) -> str:
-        """Compile the model's step and switch it over; the status for /diagnostics. A model the
-        compiled step does not cover, or a failed compile (no C++ compiler...), keeps the eager step."""
-        try:
-            seconds = est.compile()
-        except Exception as exc:  # ValueError (not covered); Inductor fails in many ways
-            status = f"failed ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]})"
-            self.get_logger().error(f"step_backend:=compile {status}; the eager step stays")
-            return status
-        self.get_logger().info(f"compiled step in use ({seconds:.1f} s to compile)")
-        return "in use"
+        status = est.compile()
+        if status.startswith("in use"):
+            self.get_logger().info(f"compiled step {status}")
+            return "in use"
+        self.get_logger().error(f"step_backend:=compile {status}; the eager step stays")
+        return status
 
     def _compile_in_background(self, est: StreamingEstimator) -> None:
         """After a hot reload the new model estimates eagerly while a thread compiles it (the
