@@ -145,9 +145,9 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     model = build_model(model_config(cfg, ds)).to(device)
+    if model.config.scale_deltas:  # fitted before DDP copies the buffers to every rank
+        model.set_delta_std(torch.from_numpy(delta_std(ds.train)).to(device))
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    if getattr(model.config, "scale_deltas", False):
-        model.set_delta_std(torch.from_numpy(delta_std(ds.train)))
     xw, yw = (torch.from_numpy(a) for a in windows(ds.train, s.seq_chunks))
     steps_per_epoch = math.ceil(len(xw) / s.batch_size)
     total = s.max_steps or steps_per_epoch * s.epochs
