@@ -336,7 +336,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     model = build_model(model_config(cfg, ds)).to(device)
-    if getattr(model.config, "scale_deltas", False):  # fitted before DDP wraps the model
+    if model.config.scale_deltas:  # fitted before DDP copies the buffers to every rank
         model.set_delta_std(torch.from_numpy(delta_std(ds.train)).to(device))
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     xw, yw = (torch.from_numpy(a) for a in windows(ds.train, s.seq_chunks))
