@@ -155,7 +155,10 @@ class Estimator(LifecycleNode):
 
     def _publisher(self, topic: str, msg_type: str) -> Any:
         if (topic, msg_type) not in self._outputs:
-            self._outputs[topic, msg_type] = self.create_lifecycle_publisher(message_class(msg_type), topic, 10)
+            pub = self.create_lifecycle_publisher(message_class(msg_type), topic, 10)
+            if self.subscriptions_:  # active already (a hot reload with a new output type): enable it now
+                pub.on_activate(None)
+            self._outputs[topic, msg_type] = pub
         return self._outputs[topic, msg_type]
 
     def _frame_id(self, stream: StreamSpec, msg_type: str) -> str:
