@@ -28,10 +28,7 @@ class WindowEstimator(StreamingEstimator):
 
     def estimate(self, chunk: Chunk) -> Estimate | None:
         """The model over the last WINDOW_S seconds of chunks; its last output."""
-        if chunk.episode != self.episode:  # the input broke: the window starts afresh
-            self.reset()
-            self.episode = chunk.episode
-            self.counters["resets"] += 1
+        self.follow_episode(chunk)  # a new episode empties the window (reset)
         self.window.append(torch.from_numpy(chunk.x)[None])
         with torch.inference_mode():
             y = self.model(torch.cat(tuple(self.window), dim=1))[0, -1]  # (W,)

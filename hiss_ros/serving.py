@@ -260,12 +260,16 @@ class StreamingEstimator:
         """One sample of input ``stream`` -> the estimates it completed (usually none or one)."""
         return [e for chunk in self.pipeline.push(stream, stamp_ns, values) if (e := self.estimate(chunk))]
 
-    def estimate(self, chunk: Chunk) -> Estimate | None:
-        """Advance the model over one pipeline chunk; None (counted) if its output is not finite."""
-        if chunk.episode != self.episode:  # the input broke: start from a fresh state
+    def follow_episode(self, chunk: Chunk) -> None:
+        """A chunk of a new episode (the input broke: gap, clock jump) starts from a fresh state."""
+        if chunk.episode != self.episode:
             self.reset()
             self.episode = chunk.episode
             self.counters["resets"] += 1
+
+    def estimate(self, chunk: Chunk) -> Estimate | None:
+        """Advance the model over one pipeline chunk; None (counted) if its output is not finite."""
+        self.follow_episode(chunk)
         x = torch.from_numpy(chunk.x)[None].to(self.device)
         began = time.perf_counter()
         with torch.inference_mode():

@@ -171,26 +171,32 @@ class Estimator(LifecycleNode):
     def _on_parameters(self, params: list[Parameter]) -> SetParametersResult:
         """Hot reload: a new model_path is loaded, checked and warmed up, then swapped in; one that
         fails, or expects other streams, is refused and the old model keeps running."""
-        for p in (p for p in params if p.name == "model_path" and self.est is not None):
-            try:
-                new = self._load(p.value)
-                if not new.spec.same_streams(self.est.spec):
-                    raise HissError(f"{p.value} expects {new.spec.describe()}; the running model has "
-                                    f"{self.est.spec.describe()} (restart the node to change streams)")
-                messages = self._messages(new)
-            except Exception as exc:  # any failure of a new model must leave the old one running
-                return SetParametersResult(successful=False, reason=f"model_path refused: {exc}")
-            new.counters.update(self.est.counters)
-            self.est, self.messages = new, messages
-            gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it
-            freeze_heap()
-            if self.p["step_backend"] == "compile":
-                self._compile_in_background(new)
-            self.reloads += 1
-            self.get_logger().info(f"model swapped in: {p.value}")
         for p in (p for p in params if p.name == "model_path"):
-            self.p["model_path"] = p.value  # the next configure loads it
+            refused = self._reload(p.value) if self.est is not None else None
+            if refused is not None:
+                return SetParametersResult(successful=False, reason=f"model_path refused: {refused}")
+            self.p["model_path"] = p.value  # also what the next configure loads
         return SetParametersResult(successful=True)
+
+    def _reload(self, path: str) -> str | None:
+        """Swap in the model at ``path``; why not, when it cannot be (the old one keeps running)."""
+        try:
+            new = self._load(path)
+            if not new.spec.same_streams(self.est.spec):
+                raise HissError(f"{path} expects {new.spec.describe()}; the running model has "
+                                f"{self.est.spec.describe()} (restart the node to change streams)")
+            messages = self._messages(new)
+        except Exception as exc:  # any failure of a new model must leave the old one running
+            return str(exc) or type(exc).__name__
+        new.counters.update(self.est.counters)
+        self.est, self.messages = new, messages
+        gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it
+        freeze_heap()
+        if self.p["step_backend"] == "compile":
+            self._compile_in_background(new)
+        self.reloads += 1
+        self.get_logger().info(f"model swapped in: {path}")
+        return None
 
     def _compile(self, est: StreamingEstimator) -> str:
         status = est.compile()
