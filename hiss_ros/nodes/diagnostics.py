@@ -111,8 +111,9 @@ class Diagnostics:
                 return WARN, f"waiting for data on {topic}"
             if now - self.last_receipt[i] > timeout_ns:
                 return WARN, f"no data on {topic} for {(now - self.last_receipt[i]) / 1e9:.1f} s (stale)"
-        if len(self.std_ratio) >= 20 and np.median(list(self.std_ratio)[-20:]) > OOD_STD_RATIO:
-            return WARN, (f"predicted uncertainty {np.median(list(self.std_ratio)[-20:]):.1f}x the validation error: "
+        recent = np.median(list(self.std_ratio)[-20:]) if len(self.std_ratio) >= 20 else 0.0
+        if recent > OOD_STD_RATIO:
+            return WARN, (f"predicted uncertainty {recent:.1f}x the validation error: "
                           "input unlike the training data (unseen contact, sensor fault?)")
         span = max(time.monotonic() - self._mark[0], 1e-9)
         clock_rate, expected = (self.received[0] - self._mark[2][0]) / span, self.spec.pipeline.input_rate_hz
