@@ -31,6 +31,7 @@ from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
+from hiss_ros.data.bag_errors import explain
 from hiss_ros.data.derive import velocity_from_pose
 from hiss_ros.data.streams import StreamSpec, check_fields, message_stamp_ns, value_reader, verdict
 from hiss_ros.errors import BagError, ConfigError
@@ -163,8 +164,7 @@ def read_streams(
     except (BagError, ConfigError):
         raise
     except Exception as exc:  # rosbags raises its own errors for truncated/corrupt files
-        raise BagError(f"{', '.join(map(str, paths))}: cannot read bag ({type(exc).__name__}: {exc}); "
-                       "is it truncated or still being recorded?") from None
+        raise BagError(explain(exc, paths)) from None
     seconds = time.perf_counter() - t0
     for spec in specs:
         if not stamps[spec.topic]:
@@ -176,7 +176,8 @@ def read_streams(
             if len(streams[t].stamps_ns) < 5:
                 raise BagError(f"{spec.topic}: {len(streams[t].stamps_ns)} poses are too few to derive {spec.derive}")
             streams[t] = StreamData(streams[t].stamps_ns,
-                                    velocity_from_pose(streams[t].stamps_ns, streams[t].values, spec.derive))
+                                    velocity_from_pose(streams[t].stamps_ns, streams[t].values, spec.derive,
+                                                       where=spec.topic, msgtype=spec.type))
     data = BagData(streams, report, n / seconds if seconds > 0 else 0.0)
     log.info("read %d messages from %d bag(s) in %.1f s (%.0f msg/s)", n, len(paths), seconds, data.messages_per_s)
     if cache is not None:

@@ -24,8 +24,9 @@ POSE_FIELDS = {
 
 
 def velocity_from_pose(stamps_ns: np.ndarray, pose: np.ndarray, frame: str, window_s: float = 0.05,
-                       polyorder: int = 2) -> np.ndarray:
-    """(n, 3) velocity at ``stamps_ns`` from (n, 7) poses [x, y, z, qx, qy, qz, qw]."""
+                       polyorder: int = 2, where: str = "pose", msgtype: str = "") -> np.ndarray:
+    """(n, 3) velocity at ``stamps_ns`` from (n, 7) poses [x, y, z, qx, qy, qz, qw]; ``where``
+    (the topic) and ``msgtype`` name the stream in errors."""
     t = (stamps_ns - stamps_ns[0]) / 1e9
     dt = float(np.median(np.diff(t)))
     grid = np.arange(0.0, t[-1] + dt / 2, dt)
