@@ -100,7 +100,6 @@ def publish(model: Path, seconds: float, clock_rate: float, other_rate: float, o
     import rclpy
     from rclpy.qos import qos_profile_sensor_data
 
-    from hiss_ros.data.streams import SUPPORTED_TYPES
     from hiss_ros.nodes.common import freeze_heap, message_class
 
     cfg, dims = checkpoint_streams(model)
@@ -132,10 +131,11 @@ def publish(model: Path, seconds: float, clock_rate: float, other_rate: float, o
         spec, msg = cfg.inputs[i], pubs[i].msg_type()
         _fill(msg, spec.fields, rng.standard_normal(dims[i]))
         stamp = time.time_ns()
-        if SUPPORTED_TYPES[spec.type]:
+        stamped = hasattr(msg, "header")
+        if stamped:
             msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
         pubs[i].publish(msg)
-        log[n] = (i, stamp if SUPPORTED_TYPES[spec.type] else 0, time.time_ns())
+        log[n] = (i, stamp if stamped else 0, time.time_ns())
     np.save(out, log)
     node.destroy_node()
     rclpy.shutdown()
@@ -187,12 +187,11 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.experimental import EventsExecutor
 
-    from hiss_ros.data.streams import SUPPORTED_TYPES
     from hiss_ros.nodes.common import freeze_heap, message_class
     from hiss_ros.nodes.messages import TWIST, estimate_type, output_names
 
     cfg, dims = checkpoint_streams(model)
-    if not SUPPORTED_TYPES[cfg.inputs[0].type]:
+    if not hasattr(message_class(cfg.inputs[0].type)(), "header"):
         raise SystemExit(f"stream 0 ({cfg.inputs[0].topic}) has no header: its publish times cannot be matched")
     out = cfg.outputs[0]
     if source is None:  # this node: relative inputs and private outputs, all under the namespace

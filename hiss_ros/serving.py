@@ -53,6 +53,10 @@ class ServingSpec:
     # Per output channel, the factor on the variance head's variance that made mean(z^2) = 1 on the
     # validation data (z = error / predicted std); None: not calibrated (1), or no variance head.
     variance_scale: tuple[float, ...] | None = None
+    # Measured in the training bags, per input: where the stamps came from (header | receive), and
+    # the rate (Hz); None: not recorded (a checkpoint of an older trainer).
+    input_stamps: tuple[str, ...] | None = None
+    input_rates_hz: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.pipeline.input_dims):
@@ -72,6 +76,14 @@ class ServingSpec:
         if scale is not None and (len(scale) != n_out or not all(math.isfinite(v) and v > 0 for v in scale)):
             raise ConfigError(f"serving spec: variance_scale = {list(scale)}: expected {n_out} finite positive "
                               f"numbers, one per output channel")
+        n = len(self.inputs)
+        if self.input_stamps is not None and (len(self.input_stamps) != n
+                                              or not set(self.input_stamps) <= {"header", "receive"}):
+            raise ConfigError(f"serving spec: input_stamps = {list(self.input_stamps)}: expected header or "
+                              f"receive for each of the {n} inputs")
+        rates = self.input_rates_hz
+        if rates is not None and (len(rates) != n or not all(math.isfinite(r) and r > 0 for r in rates)):
+            raise ConfigError(f"serving spec: input_rates_hz = {list(rates)}: expected {n} positive rates")
 
     @property
     def output_channels(self) -> list[str]:
@@ -103,6 +115,8 @@ class ServingSpec:
             "max_gap_s": p.max_gap_s, "filter": dataclasses.asdict(p.filter) if p.filter else None,
             **({"validation": {"mse_per_channel": list(self.validation_mse)}} if self.validation_mse else {}),
             **({"variance_scale": list(self.variance_scale)} if self.variance_scale else {}),
+            **({"input_stamps": list(self.input_stamps)} if self.input_stamps else {}),
+            **({"input_rates_hz": list(self.input_rates_hz)} if self.input_rates_hz else {}),
         }
 
     @classmethod
@@ -125,6 +139,12 @@ class ServingSpec:
         if scale is not None and (not isinstance(scale, list)
                                   or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)):
             raise ConfigError(f"data spec: variance_scale = {scale!r}: expected a list of numbers")
+        stamps, rates = data.get("input_stamps"), data.get("input_rates_hz")
+        if stamps is not None and (not isinstance(stamps, list) or not all(isinstance(v, str) for v in stamps)):
+            raise ConfigError(f"data spec: input_stamps = {stamps!r}: expected a list of header / receive")
+        if rates is not None and (not isinstance(rates, list)
+                                  or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rates)):
+            raise ConfigError(f"data spec: input_rates_hz = {rates!r}: expected a list of numbers")
         dims = data["input_dims"]
         return cls(
             tuple(StreamSpec.from_dict(s) for s in data["inputs"]),
@@ -135,6 +155,8 @@ class ServingSpec:
             Normalization.from_dict(normalization),
             None if validation is None else tuple(float(v) for v in validation),
             None if scale is None else tuple(float(v) for v in scale),
+            None if stamps is None else tuple(stamps),
+            None if rates is None else tuple(float(v) for v in rates),
         )
 
 

@@ -111,9 +111,12 @@ def test_type_mismatch_and_unknown_field_are_named(tmp_path):
         read_streams([bag], [StreamSpec("/imu", IMU.type, ("linear_accel.x",))], progress=False)
 
 
-def test_unsupported_type_is_refused_in_the_spec():
-    with pytest.raises(ConfigError, match="message type 'sensor_msgs/msg/Image' is not supported"):
-        StreamSpec("/camera", "sensor_msgs/msg/Image", ("data",))
+def test_any_type_name_is_taken_and_ros1_names_mean_the_ros2_type():
+    assert StreamSpec("/imu", "sensor_msgs/Imu", ("angular_velocity.x",)).type == "sensor_msgs/msg/Imu"
+    assert StreamSpec("/t", "my_tactile/msg/Pads", ("cells[0:4]",)).type == "my_tactile/msg/Pads"
+    for bad in ("Imu", "sensor_msgs/srv/Imu", "sensor_msgs//Imu", "a/b/c/d", 3):
+        with pytest.raises(ConfigError, match="expected package/msg/Name"):
+            StreamSpec("/camera", bad, ("data",))
 
 
 def test_missing_empty_and_truncated_bags(tmp_path):
@@ -236,4 +239,4 @@ def test_a_stamped_array_sensor_as_joint_state_keeps_its_own_stamps(tmp_path):
     s = read_streams([bag], [spec], progress=False).streams["/skin"]
     np.testing.assert_array_equal(s.stamps_ns, (1000 + 10 * np.arange(20)) * MS)  # the header, not the receipt
     np.testing.assert_array_equal(s.values[:, 1], 2.0 * np.arange(20))
-    assert spec.has_header
+    assert read_streams([bag], [spec], progress=False).report["/skin"].stamp_source == "header"

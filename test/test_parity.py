@@ -13,7 +13,7 @@ import yaml
 from rosbags.highlevel import AnyReader
 from test_train import config
 
-from hiss_ros.data.streams import message_stamp_ns, value_reader
+from hiss_ros.data.streams import header_stamp_ns, value_reader
 from hiss_ros.data.synthetic import contact_bag
 from hiss_ros.serving import StreamingEstimator
 from hiss_ros.train.cli import main as train_main
@@ -31,7 +31,7 @@ def served_by_the_estimator(bag, est: StreamingEstimator) -> tuple[dict[int, np.
             i = topics.index(conn.topic)
             msg = reader.deserialize(raw, conn.msgtype)
             values = readers.setdefault(i, value_reader(est.spec.inputs[i], msg))(msg)
-            for chunk in est.pipeline.push(i, message_stamp_ns(est.spec.inputs[i], msg, receive_ns), values):
+            for chunk in est.pipeline.push(i, header_stamp_ns(msg) or receive_ns, values):
                 chunks[chunk.stamp_ns] = chunk.x
                 e = est.estimate(chunk)
                 estimates[e.stamp_ns] = e.values

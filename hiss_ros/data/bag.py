@@ -28,16 +28,24 @@ from typing import Any
 
 import numpy as np
 from rosbags.highlevel import AnyReader
-from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
 from hiss_ros.data.bag_errors import explain
 from hiss_ros.data.derive import velocity_from_pose
-from hiss_ros.data.streams import StreamSpec, check_fields, message_stamp_ns, value_reader, verdict
+from hiss_ros.data.streams import (
+    StreamSpec,
+    canonical_type,
+    check_fields,
+    header_stamp_ns,
+    unusable_header_stamps,
+    value_reader,
+    verdict,
+)
+from hiss_ros.data.types import complete, typestore
 from hiss_ros.errors import BagError, ConfigError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: late samples dropped (the pipeline's rule), not sorted
+CACHE_VERSION = 3  # 2: late samples dropped (the pipeline's rule), not sorted; 3: stamp sources, any type
 
 
 @dataclass
@@ -52,6 +60,7 @@ class StreamReport:
     nonfinite_dropped: int = 0
     out_of_order: int = 0  # stamped before the stream's last used sample: dropped
     duplicate_stamps_dropped: int = 0
+    stamp_source: str = "header"  # header | receive: where the used stamps came from
 
 
 @dataclass
@@ -62,12 +71,8 @@ class BagData:
     from_cache: bool = False
 
 
-def _typestore():
-    return get_typestore(Stores.ROS2_JAZZY)
-
-
-def _cache_key(paths: Sequence[Path], specs: Sequence[StreamSpec]) -> str:
-    parts = [CACHE_VERSION]
+def _cache_key(paths: Sequence[Path], specs: Sequence[StreamSpec], msg_paths: Sequence[str | Path]) -> str:
+    parts: list[Any] = [CACHE_VERSION, [str(Path(m).resolve()) for m in msg_paths]]
     for p in paths:
         st = p.stat() if p.is_file() else None
         files = [p] if st else sorted(q for q in p.rglob("*") if q.is_file())
@@ -86,20 +91,10 @@ def _check_topics(reader: AnyReader, specs: Sequence[StreamSpec], paths: Sequenc
         info = reader.topics.get(spec.topic)
         if info is None:
             raise BagError(f"{names}: no topic {spec.topic!r}; the bag has: {_topics_listing(reader)}")
-        if info.msgtype != spec.type:
+        if info.msgtype is None or canonical_type(info.msgtype) != spec.type:
             raise BagError(f"{names}: topic {spec.topic!r} is {info.msgtype}, but the config says {spec.type}")
         if not info.msgcount:
             raise BagError(f"{names}: topic {spec.topic!r} has no messages")
-
-
-def _finish(spec: StreamSpec, stamps: list[int], values: list[np.ndarray], rep: StreamReport) -> StreamData:
-    """The samples the hygiene rule used (in stamp order by construction); log what it dropped."""
-    for what, n in (("non-finite", rep.nonfinite_dropped), ("out-of-order", rep.out_of_order),
-                    ("duplicate-stamp", rep.duplicate_stamps_dropped)):
-        if n:
-            log.warning("%s: %d %s sample(s) of %d dropped", spec.topic, n, what, rep.messages)
-    t = np.asarray(stamps, dtype=np.int64)
-    return StreamData(t, np.stack(values) if values else np.zeros((0, 0)))
 
 
 _REPORT_FIELD = {"nonfinite": "nonfinite_dropped", "out_of_order": "out_of_order",
@@ -111,66 +106,59 @@ def read_streams(
     specs: Sequence[StreamSpec],
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    msg_paths: Sequence[str | Path] = (),
 ) -> BagData:
-    """Extract ``specs`` from the bags at ``paths`` (files or ROS 2 bag folders)."""
+    """Extract ``specs`` from the bags at ``paths`` (files or ROS 2 bag folders). Message types
+    are those the bag defines (mcap and ROS 1 bags carry their definitions; so do sqlite3 bags of
+    rosbag2 Iron and newer), else those of ``msg_paths`` (folders of ``.msg`` files), else ROS 2
+    Jazzy's standard ones."""
     paths = [Path(p) for p in paths]
     for p in paths:
         if not p.exists():
             raise BagError(f"{p}: no such bag")
-    cache = Path(cache_dir) / f"{_cache_key(paths, specs)}.npz" if cache_dir else None
+    store = typestore(msg_paths)
+    cache = Path(cache_dir) / f"{_cache_key(paths, specs, msg_paths)}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
         cached = _load_cache(cache, specs)
         if cached is not None:
             return cached
     by_topic = {s.topic: s for s in specs}
-    stamps: dict[str, list[int]] = {s.topic: [] for s in specs}
-    values: dict[str, list[np.ndarray]] = {s.topic: [] for s in specs}
-    report = {s.topic: StreamReport() for s in specs}
-    nonfinite: dict[str, np.ndarray] = {}  # per topic: non-finite values per channel, over the dropped rows
+    raw = {s.topic: _Raw() for s in specs}
     t0 = time.perf_counter()
     try:
-        with AnyReader(paths, default_typestore=_typestore()) as reader:
+        with AnyReader(paths, default_typestore=store) as reader:
             _check_topics(reader, specs, paths)
+            complete(reader, store, specs, paths)
             conns = [c for c in reader.connections if c.topic in by_topic]
             total = sum(c.msgcount for c in conns)
             readers: dict[str, Callable[[Any], np.ndarray]] = {}
             bar = tqdm(total=total, unit="msg", desc="reading bag", disable=not progress, leave=False)
-            for conn, receive_ns, raw in reader.messages(connections=conns):
-                spec = by_topic[conn.topic]
-                msg = reader.deserialize(raw, conn.msgtype)
+            for conn, receive_ns, data in reader.messages(connections=conns):
+                spec, r = by_topic[conn.topic], raw[conn.topic]
+                msg = reader.deserialize(data, conn.msgtype)
                 if spec.topic not in readers:
                     check_fields(spec, msg)
                     readers[spec.topic] = value_reader(spec, msg)
+                    r.has_header = header_stamp_ns(msg) is not None
                 row = readers[spec.topic](msg)
-                if values[spec.topic] and row.shape != values[spec.topic][0].shape:
-                    raise BagError(
-                        f"{spec.topic}: message {report[spec.topic].messages} has {row.size} values, "
-                        f"earlier ones {values[spec.topic][0].size}"
-                    )
+                if r.values and row.shape != r.values[0].shape:
+                    raise BagError(f"{spec.topic}: message {len(r.values)} has {row.size} values, "
+                                   f"earlier ones {r.values[0].size}")
                 bar.update()
-                rep = report[spec.topic]
-                rep.messages += 1
-                stamp = message_stamp_ns(spec, msg, receive_ns)
-                # Messages come in arrival order: the rule the live pipeline applies, sample by sample.
-                reason = verdict(stamps[spec.topic][-1] if stamps[spec.topic] else None, stamp, row)
-                if reason is not None:
-                    setattr(rep, _REPORT_FIELD[reason], getattr(rep, _REPORT_FIELD[reason]) + 1)
-                    if reason == "nonfinite":
-                        nonfinite[spec.topic] = nonfinite.get(spec.topic, 0) + ~np.isfinite(row)
-                    continue
-                stamps[spec.topic].append(stamp)
-                values[spec.topic].append(row)
+                r.values.append(row)
+                r.receive.append(receive_ns)
+                if r.has_header:
+                    r.header.append(header_stamp_ns(msg))
             bar.close()
     except (BagError, ConfigError):
         raise
     except Exception as exc:  # rosbags raises its own errors for truncated/corrupt files
         raise BagError(explain(exc, paths)) from None
     seconds = time.perf_counter() - t0
-    for spec in specs:
-        if not stamps[spec.topic]:
-            raise BagError(_nothing_usable(spec, report[spec.topic], nonfinite.get(spec.topic, np.zeros(0)), paths))
+    streams, report = {}, {}
+    for t, spec in by_topic.items():
+        streams[t], report[t] = _apply_rule(spec, raw[t], paths)
     n = sum(r.messages for r in report.values())
-    streams = {t: _finish(by_topic[t], stamps[t], values[t], report[t]) for t in by_topic}
     for t, spec in by_topic.items():
         if spec.derive:
             if len(streams[t].stamps_ns) < 5:
@@ -183,6 +171,61 @@ def read_streams(
     if cache is not None:
         _save_cache(cache, data)
     return data
+
+
+@dataclass
+class _Raw:
+    """One stream's messages as recorded, in arrival order, before the hygiene rule."""
+
+    values: list[np.ndarray] = field(default_factory=list)
+    receive: list[int] = field(default_factory=list)
+    header: list[int] = field(default_factory=list)
+    has_header: bool = False
+
+
+def _stamp_source(spec: StreamSpec, raw: _Raw) -> str:
+    """``header`` or ``receive`` for this stream: its ``stamp`` setting, with ``auto`` falling back
+    to the receive time (said once) where the header stamps are zero or repeat."""
+    if not raw.has_header:
+        if spec.stamp == "header":
+            raise ConfigError(f"stream {spec.topic!r}: stamp = header, but {spec.type} has no header; "
+                              "use stamp: receive (or auto)")
+        return "receive"
+    if spec.stamp != "auto":
+        return spec.stamp
+    why = unusable_header_stamps(np.asarray(raw.header, dtype=np.int64))
+    if why is None:
+        return "header"
+    log.warning("%s: %s (a driver that does not set them?): using the bag's receive time instead; set "
+                "stamp: receive on this stream to say so (and silence this), or stamp: header to keep them",
+                spec.topic, why)
+    return "receive"
+
+
+def _apply_rule(spec: StreamSpec, raw: _Raw, paths: Sequence[Path]) -> tuple[StreamData, StreamReport]:
+    """The samples the live hygiene rule uses, in arrival order (so in stamp order by
+    construction), and what it dropped."""
+    source = _stamp_source(spec, raw)
+    rep = StreamReport(messages=len(raw.values), stamp_source=source)
+    stamps, values, bad = [], [], None
+    last = None
+    for stamp, row in zip(raw.header if source == "header" else raw.receive, raw.values, strict=True):
+        reason = verdict(last, stamp, row)
+        if reason is not None:
+            setattr(rep, _REPORT_FIELD[reason], getattr(rep, _REPORT_FIELD[reason]) + 1)
+            if reason == "nonfinite":
+                bad = ~np.isfinite(row) + (0 if bad is None else bad)
+            continue
+        last = stamp
+        stamps.append(stamp)
+        values.append(row)
+    if not stamps:
+        raise BagError(_nothing_usable(spec, rep, np.zeros(0) if bad is None else bad, paths))
+    for what, n in (("non-finite", rep.nonfinite_dropped), ("out-of-order", rep.out_of_order),
+                    ("duplicate-stamp", rep.duplicate_stamps_dropped)):
+        if n:
+            log.warning("%s: %d %s sample(s) of %d dropped", spec.topic, n, what, rep.messages)
+    return StreamData(np.asarray(stamps, dtype=np.int64), np.stack(values)), rep
 
 
 def _nothing_usable(spec: StreamSpec, rep: StreamReport, bad: np.ndarray, paths: Sequence[Path]) -> str:

@@ -1,13 +1,24 @@
 """Stream specifications: which topic, of which message type, and which fields become channels.
 
-A field is a dotted attribute path into the message (``linear_acceleration.x``) or ``data``
-for a whole numeric array (``std_msgs/msg/Float32MultiArray``). Message objects may come from
-rosbags (bag files) or rclpy (live topics): both expose the same attribute names, so the same
-spec extracts the same numbers in the trainer and in the estimator node.
+Any message type, standard or custom: ``type`` is its ROS name (``sensor_msgs/msg/Imu``; the
+ROS 1 form ``sensor_msgs/Imu`` means the same). Its definition comes from the bag for training
+(see ``hiss_ros.data.bag``) and from the installed interface package for the live node.
+
+A field is a path into the message: dotted attribute names, each optionally indexed or sliced as
+in Python, e.g. ``linear_acceleration.x``, ``data`` (a whole numeric array), ``position[0:7]``,
+``data[3]``, ``cells[2].force.z``. Every numeric scalar or array it reaches is a channel (arrays
+give one channel per element). Message objects may come from rosbags (bag files) or rclpy (live
+topics): both expose the same attribute names, so the same spec extracts the same numbers in the
+trainer and in the estimator node.
+
+Stamps: ``stamp: header`` uses ``header.stamp``; ``stamp: receive`` the bag's receive time (live:
+the time the node receives it); ``stamp: auto`` (the default) the header where the type has one
+and its stamps are real, else the receive time (drivers that leave stamps at zero are common).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -18,41 +29,93 @@ import numpy as np
 from hiss_ros.data.derive import DERIVATIONS, POSE_FIELDS
 from hiss_ros.errors import ConfigError
 
-# Supported message types -> whether they carry std_msgs/Header (stamp = header.stamp);
-# header-less types are stamped with the bag's receive time (or on receipt, live).
-SUPPORTED_TYPES: dict[str, bool] = {
-    "sensor_msgs/msg/Imu": True,
-    "sensor_msgs/msg/MagneticField": True,
-    "std_msgs/msg/Float32MultiArray": False,
-    "std_msgs/msg/Float64MultiArray": False,
-    # A stamped array for a tactile skin or any other array sensor: its values in ``position``
-    # (or ``effort``), the names optional. Stamped at the source, it needs no stamping on receipt.
-    "sensor_msgs/msg/JointState": True,
-    "geometry_msgs/msg/WrenchStamped": True,
-    "geometry_msgs/msg/TwistStamped": True,
-    "geometry_msgs/msg/TwistWithCovarianceStamped": True,
-    "geometry_msgs/msg/PoseStamped": True,
-    "nav_msgs/msg/Odometry": True,
-}
+STAMPS = ("auto", "header", "receive")
+_TYPE = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)/(?:(msg)/)?([A-Za-z][A-Za-z0-9_]*)$")
+_SEGMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[(-?\d+)\]|\[(-?\d*):(-?\d*)\])?$")
+
+
+def canonical_type(name: Any) -> str:
+    """``sensor_msgs/Imu`` (ROS 1) or ``sensor_msgs/msg/Imu`` -> ``sensor_msgs/msg/Imu``."""
+    m = _TYPE.match(name) if isinstance(name, str) else None
+    if m is None:
+        raise ConfigError(f"message type {name!r}: expected package/msg/Name such as 'sensor_msgs/msg/Imu' "
+                          "(or the ROS 1 form 'sensor_msgs/Imu')")
+    return f"{m[1]}/msg/{m[3]}"
+
+
+@dataclass(frozen=True)
+class _Step:
+    name: str
+    index: int | slice | None
+
+
+def parse_field(path: Any) -> tuple[_Step, ...]:
+    """``cells[2].force.z`` -> its steps; ConfigError naming the part that is not a field name,
+    ``name[i]`` or ``name[a:b]``."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"field {path!r}: expected a path such as 'linear_acceleration.x' or 'data[0:8]'")
+    steps = []
+    for part in path.split("."):
+        m = _SEGMENT.match(part)
+        if m is None:
+            raise ConfigError(f"field {path!r}: {part!r} is not a field name, name[i] or name[start:stop]")
+        if m[2] is not None:
+            index: int | slice | None = int(m[2])
+        elif m[3] is not None or m[4] is not None:
+            index = slice(int(m[3]) if m[3] else None, int(m[4]) if m[4] else None)
+        else:
+            index = None
+        steps.append(_Step(m[1], index))
+    if any(isinstance(s.index, slice) for s in steps[:-1]):
+        raise ConfigError(f"field {path!r}: only the last part may be a slice (index the others: name[i])")
+    return tuple(steps)
+
+
+def _public_fields(msg: Any) -> list[str]:
+    rclpy_fields = getattr(msg, "get_fields_and_field_types", None)  # an rclpy message
+    if callable(rclpy_fields):
+        return list(rclpy_fields())
+    names = getattr(msg, "__dataclass_fields__", None) or getattr(msg, "__slots__", ())
+    return [n.lstrip("_") for n in names if not n.startswith("__")]
+
+
+def _resolve(msg: Any, steps: tuple[_Step, ...], path: str = "") -> Any:
+    obj = msg
+    for step in steps:
+        obj = getattr(obj, step.name)
+        if step.index is not None:
+            obj = obj[step.index]
+    return obj
 
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """One input or output stream: ``topic`` of message ``type``; ``fields`` give its channels."""
+    """One input or output stream: ``topic`` of message ``type``; ``fields`` give its channels.
+
+    ``stamp``: where a sample's time comes from (``STAMPS``, see the module). ``rate_hz``: the
+    rate the stream is recorded at, checked against the bags; for an input, when it differs
+    from the pipeline's ``input_rate_hz`` (a slower tactile array held on a faster IMU's clock)."""
 
     topic: str
     type: str
     fields: tuple[str, ...] = field(default_factory=tuple)
     derive: str | None = None  # "world_velocity" | "body_velocity" from a pose stream (hiss_ros.data.derive)
+    stamp: str = "auto"
+    rate_hz: float | None = None
 
     def __post_init__(self) -> None:
         where = f"stream {self.topic!r}"
         if not isinstance(self.topic, str) or not self.topic.startswith("/"):
             raise ConfigError(f"{where}: topic must be an absolute name such as '/imu/data'")
-        if self.type not in SUPPORTED_TYPES:
-            raise ConfigError(
-                f"{where}: message type {self.type!r} is not supported; supported: {sorted(SUPPORTED_TYPES)}"
-            )
+        try:
+            object.__setattr__(self, "type", canonical_type(self.type))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if self.stamp not in STAMPS:
+            raise ConfigError(f"{where}: stamp = {self.stamp!r}: expected one of {', '.join(STAMPS)}")
+        if self.rate_hz is not None and (isinstance(self.rate_hz, bool) or not isinstance(self.rate_hz, (int, float))
+                                         or not 0 < self.rate_hz < float("inf")):
+            raise ConfigError(f"{where}: rate_hz = {self.rate_hz!r}: expected a positive number")
         if self.derive is not None:
             if self.derive not in DERIVATIONS:
                 raise ConfigError(f"{where}: derive = {self.derive!r}: expected one of {list(DERIVATIONS)}")
@@ -62,72 +125,95 @@ class StreamSpec:
                 raise ConfigError(f"{where}: give either fields or derive, not both")
             object.__setattr__(self, "fields", POSE_FIELDS[self.type])
         fields = tuple(self.fields) if not isinstance(self.fields, str) else (self.fields,)
-        if not fields or not all(isinstance(f, str) and f for f in fields):
-            raise ConfigError(f"{where}: fields must be a non-empty list of dotted paths, got {self.fields!r}")
+        if not fields:
+            raise ConfigError(f"{where}: fields must be a non-empty list of paths, got {self.fields!r}")
+        try:
+            steps = tuple(parse_field(f) for f in fields)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         object.__setattr__(self, "fields", fields)
+        object.__setattr__(self, "_steps", steps)
 
     @property
-    def has_header(self) -> bool:
-        return SUPPORTED_TYPES[self.type]
+    def steps(self) -> tuple[tuple[_Step, ...], ...]:
+        return self._steps  # type: ignore[attr-defined]
 
     @property
     def channel_names(self) -> list[str]:
-        """Names of the channels this stream yields (after any derivation)."""
+        """Names of the channels this stream yields (after any derivation); a path that yields an
+        array counts as one name here (its channels are named once the data is seen)."""
         if self.derive:
             return [f"{self.derive}.{a}" for a in "xyz"]
         return list(self.fields)
 
     @classmethod
     def from_dict(cls, data: Any) -> StreamSpec:
-        if not isinstance(data, dict) or set(data) - {"topic", "type", "fields", "derive"}:
-            raise ConfigError(f"stream: expected {{topic, type, fields}} (or derive instead of fields), got {data!r}")
+        keys = {"topic", "type", "fields", "derive", "stamp", "rate_hz"}
+        if not isinstance(data, dict) or set(data) - keys:
+            raise ConfigError(f"stream: expected {{topic, type, fields}} (or derive instead of fields; optional "
+                              f"stamp, rate_hz), got {data!r}")
         try:
-            return cls(data["topic"], data["type"], tuple(data.get("fields") or ()), data.get("derive"))
+            return cls(data["topic"], data["type"], tuple(data.get("fields") or ()), data.get("derive"),
+                       data.get("stamp", "auto"), data.get("rate_hz"))
         except KeyError as exc:
             raise ConfigError(f"stream {data.get('topic')!r}: missing key {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        if self.derive:
-            return {"topic": self.topic, "type": self.type, "derive": self.derive}
-        return {"topic": self.topic, "type": self.type, "fields": list(self.fields)}
+        out: dict[str, Any] = {"topic": self.topic, "type": self.type}
+        out.update({"derive": self.derive} if self.derive else {"fields": list(self.fields)})
+        if self.stamp != "auto":
+            out["stamp"] = self.stamp
+        if self.rate_hz is not None:
+            out["rate_hz"] = self.rate_hz
+        return out
 
 
-def _resolve(msg: Any, path: str) -> Any:
-    obj = msg
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def check_fields(spec: StreamSpec, msg: Any) -> None:
-    """Raise naming the first field path that the message does not have or that is not numeric."""
-    for path in spec.fields:
-        try:
-            value = _resolve(msg, path)
-        except AttributeError:
-            raise ConfigError(
-                f"stream {spec.topic!r}: {spec.type} has no field {path!r}"
-                f" (fields at the top level: {sorted(_public_fields(msg))})"
-            ) from None
-        arr = np.asarray(value)
-        if arr.dtype.kind not in "fiub":
-            raise ConfigError(f"stream {spec.topic!r}: field {path!r} of {spec.type} is not numeric")
-
-
-def _public_fields(msg: Any) -> list[str]:
-    names = getattr(msg, "__dataclass_fields__", None) or getattr(msg, "__slots__", ())
-    return [n.lstrip("_") for n in names if not n.startswith("__")]
+def check_fields(spec: StreamSpec, msg: Any, values: bool = True) -> None:
+    """Raise naming the first field path that the message does not have or, with ``values``,
+    that is not numeric or selects nothing (``values=False``: names only, for a default-built
+    message whose arrays are still empty)."""
+    for path, steps in zip(spec.fields, spec.steps, strict=True):
+        obj, walked = msg, []
+        for step in steps:
+            if not hasattr(obj, step.name):
+                at = ".".join(walked) or "the top level"
+                raise ConfigError(f"stream {spec.topic!r}: {spec.type} has no field {path!r}"
+                                  f" (fields at {at}: {sorted(_public_fields(obj))})")
+            obj = getattr(obj, step.name)
+            walked.append(step.name)
+            if step.index is not None:
+                if isinstance(obj, (str, bytes)) or not hasattr(obj, "__getitem__"):
+                    raise ConfigError(f"stream {spec.topic!r}: field {'.'.join(walked)!r} of {spec.type} is not "
+                                      f"an array, so {path!r} cannot index it")
+                if isinstance(step.index, int) and not -len(obj) <= step.index < len(obj):
+                    if not values:
+                        break
+                    raise ConfigError(f"stream {spec.topic!r}: {path!r}: index {step.index} is out of range "
+                                      f"(the array has {len(obj)} elements)")
+                obj = obj[step.index]
+        else:
+            if not values:
+                continue
+            arr = np.asarray(obj)
+            if arr.dtype.kind not in "fiub":
+                raise ConfigError(f"stream {spec.topic!r}: field {path!r} of {spec.type} is not numeric "
+                                  f"(it holds {type(obj).__name__})")
+            if arr.size == 0:
+                raise ConfigError(f"stream {spec.topic!r}: field {path!r} of {spec.type} is empty in the first "
+                                  "message: no channel to read")
 
 
 def message_values(spec: StreamSpec, msg: Any) -> np.ndarray:
     """The channels of one message as a float64 vector (scalars and arrays concatenated)."""
-    return np.concatenate([np.atleast_1d(np.asarray(_resolve(msg, p), dtype=np.float64)) for p in spec.fields])
+    return np.concatenate([np.atleast_1d(np.asarray(_resolve(msg, s), dtype=np.float64)).ravel()
+                           for s in spec.steps])
 
 
 def value_reader(spec: StreamSpec, example: Any) -> Callable[[Any], np.ndarray]:
     """A faster ``message_values`` for messages shaped like ``example``: when every field is a
-    scalar, one attrgetter call and one array construction per message."""
-    if all(np.ndim(_resolve(example, p)) == 0 for p in spec.fields):
+    plain dotted path to a scalar, one attrgetter call and one array construction per message."""
+    plain = all(s.index is None for steps in spec.steps for s in steps)
+    if plain and all(np.ndim(_resolve(example, s)) == 0 for s in spec.steps):
         get = attrgetter(*spec.fields)
         if len(spec.fields) == 1:
             return lambda msg: np.array([get(msg)], dtype=np.float64)
@@ -135,12 +221,51 @@ def value_reader(spec: StreamSpec, example: Any) -> Callable[[Any], np.ndarray]:
     return lambda msg: message_values(spec, msg)
 
 
-def message_stamp_ns(spec: StreamSpec, msg: Any, receive_ns: int) -> int:
-    """header.stamp in integer nanoseconds where the type has a header, else ``receive_ns``."""
-    if not spec.has_header:
-        return int(receive_ns)
-    stamp = msg.header.stamp
+def header_stamp_ns(msg: Any) -> int | None:
+    """``header.stamp`` in integer nanoseconds, or None for a message without a std_msgs/Header."""
+    header = getattr(msg, "header", None)
+    stamp = getattr(header, "stamp", None)
+    if stamp is None:
+        return None
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def uses_header(spec: StreamSpec, msg: Any) -> bool:
+    """Whether ``spec``'s samples are stamped with ``msg``'s header (live ``auto``: a header whose
+    stamp is set), rather than on receipt. ConfigError for ``stamp: header`` without a header."""
+    stamp = header_stamp_ns(msg)
+    if spec.stamp == "header" and stamp is None:
+        raise ConfigError(f"stream {spec.topic!r}: stamp = header, but {spec.type} has no header; "
+                          "use stamp: receive (or auto)")
+    return spec.stamp != "receive" and stamp is not None and (spec.stamp == "header" or stamp != 0)
+
+
+def unusable_header_stamps(stamps_ns: np.ndarray) -> str | None:
+    """Why a stream's header stamps (in arrival order) cannot time it, or None when they can: all
+    zero (a driver that never sets them), or mostly repeated (one stamp per burst, a constant)."""
+    n = len(stamps_ns)
+    if n == 0:
+        return None
+    zero = int(np.count_nonzero(stamps_ns == 0))
+    if zero * 2 > n:
+        return f"{zero} of {n} header stamps are zero"
+    repeats = int(np.count_nonzero(np.diff(stamps_ns) == 0)) if n > 1 else 0
+    if repeats * 2 > n:
+        distinct = len(np.unique(stamps_ns))
+        return f"{n} header stamps take only {distinct} distinct value{'s' if distinct > 1 else ''}"
+    return None
+
+
+def measured_rate_hz(stamps_ns: np.ndarray, max_gap_s: float) -> tuple[float, float] | None:
+    """(samples per second, seconds measured) over the stream's stretches without a gap longer
+    than ``max_gap_s``: intervals counted over their total length, which bursty delivery (receive
+    stamps) does not bias; None with fewer than two samples in a stretch."""
+    d = np.diff(np.asarray(stamps_ns, dtype=np.int64))
+    d = d[(d > 0) & (d <= max_gap_s * 1e9)]
+    if not len(d):
+        return None
+    seconds = float(d.sum()) / 1e9
+    return len(d) / seconds, seconds
 
 
 def verdict(last_ns: int | None, stamp_ns: int, values: np.ndarray) -> str | None:

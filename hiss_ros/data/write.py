@@ -82,10 +82,11 @@ def twist(stamp_ns: int, linear: Sequence[float], angular: Sequence[float], fram
 
 
 def write_bag(path: str | Path, records: Iterable[tuple[str, int, Any]], storage: str = "mcap",
-              zstd: bool = False) -> Path:
+              zstd: bool = False, typestore: Any = TYPESTORE) -> Path:
     """Write ``(topic, receive_stamp_ns, message)`` records (any order of topics) to a new ROS 2
     bag folder; ``zstd`` compresses an mcap bag per chunk (the storage's own compression: small
-    and fast), a sqlite3 bag per message."""
+    and fast), a sqlite3 bag per message. ``typestore``: one that knows the messages' types (a
+    custom type's too); the bag carries their definitions."""
     plugin = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[storage]
     path = Path(path)
     conns: dict[str, Any] = {}
@@ -97,8 +98,8 @@ def write_bag(path: str | Path, records: Iterable[tuple[str, int, Any]], storage
         for topic, stamp_ns, msg in records:
             msgtype = msg.__msgtype__
             if topic not in conns:
-                conns[topic] = writer.add_connection(topic, msgtype, typestore=TYPESTORE)
-            writer.write(conns[topic], int(stamp_ns), TYPESTORE.serialize_cdr(msg, msgtype))
+                conns[topic] = writer.add_connection(topic, msgtype, typestore=typestore)
+            writer.write(conns[topic], int(stamp_ns), typestore.serialize_cdr(msg, msgtype))
     return path
 
 

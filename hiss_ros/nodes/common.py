@@ -11,6 +11,9 @@ import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 
+from hiss_ros.data.streams import StreamSpec, canonical_type, check_fields, header_stamp_ns
+from hiss_ros.errors import ConfigError, HissError
+
 
 def freeze_heap() -> None:
     """Collect, then move every object alive now (torch, rclpy, the model: a few hundred thousand)
@@ -23,9 +26,38 @@ def freeze_heap() -> None:
 
 
 def message_class(type_name: str) -> type:
-    """'sensor_msgs/msg/Imu' -> the rclpy message class."""
-    package, _, name = type_name.split("/")
-    return getattr(importlib.import_module(f"{package}.msg"), name)
+    """'sensor_msgs/msg/Imu' (or 'sensor_msgs/Imu') -> the rclpy message class, from the installed
+    interface package as rosidl's runtime lookup finds it; HissError naming the package to install
+    (or the workspace to source) when it is missing."""
+    package, _, name = canonical_type(type_name).split("/")
+    try:
+        module = importlib.import_module(f"{package}.msg")
+    except ImportError:
+        apt = "ros-jazzy-" + package.replace("_", "-")
+        raise HissError(f"message type {type_name}: the interface package {package!r} is not installed here; "
+                        f"install it (apt install {apt}) or build it in a workspace and source its "
+                        "install/setup.bash before starting the node") from None
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        known = sorted(n for n in dir(module) if not n.startswith("_") and isinstance(getattr(module, n), type))
+        raise HissError(f"message type {type_name}: package {package!r} has no message {name!r} "
+                        f"(it has {', '.join(known[:12]) or 'none'}); rebuild it, or fix the type in the config")
+    return cls
+
+
+def input_class(spec: StreamSpec) -> type:
+    """The message class of an input stream, checked against the stream: every field path names a
+    field of the installed definition, and ``stamp: header`` has a header to read."""
+    cls = message_class(spec.type)
+    example = cls()
+    try:
+        check_fields(spec, example, values=False)
+    except ConfigError as exc:
+        raise HissError(f"{exc}, in the definition installed here: is its interface package the version "
+                        "the model was trained with?") from None
+    if spec.stamp == "header" and header_stamp_ns(example) is None:
+        raise HissError(f"stream {spec.topic!r}: stamp = header, but the installed {spec.type} has no header")
+    return cls
 
 
 @contextmanager

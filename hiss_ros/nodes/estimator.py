@@ -29,12 +29,13 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from hiss_ros.data.streams import StreamSpec, message_stamp_ns, value_reader
+from hiss_ros.data.streams import StreamSpec, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import STEP_BACKENDS
-from hiss_ros.nodes.common import freeze_heap, message_class, running, spin
+from hiss_ros.nodes.common import freeze_heap, input_class, message_class, running, spin
 from hiss_ros.nodes.diagnostics import Diagnostics
 from hiss_ros.nodes.messages import TWIST, TWIST_COV, WRENCH, EstimateMessages
+from hiss_ros.nodes.stamping import Stamps
 from hiss_ros.serving import StreamingEstimator, resolve_device
 
 # name -> default; every one but model_path (hot reload) is fixed at start-up.
@@ -80,6 +81,7 @@ class Estimator(LifecycleNode):
         us meanwhile would send into a queue nobody reads, and lose what overflows it."""
         try:
             est = self._load(self.p["model_path"])
+            self._classes = [input_class(s) for s in est.spec.inputs]
             self.messages = self._messages(est)
         except HissError as exc:
             self.diagnostics.failure = str(exc)
@@ -103,9 +105,8 @@ class Estimator(LifecycleNode):
         qos = QoSProfile(depth=self.p["qos_depth"], reliability=sensor.reliability, durability=sensor.durability,
                          history=sensor.history)
         self._readers: list[Any] = [None] * len(self._inputs)
-        self._steady_offset: int | None = None  # clock-stream stamp minus steady time, for header-less inputs
-        self._last_stamp = [0] * len(self._inputs)
-        self._max_gap_ns = int(self.est.pipeline.config.max_gap_s * 1e9)
+        self._stamps = Stamps(self._inputs, self.est.spec.input_stamps, int(self.est.pipeline.config.max_gap_s * 1e9),
+                              lambda: self.get_clock().now().nanoseconds, self.get_logger().warn)
         self.subscriptions_ = [self._subscribe(i, s, qos) for i, s in enumerate(self._inputs)]
         freeze_heap()  # no 100 ms garbage collection in the middle of the stream
         return super().on_activate(state)
@@ -116,7 +117,7 @@ class Estimator(LifecycleNode):
         def lost(info: Any) -> None:
             self.diagnostics.lost[i] += info.total_count_change
 
-        args = (message_class(stream.type), self._topic(stream), lambda m: self._on_sample(i, m), qos)
+        args = (self._classes[i], self._topic(stream), lambda m: self._on_sample(i, m), qos)
         try:
             return self.create_subscription(*args, event_callbacks=SubscriptionEventCallbacks(
                 message_lost=lost, use_default_callbacks=False))
@@ -246,20 +247,7 @@ class Estimator(LifecycleNode):
         steady = time.monotonic_ns()
         diag.received[i] += 1
         diag.last_receipt[i] = steady
-        if spec.has_header:
-            stamp = message_stamp_ns(spec, msg, 0)
-            if i == 0:
-                self._steady_offset = stamp - steady
-        elif self._steady_offset is not None:
-            # Header-less: the receipt time on the clock stream's time line, so its spacing is true
-            # whatever the /clock rate. Jitter of that mapping never gives a stamp twice; a jump of
-            # the time line (more than a gap back) is followed.
-            stamp, last = steady + self._steady_offset, self._last_stamp[i]
-            if last - self._max_gap_ns < stamp <= last:
-                stamp = last + 1
-            self._last_stamp[i] = stamp
-        else:  # the clock stream itself has no header: the node's clock (sim time honoured)
-            stamp = self.get_clock().now().nanoseconds
+        stamp = self._stamps(i, msg, steady)
         est = self.est
         for chunk in est.pipeline.push(i, stamp, values):
             t0 = time.perf_counter()

@@ -20,7 +20,7 @@ inputs:
   - {topic: /imu/data, type: sensor_msgs/msg/Imu,
      fields: [angular_velocity.x, angular_velocity.y, angular_velocity.z,
               linear_acceleration.x, linear_acceleration.y, linear_acceleration.z]}
-  - {topic: /tactile, type: std_msgs/msg/Float32MultiArray, fields: [data]}
+  - {topic: /tactile, type: std_msgs/msg/Float32MultiArray, fields: [data], rate_hz: 100}  # held between samples
 outputs:
   - {topic: /wrench_gt, type: geometry_msgs/msg/WrenchStamped,
      fields: [wrench.force.x, wrench.force.y, wrench.force.z,

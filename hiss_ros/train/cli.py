@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
     p.add_argument("--test-bag", action="append", type=Path, default=[],
                    help="with --compare: a held-out bag every trained model is scored on; repeatable")
     p.add_argument("--sweep", metavar="chunk=LIST", help="train one HiSS per chunk size, e.g. chunk=5,10,20,40")
+    p.add_argument("--msg-path", action="append", type=Path, default=[], metavar="FOLDER",
+                   help="a folder of custom .msg files (<package>/msg/<Name>.msg) for bags that do not carry "
+                        "their message definitions (sqlite3 bags before rosbag2 Iron); repeatable")
+    p.add_argument("--allow-rate-mismatch", action="store_true",
+                   help="train even where an input's measured rate differs from the configured one (a warning)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when available (one GPU per torchrun process), else CPU")
     args = p.parse_args(argv)
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         cfg = with_model(TrainConfig.load(args.config), args.model)
+        cfg = replace(cfg, msg_paths=(*cfg.msg_paths, *map(str, args.msg_path)),
+                      allow_rate_mismatch=cfg.allow_rate_mismatch or args.allow_rate_mismatch)
         if args.compare or args.sweep:
             rows = _comparison(cfg, args)
             print(json.dumps(rows, indent=2))

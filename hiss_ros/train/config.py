@@ -83,8 +83,20 @@ class TrainConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     max_gap_s: float = 0.5
     filter: FilterConfig | None = None
+    # Each input's measured rate must be within this fraction of its expected one (the stream's
+    # rate_hz, else input_rate_hz); allow_rate_mismatch: warn instead of refusing to train.
+    rate_tolerance: float = 0.1
+    allow_rate_mismatch: bool = False
+    msg_paths: tuple[str, ...] = ()  # folders of custom .msg definitions (hiss-train --msg-path)
 
     def __post_init__(self) -> None:
+        tol = self.rate_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+            raise ConfigError(f"rate_tolerance = {tol!r}: expected a fraction in (0, 1), e.g. 0.1 for 10 %")
+        if not isinstance(self.allow_rate_mismatch, bool):
+            raise ConfigError(f"allow_rate_mismatch = {self.allow_rate_mismatch!r}: expected true or false")
+        if isinstance(self.msg_paths, str) or not all(isinstance(m, str) for m in self.msg_paths):
+            raise ConfigError(f"msg_paths = {self.msg_paths!r}: expected a list of folders")
         if self.train.loss == "nll" and self.model.get("variance") is not True:
             raise ConfigError("train.loss = 'nll' needs the variance head: set model.variance: true "
                               f"(model.variance is {self.model.get('variance', False)!r})")
@@ -117,30 +129,39 @@ class TrainConfig:
             train=settings,
             max_gap_s=data.get("max_gap_s", 0.5),
             filter=FilterConfig(**filt) if isinstance(filt, dict) else filt,
+            rate_tolerance=data.get("rate_tolerance", 0.1),
+            allow_rate_mismatch=data.get("allow_rate_mismatch", False),
+            msg_paths=tuple(data.get("msg_paths") or ()),
         )
 
     @classmethod
     def from_checkpoint(cls, data: dict[str, Any], model: dict[str, Any]) -> TrainConfig:
         """The config a checkpoint was trained with, from its data spec and model config."""
         # input_dims are the data's, validation the trained model's: neither is part of the config
-        spec = {k: v for k, v in data.items() if k not in ("input_dims", "validation", "variance_scale")}
+        measured = ("input_dims", "validation", "variance_scale", "input_stamps", "input_rates_hz")
+        spec = {k: v for k, v in data.items() if k not in measured}
         return cls.from_dict({**spec, "model": model}, source="checkpoint data spec")
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_yaml(path), source=str(path))
+        """The config at ``path``; its msg_paths are relative to the file's folder."""
+        data = read_yaml(path)
+        if isinstance(data, dict) and isinstance(data.get("msg_paths"), list):
+            data["msg_paths"] = [str(Path(path).parent / m) if isinstance(m, str) else m for m in data["msg_paths"]]
+        return cls.from_dict(data, source=str(path))
 
     def pipeline_config(self, input_dims: tuple[int, ...]) -> PipelineConfig:
         return PipelineConfig(input_dims, self.input_rate_hz, self.output_rate_hz, self.max_gap_s, self.filter)
 
     def serving_spec(self, input_dims: tuple[int, ...], normalization: Normalization,
                      validation_mse: list[float] | None = None,
-                     variance_scale: list[float] | None = None) -> ServingSpec:
+                     variance_scale: list[float] | None = None, input_stamps: tuple[str, ...] | None = None,
+                     input_rates_hz: tuple[float, ...] | None = None) -> ServingSpec:
         """What the live node needs besides the model: streams, rates, gap limit, filter, normalisation
         (and, once fitted, the validation error and the variance head's calibration)."""
         return ServingSpec(self.inputs, self.outputs, self.pipeline_config(input_dims), normalization,
                            None if validation_mse is None else tuple(validation_mse),
-                           None if variance_scale is None else tuple(variance_scale))
+                           None if variance_scale is None else tuple(variance_scale), input_stamps, input_rates_hz)
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """Stored beside the serving spec: the settings, so hiss-eval can rebuild the same validation split."""

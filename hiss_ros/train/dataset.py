@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from hiss_ros.data import read_streams
-from hiss_ros.data.streams import StreamSpec
-from hiss_ros.errors import HissError
+from hiss_ros.data.streams import StreamSpec, measured_rate_hz
+from hiss_ros.errors import ConfigError, HissError
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.pipeline.core import safe_std
 from hiss_ros.train.config import TrainConfig
@@ -49,6 +49,8 @@ class Dataset:
     normalization: Normalization
     skipped_segments: int = 0
     pipeline_counters: dict[str, int] = field(default_factory=dict)
+    input_stamps: tuple[str, ...] | None = None  # per input: header | receive, as read from the bags
+    input_rates_hz: tuple[float, ...] | None = None  # per input, measured over the training bags
 
 
 def _targets(cfg: TrainConfig, streams: dict, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +81,47 @@ class Segments:
     chunk: int
     skipped: int
     counters: dict[str, int]
+    input_stamps: tuple[str, ...] | None = None
+    input_rates_hz: tuple[float, ...] | None = None
+
+
+class Rates:
+    """Each input's measured rate, checked bag by bag against the rate it is expected at (its
+    ``rate_hz``, else ``input_rate_hz``): a 30 Hz IMU configured as 50 Hz would be resampled onto
+    the wrong time scale and trained silently, so a mismatch beyond ``rate_tolerance`` is refused
+    (ConfigError naming both rates), or with ``allow_rate_mismatch`` a warning."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.intervals, self.seconds = [0.0] * len(cfg.inputs), [0.0] * len(cfg.inputs)
+
+    def check(self, bag: str | Path, streams: dict) -> None:
+        cfg = self.cfg
+        for i, spec in enumerate(cfg.inputs):
+            measured = measured_rate_hz(streams[spec.topic].stamps_ns, cfg.max_gap_s)
+            if measured is None:
+                continue
+            rate, seconds = measured
+            self.intervals[i] += rate * seconds
+            self.seconds[i] += seconds
+            expected = spec.rate_hz or cfg.input_rate_hz
+            if abs(rate / expected - 1) <= cfg.rate_tolerance:
+                continue
+            whose = f"its rate_hz: {spec.rate_hz:g}" if spec.rate_hz else f"input_rate_hz: {cfg.input_rate_hz:g}"
+            fix = (f"set input_rate_hz: {rate:.4g} (the input clock)" if i == 0 and not spec.rate_hz else
+                   f"set rate_hz: {rate:.4g} on the stream")
+            what = (f"{bag}: {spec.topic} is recorded at {rate:.4g} Hz, but the config expects {expected:g} Hz "
+                    f"({whose}), more than {cfg.rate_tolerance:.0%} apart")
+            if cfg.allow_rate_mismatch:
+                log.warning("%s; training anyway (allow_rate_mismatch): the model learns the wrong time scale", what)
+                continue
+            raise ConfigError(f"{what}: {fix}, or allow_rate_mismatch: true (--allow-rate-mismatch) to train anyway")
+
+    @property
+    def rates_hz(self) -> tuple[float, ...] | None:
+        if not all(self.seconds):
+            return None
+        return tuple(n / s for n, s in zip(self.intervals, self.seconds, strict=True))
 
 
 def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
@@ -89,8 +132,16 @@ def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: st
     train, val = Split(), Split()
     dims: tuple[int, ...] | None = None
     skipped, chunk, counters = 0, 0, {}
+    rates, stamps = Rates(cfg), None
     for bag in bags:
-        data = read_streams([bag], [*cfg.inputs, *cfg.outputs], cache_dir=cache_dir, progress=progress)
+        data = read_streams([bag], [*cfg.inputs, *cfg.outputs], cache_dir=cache_dir, progress=progress,
+                            msg_paths=cfg.msg_paths)
+        rates.check(bag, data.streams)
+        bag_stamps = tuple(data.report[s.topic].stamp_source for s in cfg.inputs)
+        if stamps is not None and bag_stamps != stamps:
+            log.warning("%s: inputs stamped by %s, the earlier bags' by %s: set stamp: on each stream to make "
+                        "them agree", bag, list(bag_stamps), list(stamps))
+        stamps = stamps or bag_stamps
         inputs = [(data.streams[s.topic].stamps_ns, data.streams[s.topic].values) for s in cfg.inputs]
         bag_dims = tuple(v.shape[1] for _, v in inputs)
         if dims is not None and bag_dims != dims:
@@ -118,7 +169,7 @@ def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: st
                     part.stamps.append(ep.stamps_ns[sl])
         for k, v in pipe.counters.items():
             counters[k] = counters.get(k, 0) + v
-    return Segments(train, val, dims or (), chunk, skipped, counters)
+    return Segments(train, val, dims or (), chunk, skipped, counters, stamps, rates.rates_hz)
 
 
 def whole_segments(seg: Segments) -> Split:
@@ -149,7 +200,7 @@ def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | 
         )
     norm = _fit(cfg, seg, bags)
     return Dataset(normalised(seg.train, norm), normalised(seg.val, norm), seg.input_dims, norm.output_mean.size,
-                   seg.chunk, norm, seg.skipped, seg.counters)
+                   seg.chunk, norm, seg.skipped, seg.counters, seg.input_stamps, seg.input_rates_hz)
 
 
 def _fit(cfg: TrainConfig, seg: Segments, bags: Sequence[str | Path]) -> Normalization:

@@ -19,7 +19,8 @@ import argparse
 import csv
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,11 @@ class Evaluation:
 
 
 def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_dir: Path | None = None,
-                  progress: bool = True) -> Evaluation:
+                  progress: bool = True, msg_paths: Sequence[str | Path] = (),
+                  allow_rate_mismatch: bool = False) -> Evaluation:
     served = load_model(model_path)  # the serving spec: the node's normalisation, streams and pipeline
     cfg = TrainConfig.from_checkpoint(served.data, config_to_dict(served.model.config))
+    cfg = replace(cfg, msg_paths=tuple(map(str, msg_paths)), allow_rate_mismatch=allow_rate_mismatch)
     seg = collect_segments(cfg, bags, cache_dir, progress)
     raw = seg.val if split == "val" else whole_segments(seg)
     if not raw.y:
@@ -154,11 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--split", choices=["val", "all"], default="val")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hiss_ros")
+    p.add_argument("--msg-path", action="append", type=Path, default=[], metavar="FOLDER",
+                   help="a folder of custom .msg files, for bags that do not carry their definitions; repeatable")
+    p.add_argument("--allow-rate-mismatch", action="store_true",
+                   help="evaluate even where an input's measured rate differs from the trained one")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        ev = evaluate_bags(args.model, args.bag, args.split, args.cache_dir, progress=not args.quiet)
+        ev = evaluate_bags(args.model, args.bag, args.split, args.cache_dir, progress=not args.quiet,
+                           msg_paths=args.msg_path, allow_rate_mismatch=args.allow_rate_mismatch)
         write_report(ev, args.out)
     except (HissError, OSError) as exc:
         return fail("hiss-eval", exc, args.out)

@@ -354,8 +354,9 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         if val < meta["best_val"]:
             meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
             if lead:
-                save_model(out / MODEL_FILE, model, cfg.serving_spec(ds.input_dims, ds.normalization),
-                           cfg.checkpoint_extra())
+                spec = cfg.serving_spec(ds.input_dims, ds.normalization, input_stamps=ds.input_stamps,
+                                        input_rates_hz=ds.input_rates_hz)
+                save_model(out / MODEL_FILE, model, spec, cfg.checkpoint_extra())
         else:
             meta["bad_epochs"] += 1
         meta.update(epoch=epoch + 1, seconds=time.perf_counter() - t_start)
@@ -419,7 +420,7 @@ def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seco
     if write:
         blob = strict_json(metrics, str(out / METRICS_FILE))
         # The validation error travels with the model: the node's velocity covariance.
-        save_model(out / MODEL_FILE, best, cfg.serving_spec(ds.input_dims, ds.normalization, physical, scale),
-                   cfg.checkpoint_extra())
+        spec = cfg.serving_spec(ds.input_dims, ds.normalization, physical, scale, ds.input_stamps, ds.input_rates_hz)
+        save_model(out / MODEL_FILE, best, spec, cfg.checkpoint_extra())
         atomic_write(out / METRICS_FILE, blob)  # last: its presence says the run finished
     return result

@@ -1,0 +1,59 @@
+"""The estimator's sample times: each input stamped by its header or on receipt, as it was in training.
+
+Per input, the stream's ``stamp`` setting decides; ``auto`` decides on the first message: its
+header where it has one whose stamp is set, else the receipt (a driver that leaves stamps at zero
+is said once, not dropped as duplicates). Receipt stamps are put on the clock stream's time line
+when the clock stream is header-stamped (its stamp minus the steady clock, so their spacing is
+true whatever the /clock rate), else they are the node's clock (sim time honoured).
+Imports without ROS: the node passes its clock and logger in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hiss_ros.data.streams import StreamSpec, header_stamp_ns, uses_header
+
+
+class Stamps:
+    def __init__(self, inputs: tuple[StreamSpec, ...], trained: tuple[str, ...] | None, max_gap_ns: int,
+                 now_ns: Callable[[], int], warn: Callable[[str], None]) -> None:
+        self.inputs, self.trained, self.max_gap_ns = inputs, trained, max_gap_ns
+        self.now_ns, self.warn = now_ns, warn
+        self.header: list[bool | None] = [None] * len(inputs)  # per input, decided on its first message
+        self.steady_offset: int | None = None  # clock-stream stamp minus steady time
+        self.last = [0] * len(inputs)
+
+    def source(self, i: int, msg: Any) -> bool:
+        """Decide input ``i``'s stamp source from its first message; True: the header."""
+        spec = self.inputs[i]
+        use = uses_header(spec, msg)
+        topic = spec.topic.lstrip("/")
+        if spec.stamp == "auto" and not use and header_stamp_ns(msg) is not None:
+            self.warn(f"{topic}: header stamp is zero (a driver that does not set it?): stamping on receipt")
+        trained = self.trained[i] if self.trained else None
+        if trained is not None and trained != ("header" if use else "receive"):
+            self.warn(f"{topic}: stamped by {'header' if use else 'receipt'} here, but by {trained} in training: "
+                      "estimates may be off by the difference (set stamp: on the stream and retrain to match)")
+        self.header[i] = use
+        return use
+
+    def __call__(self, i: int, msg: Any, steady: int) -> int:
+        use = self.header[i]
+        if use is None:
+            use = self.source(i, msg)
+        if use:
+            stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+            if i == 0:
+                self.steady_offset = stamp - steady
+            return stamp
+        if self.steady_offset is None:  # the clock stream itself is stamped on receipt
+            return self.now_ns()
+        # Receipt on the clock stream's time line. Jitter of that mapping never gives a stamp twice;
+        # a jump of the time line (more than a gap back) is followed.
+        stamp, last = steady + self.steady_offset, self.last[i]
+        if last - self.max_gap_ns < stamp <= last:
+            stamp = last + 1
+        self.last[i] = stamp
+        return stamp
