@@ -10,6 +10,7 @@ naming a message type the type store lacks.
 
 from __future__ import annotations
 
+import ast
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -27,29 +28,30 @@ MSG_PATH_FIX = "pass --msg-path <folder of .msg files> holding its definition"
 
 class Rule(NamedTuple):
     """``pattern`` (a regex searched in the message; its named groups fill ``cause`` and ``hint``)
-    and, when given, the exception ``types`` it applies to; ``cause`` may be a function of the
-    match and the paths (a cause found by looking at the file)."""
+    and, when given, the exception ``types`` it applies to. ``cause`` may instead be a function of
+    the match and the paths giving (cause, hint): a cause found by looking at the file."""
 
     pattern: str
-    cause: str | Callable[[re.Match[str], Sequence[Path]], str]
+    cause: str | Callable[[re.Match[str], Sequence[Path]], tuple[str, str]]
     hint: str
     types: tuple[type[BaseException], ...] = ()
 
 
-def _missing_tables(m: re.Match[str], paths: Sequence[Path]) -> str:
+def _missing_tables(m: re.Match[str], paths: Sequence[Path]) -> tuple[str, str]:
     """Why rosbags found no ``topics`` and ``messages`` tables in a .db3: an empty file or database
     (a recording that wrote nothing), or a database of another layout (its tables named)."""
     db = Path(m["file"])
-    if db.is_file() and db.stat().st_size == 0:
-        return "the database file is empty (still being recorded, or copied incompletely?)"
-    tables = _tables(db)
-    if tables is None:
-        return "the file is not an SQLite database rosbags can open"
+    tables = [] if db.is_file() and db.stat().st_size == 0 else _tables(db)
     if not tables:
-        return "the database holds no tables (the recording stopped before writing any, or copied incompletely?)"
-    return (f"the database lacks the 'topics' and 'messages' tables every rosbag2 release writes (it has: "
-            f"{', '.join(tables[:8])}): not a rosbag2 bag, or an unknown (pre-release or foreign) layout; "
-            "rosbags reads every released rosbag2 sqlite3 layout, the oldest included")
+        return ("the database is empty, without tables (still being recorded, or copied incompletely?)"
+                if tables is not None else "the file is not an SQLite database rosbags can open",
+                "wait for the recording to finish, or copy the bag again")
+    # rosbags reads every layout rosbag2 releases wrote, the first (topics without
+    # offered_qos_profiles) included: all have both tables.
+    return (f"the database lacks the 'topics' and 'messages' tables of every rosbag2 release (it has: "
+            f"{', '.join(tables[:8])}): an unknown rosbag2 database layout (pre-release), or not a rosbag2 bag",
+            "re-record it, or convert it with the rosbag2 that wrote it (`ros2 bag convert`) to a current "
+            "layout; `ros2 bag reindex` only rebuilds metadata.yaml and cannot add the tables")
 
 
 def _tables(db: Path) -> list[str] | None:
@@ -61,24 +63,33 @@ def _tables(db: Path) -> list[str] | None:
         return None
 
 
-def _unknown_suffix(m: re.Match[str], paths: Sequence[Path]) -> str:
+def _unknown_suffix(m: re.Match[str], paths: Sequence[Path]) -> tuple[str, str]:
     suffix = m["suffix"]
     if suffix == "'.bag'":
-        return ("a ROS 1 bag (.bag) was given together with ROS 2 bags, and one run reads only one kind; "
-                "convert it (`rosbags-convert --src <file.bag> --dst <folder>`) or train on each kind separately")
+        return ("a ROS 1 bag (.bag) was given together with ROS 2 bags, and one run reads only one kind",
+                "convert it (`rosbags-convert --src <file.bag> --dst <folder>`) or pass each kind separately")
     if suffix == "'.active'":
-        return "a ROS 1 recording that did not finish (.bag.active): `rosbag reindex` it, then rename it to .bag"
-    return (f"unknown file suffix {suffix}: rosbags reads ROS 1 .bag files, .mcap and .db3 files, "
-            "and rosbag2 folders (with metadata.yaml)")
+        return "a ROS 1 recording that did not finish (.bag.active)", "`rosbag reindex` it, then rename it to .bag"
+    return (f"unknown file suffix {suffix}",
+            "rosbags reads ROS 1 .bag files, .mcap and .db3 files, and rosbag2 folders (with metadata.yaml)")
+
+
+def _missing_files(m: re.Match[str], paths: Sequence[Path]) -> tuple[str, str]:
+    try:
+        names = ", ".join(Path(f).name for f in ast.literal_eval(m["files"]))
+    except (ValueError, SyntaxError, TypeError):
+        names = m["files"]
+    return (f"storage files listed in metadata.yaml are missing: {names}",
+            "a split bag needs all its files: copy the missing ones into the folder")
 
 
 def _storage_kind(paths: Sequence[Path]) -> str:
     return "a ROS 1 bag" if any(p.suffix == ".bag" for p in paths) else "an MCAP file"
 
 
-def _bad_magic(m: re.Match[str], paths: Sequence[Path]) -> str:
+def _bad_magic(m: re.Match[str], paths: Sequence[Path]) -> tuple[str, str]:
     return (f"the file does not start as {_storage_kind(paths)} does: not a bag of that format "
-            "(renamed, or overwritten?)")
+            "(renamed, or overwritten?)", "check that this is the bag you meant")
 
 
 _DAMAGED = "truncated or damaged (still being recorded, or copied incompletely?)"
@@ -94,9 +105,7 @@ RULES: tuple[Rule, ...] = (
     Rule(r"Rosbag2 version (?P<version>\d+) not supported",
          "the bag was written by a newer rosbag2 (metadata version {version}) than the installed rosbags reads",
          "upgrade rosbags (`pip install -U rosbags`)"),
-    Rule(r"Some database files are missing: (?P<files>.*)",
-         "storage files listed in metadata.yaml are missing: {files}",
-         "a split bag needs all its files: copy the missing ones into the folder"),
+    Rule(r"Some database files are missing: (?P<files>.*)", _missing_files, ""),
     Rule(r"Could not load YAML|A metadata key is missing|Invalid bag metadata|Could not read metadata",
          "its metadata.yaml is damaged or incomplete",
          "move metadata.yaml aside and rebuild it with `ros2 bag reindex <folder>`"),
@@ -111,9 +120,7 @@ RULES: tuple[Rule, ...] = (
          "record with the default cdr serialization"),
     Rule(r"Unrecognized storage format (?P<suffix>'[^']*')", _unknown_suffix, ""),
     # sqlite3 (.db3)
-    Rule(r"Cannot open database (?P<file>.*) or database missing tables", _missing_tables,
-         "re-record it, or convert it with the rosbag2 that wrote it (`ros2 bag convert`) to a current "
-         "layout; `ros2 bag reindex` only rebuilds metadata.yaml and cannot add the tables"),
+    Rule(r"Cannot open database (?P<file>.*) or database missing tables", _missing_tables, ""),
     Rule(r"database disk image is malformed|file is not a database",
          f"the sqlite3 database is {_DAMAGED}", SQLITE_FIX),
     # mcap
@@ -133,8 +140,8 @@ RULES: tuple[Rule, ...] = (
     # ROS 1
     Rule(r"Bag is not indexed", "the ROS 1 bag has no index (its recording did not finish?)",
          "`rosbag reindex <file.bag>` (ROS 1)"),
-    Rule(r"Bag index looks damaged|Header could not be read|Got only \d+ of requested|Could not read (?:uint|string|time)"
-         r"|Expected to find message data",
+    Rule(r"Bag index looks damaged|Header could not be read|Got only \d+ of requested"
+         r"|Could not read (?:uint|string|time)|Expected to find message data",
          f"the ROS 1 bag is {_DAMAGED}", "`rosbag reindex <file.bag>` (ROS 1) may recover its intact part"),
     Rule(r"Bag version (?P<version>\d+) is not supported",
          "the ROS 1 bag format (version {version}) is unsupported (rosbags reads format 2.0)",
@@ -142,11 +149,12 @@ RULES: tuple[Rule, ...] = (
     Rule(r"Bag encryption (?P<what>'[^']*') is not supported", "the ROS 1 bag is encrypted ({what}), unsupported",
          "decrypt it with `rosbag decrypt`"),
     Rule(r"(?:Compression|CHUNK_INFO version|IDXDATA version) (?P<what>\S+) (?:is )?not supported",
-         "the ROS 1 bag uses an unsupported feature ({what})", "rewrite it with ROS 1's `rosbag compress`/`decompress`"),
+         "the ROS 1 bag uses an unsupported feature ({what})",
+         "rewrite it with ROS 1's `rosbag compress`/`decompress`"),
     # any storage
     Rule(r"seems to be empty", "the file is empty (still being recorded, or copied incompletely?)",
          "wait for the recording to finish, or copy the bag again"),
-    Rule(r"File magic is invalid", _bad_magic, "check that this is the bag you meant"),
+    Rule(r"File magic is invalid", _bad_magic, ""),
     # message types
     Rule(r"Bag contains no type definitions",
          "the bag carries no message definitions and no type store was given", MSG_PATH_FIX),
@@ -189,7 +197,9 @@ def explain(exc: BaseException, paths: Sequence[Path]) -> str:
     rule, m = found
     groups = {k: v for k, v in m.groupdict().items() if v is not None}
     groups.setdefault("type", groups.get("type2", ""))
-    cause = rule.cause(m, paths) if callable(rule.cause) else rule.cause.format_map(groups)
-    hint = rule.hint.format_map(groups)
+    if callable(rule.cause):
+        cause, hint = rule.cause(m, paths)
+    else:
+        cause, hint = rule.cause.format_map(groups), rule.hint.format_map(groups)
     line = f"{names}: cannot read bag ({_short(exc)}): {cause}" + (f"; {hint}" if hint else "")
     return " ".join(line.split())
