@@ -13,6 +13,8 @@ import numpy as np
 from scipy.signal import savgol_filter
 from scipy.spatial.transform import Rotation
 
+from hiss_ros.errors import BagError
+
 DERIVATIONS = ("world_velocity", "body_velocity")
 # Fields read from each pose-carrying type: position xyz, then orientation xyzw.
 POSE_FIELDS = {
@@ -22,11 +24,17 @@ POSE_FIELDS = {
     + tuple(f"pose.pose.orientation.{a}" for a in "xyzw"),
 }
 
+# The twist an Odometry message carries: velocity in its child frame (the body).
+ODOM_BODY_VELOCITY = tuple(f"twist.twist.linear.{a}" for a in "xyz")
+ZERO_NORM = 1e-9  # a quaternion this short has no usable direction
+
 
 def velocity_from_pose(stamps_ns: np.ndarray, pose: np.ndarray, frame: str, window_s: float = 0.05,
                        polyorder: int = 2, where: str = "pose", msgtype: str = "") -> np.ndarray:
     """(n, 3) velocity at ``stamps_ns`` from (n, 7) poses [x, y, z, qx, qy, qz, qw]; ``where``
-    (the topic) and ``msgtype`` name the stream in errors."""
+    (the topic) and ``msgtype`` name the stream in errors. Orientations need not be unit length
+    (they are normalised); zero or non-finite ones are refused (``BagError``) for the body frame."""
+    _check_pose(pose, frame, where, msgtype)
     t = (stamps_ns - stamps_ns[0]) / 1e9
     dt = float(np.median(np.diff(t)))
     grid = np.arange(0.0, t[-1] + dt / 2, dt)
@@ -37,6 +45,30 @@ def velocity_from_pose(stamps_ns: np.ndarray, pose: np.ndarray, frame: str, wind
     if frame == "world_velocity":
         return v
     return Rotation.from_quat(pose[:, 3:7]).inv().apply(v)
+
+
+def _check_pose(pose: np.ndarray, frame: str, where: str, msgtype: str) -> None:
+    """Refuse, in one line, poses the derivation cannot use: non-finite positions, and for the
+    body frame orientations of zero (near-zero) norm or with non-finite values, e.g. odometry
+    whose publisher fills only the twist. Counts them and names the first."""
+    n = len(pose)
+    bad = ~np.isfinite(pose[:, :3]).all(axis=1)
+    if bad.any():
+        raise BagError(f"{where}: {int(bad.sum())} of {n} positions are non-finite (first at sample "
+                       f"{int(np.argmax(bad))}); cannot derive {frame}")
+    if frame != "body_velocity":
+        return
+    norm = np.linalg.norm(pose[:, 3:7], axis=1)
+    bad = ~(np.isfinite(pose[:, 3:7]).all(axis=1) & (norm > ZERO_NORM))
+    if not bad.any():
+        return
+    if msgtype == "nav_msgs/msg/Odometry":
+        fix = ("this Odometry message carries the body velocity itself: instead of derive, use fields "
+               f"[{', '.join(ODOM_BODY_VELOCITY)}] (in the child frame, i.e. the body)")
+    else:
+        fix = "fix the orientations in the recording, or derive world_velocity (which needs no orientation)"
+    raise BagError(f"{where}: {int(bad.sum())} of {n} orientations are zero-norm or non-finite (first at "
+                   f"sample {int(np.argmax(bad))}), so body_velocity cannot be derived; {fix}")
 
 
 def savgol_window(n: int, dt: float, window_s: float, polyorder: int) -> int:
