@@ -156,7 +156,7 @@ def test_msg_path_errors_name_the_folder_or_file(tmp_path):
     with pytest.raises(ConfigError, match="no such folder"):
         typestore([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="no .msg files"):
+    with pytest.raises(ConfigError, match=r"no \.msg files"):
         typestore([tmp_path / "empty"])
     (tmp_path / "bad" / "pkg" / "msg").mkdir(parents=True)
     (tmp_path / "bad" / "pkg" / "msg" / "Broken.msg").write_text("float32[ x\n")

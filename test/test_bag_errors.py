@@ -169,8 +169,8 @@ def test_the_oldest_rosbag2_layout_is_read(tmp_path):
 # --- message definitions ---------------------------------------------------------------------------
 
 def test_connection_without_definition_asks_for_msg_path(tmp_path):
-    """A bag carrying the definition of a custom type but not of the configured one: rosbags then
-    knows only the bag's types."""
+    """A bag carrying some definitions but not all: rosbags then knows only the bag's types; a
+    standard type is completed from Jazzy's, a custom one needs --msg-path."""
     store = get_typestore(Stores.ROS2_JAZZY)
     store.register(get_types_from_msg("float64 value", "my_pkg/msg/Gauge"))
     bag = tmp_path / "b"
@@ -182,7 +182,12 @@ def test_connection_without_definition_asks_for_msg_path(tmp_path):
             w.write(cg, t, store.serialize_cdr(store.types["my_pkg/msg/Gauge"](value=1.0), "my_pkg/msg/Gauge"))
     with sqlite3.connect(storage_file(bag)) as db:
         db.execute("DELETE FROM message_definitions WHERE topic_type = ?", (IMU_TYPE,))
-    refused([bag], f"does not carry the definition of {IMU_TYPE}", "--msg-path <folder of .msg files>")
+    assert read_streams([bag], [IMU], progress=False).streams["/imu"].values.shape == (10, 2)
+    with sqlite3.connect(storage_file(bag)) as db:
+        db.execute("DELETE FROM message_definitions WHERE topic_type = ?", ("my_pkg/msg/Gauge",))
+    refused([bag], "does not define message type(s) my_pkg/msg/Gauge",
+            "--msg-path <folder with my_pkg/msg/Gauge.msg>",
+            specs=[StreamSpec("/gauge", "my_pkg/msg/Gauge", ("value",))])
 
 
 # --- ROS 1 and unknown files -----------------------------------------------------------------------

@@ -4,7 +4,9 @@ names its tasks, with a level a robot's monitoring can act on:
 - ERROR: no model (configure failed) or the model gave non-finite outputs since the last report;
 - WARN: not configured or not active (lifecycle), waiting for data, an input silent for longer
   than ``sensor_timeout_s``, a model with a variance head predicting over 3x its validation error
-  (out of its depth: unseen input, a sensor fault), or the clock input at under half its trained rate;
+  (out of its depth: unseen input, a sensor fault), or an input whose samples come at a rate more
+  than 20 % off the rate measured in its training bags (timed by the samples' own stamps over at
+  least 2 s: a 30 Hz IMU where the model learnt 50 Hz);
 - OK otherwise.
 Values: counters of the serving core and the pipeline, per-input receipts and measured rates,
 the time per estimate and the model step's share of it, device, backend, model.
@@ -24,6 +26,7 @@ from hiss_ros.serving import ServingSpec
 SERVING_COUNTERS = ("estimates", "resets", "nonfinite_output")  # reported on their own, not as "pipeline ..."
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
 OOD_STD_RATIO = 3.0  # predicted std this many times the validation RMSE, over the last 20 estimates: WARN
+RATE_TOLERANCE, RATE_WINDOW_NS = 0.2, 2_000_000_000  # live sample rate vs the trained one, measured over >= 2 s
 
 
 def _ms(seconds: Any, q: float) -> str:
@@ -51,6 +54,28 @@ class Diagnostics:
         mse = spec.validation_mse if spec else None
         self._typical_var = np.asarray(mse) if mse else None
         self._mark = (time.monotonic(), 0, [0] * n, 0)  # time, estimates, received, non-finite outputs
+        # Per input: [first stamp, last stamp, samples] of the samples in stamp order since the last
+        # rate verdict, and that verdict (Hz, None before the first); the rate each is expected at.
+        self.window: list[list[int]] = [[0, 0, 0] for _ in range(n)]
+        self.rates: list[float | None] = [None] * n
+        self.expected = _expected_rates(spec) if spec else []
+        self._gap_ns = int(spec.pipeline.max_gap_s * 1e9) if spec else 0
+
+    def sample(self, i: int, stamp: int) -> None:
+        """Count input ``i``'s sample stamped ``stamp`` toward its live rate: the data's own rate,
+        as training measured it, whatever the delivery (bursts, a replay at another speed)."""
+        w = self.window[i]
+        if stamp > w[1]:
+            if w[2] == 0 or stamp - w[1] > self._gap_ns:  # the first, or after a gap: a new window
+                w[0], w[2] = stamp, 0
+            w[1] = stamp
+            w[2] += 1
+            if w[1] - w[0] >= RATE_WINDOW_NS:
+                self.rates[i] = (w[2] - 1) * 1e9 / (w[1] - w[0])
+                w[2] = 0
+        elif stamp < w[1] - self._gap_ns:  # time went back (a looped bag): start again
+            w[0] = w[1] = stamp
+            w[2] = 1
 
     def confidence(self, variance: np.ndarray) -> None:
         """Record one estimate's predicted variance (O,) (physical units)."""
@@ -81,11 +106,12 @@ class Diagnostics:
                 "step_ms_p50": _ms(est.step_seconds, 50),
                 **({"predicted_std_over_validation_rmse_median": f"{np.median(self.std_ratio):.2f}"}
                    if self.std_ratio else {}),
-                **{key: value for t, sub, n, m, bad, lost in zip(
+                **{key: value for t, sub, n, m, bad, lost, r in zip(
                     topics, node.subscriptions_ or [None] * len(topics), self.received, recv_then, self.unreadable,
-                    self.lost, strict=True)
+                    self.lost, self.rates, strict=True)
                    for key, value in ((f"publishers {t}", sub.get_publisher_count() if sub else 0),
                                       (f"received {t}", n), (f"rate_hz {t}", f"{(n - m) / span:.1f}"),
+                                      (f"sample_rate_hz {t}", "n/a" if r is None else f"{r:.1f}"),
                                       (f"unreadable {t}", bad), (f"lost {t}", lost if lost >= 0 else "n/a"))},
                 **{f"pipeline {k}": v for k, v in counters.items() if k not in SERVING_COUNTERS},
             }
@@ -115,8 +141,18 @@ class Diagnostics:
         if recent > OOD_STD_RATIO:
             return WARN, (f"predicted uncertainty {recent:.1f}x the validation error: "
                           "input unlike the training data (unseen contact, sensor fault?)")
-        span = max(time.monotonic() - self._mark[0], 1e-9)
-        clock_rate, expected = (self.received[0] - self._mark[2][0]) / span, self.spec.pipeline.input_rate_hz
-        if clock_rate < 0.5 * expected:
-            return WARN, f"{self.spec.inputs[0].topic.lstrip('/')} at {clock_rate:.0f} Hz, trained at {expected:g} Hz"
+        for s, live, expected in zip(self.spec.inputs, self.rates, self.expected, strict=True):
+            if live is not None and expected and abs(live / expected - 1) > RATE_TOLERANCE:
+                message = f"{s.topic.lstrip('/')} at {live:.4g} Hz, trained at {expected:.4g} Hz"
+                node.get_logger().warn(f"{message}: the model was trained on another time scale",
+                                       throttle_duration_sec=10.0)
+                return WARN, message
         return OK, f"{est.counters['estimates']} estimates"
+
+
+def _expected_rates(spec: ServingSpec) -> list[float | None]:
+    """Per input, the rate its samples should come at: measured in the training bags, else the
+    stream's declared rate (the clock stream's is the input rate); None: unknown, not checked."""
+    if spec.input_rates_hz:
+        return list(spec.input_rates_hz)
+    return [s.rate_hz or (spec.pipeline.input_rate_hz if i == 0 else None) for i, s in enumerate(spec.inputs)]

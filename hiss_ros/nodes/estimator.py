@@ -248,6 +248,7 @@ class Estimator(LifecycleNode):
         diag.received[i] += 1
         diag.last_receipt[i] = steady
         stamp = self._stamps(i, msg, steady)
+        diag.sample(i, stamp)
         est = self.est
         for chunk in est.pipeline.push(i, stamp, values):
             t0 = time.perf_counter()
