@@ -656,3 +656,90 @@ def test_per_estimate_variance_is_published_and_equals_the_offline_model(tmp_pat
     for t, v in variances.items():
         np.testing.assert_allclose(v, offline[t], rtol=1e-4)
     assert float(d.diagnostics["predicted_std_over_validation_rmse_median"]) > 0
+
+
+def test_any_sensor_type_zero_stamps_and_a_live_rate_unlike_training(tmp_path, monkeypatch):
+    """An input of a type outside the usual few (geometry_msgs/Vector3Stamped, looked up in the
+    installed interface package) whose driver leaves header stamps at zero: trained on receive
+    times, stamped on receipt live (said once). An IMU at half its trained rate: WARN naming both."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from geometry_msgs.msg import Vector3Stamped
+
+    from hiss_ros.data.write import TYPESTORE, imu, wrench, write_bag
+
+    T = TYPESTORE.types
+    recs = []
+    for k in range(200 * 20):
+        t = 1_000_000_000 + k * 5_000_000
+        recs.append(("/imu/data", t, imu(t, (np.sin(k / 40), 0, 0), (np.cos(k / 30), 0, 9.8))))
+        if k % 4 == 0:  # 50 Hz, header stamp never set
+            header = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=0, nanosec=0), frame_id="")
+            vec = T["geometry_msgs/msg/Vector3"](x=float(np.sin(k / 50)), y=1.0, z=0.0)
+            recs.append(("/ext/accel", t + 1_000_000, T["geometry_msgs/msg/Vector3Stamped"](header=header, vector=vec)))
+        if k % 2 == 0:
+            recs.append(("/wrench_gt", t, wrench(t, (np.sin(k / 45), 0, 0), (0, 0, 0))))
+    bag = write_bag(tmp_path / "bag", recs)
+    cfg = yaml.safe_load(config(tmp_path, epochs=1).read_text())
+    cfg["inputs"] = [cfg["inputs"][0], {"topic": "/ext/accel", "type": "geometry_msgs/Vector3Stamped",
+                                        "fields": ["vector.x", "vector.y"], "rate_hz": 50}]
+    cfg["outputs"][0]["fields"] = ["wrench.force.x"]
+    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(tmp_path / "ext.yaml"), "--bag", str(bag), "--out", str(tmp_path / "run"),
+                       "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0
+    model_path = tmp_path / "run" / "model.safetensors"
+    assert load_model(model_path).spec.input_stamps == ("header", "receive")
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    d = Driver(model_path, "-p", "diagnostics_period_s:=0.1")
+    ext = d.node.create_publisher(Vector3Stamped, f"{d.ns}/ext/accel", 1000)
+    try:
+        assert d.spin_until(lambda: d.diagnostics.get("publishers ext/accel") == "1", 30), d.diagnostics
+        t = 2_000_000_000
+        for k in range(600):  # 3 s at the trained 200 Hz
+            t += 5_000_000
+            d.publish(t, (0, 0, 0), (0, 0, 9.8))
+            if k % 4 == 0:
+                ext.publish(Vector3Stamped())  # stamp 0, as the driver sends it
+            if (k + 1) % 10 == 0:
+                assert d.spin_until(lambda k=k: len(d.got) >= (k + 1) // 10 - 2, 20), f"stalled at {len(d.got)}"
+        assert d.spin_until(lambda: d.diagnostics.get("sample_rate_hz imu/data") == "200.0"
+                            and d.status[0] == DiagnosticStatus.OK, 10), (d.status, d.diagnostics)
+        base, warned = len(d.got), None
+        for k in range(1000):  # up to 10 s at 100 Hz: half the trained rate (a chunk of 10 ticks every 5 samples)
+            t += 10_000_000
+            d.publish(t, (0, 0, 0), (0, 0, 9.8))
+            if k % 2 == 0:
+                ext.publish(Vector3Stamped())  # the other input goes on (a silent one would end the episode)
+            if (k + 1) % 10 == 0:
+                assert d.spin_until(lambda k=k: len(d.got) >= base + (k + 1) // 5 - 4, 20), (len(d.got) - base, k)
+                if d.status[1] == "imu/data at 100 Hz, trained at 200 Hz":  # once a 2 s window is all 100 Hz
+                    warned = d.status
+                    break
+        assert warned is not None and k >= 200, (k, d.status)  # a verdict only once 2 s of stamps are seen
+        assert warned[0] == DiagnosticStatus.WARN
+    finally:
+        out = d.close()
+    assert out.count("ext/accel: header stamp is zero") == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+
+
+def test_live_message_classes_come_from_the_installed_interface_packages():
+    """Any type's class is looked up at run time; a missing package or message, or a field the
+    installed definition lacks, is one line naming what to install or fix."""
+    from hiss_ros.errors import HissError
+    from hiss_ros.nodes.common import input_class, message_class
+
+    assert message_class("sensor_msgs/Range").__name__ == "Range"  # the ROS 1 form too
+    assert input_class(StreamSpec("/p", "sensor_msgs/msg/FluidPressure", ("fluid_pressure",))).__name__ == \
+        "FluidPressure"
+    assert input_class(StreamSpec("/j", "sensor_msgs/msg/JointState", ("position[0:7]", "effort[2]")))
+    with pytest.raises(HissError, match=r"interface package 'xela_msgs' is not installed here; install it "
+                                        r"\(apt install ros-jazzy-xela-msgs\) or build it in a workspace"):
+        message_class("xela_msgs/msg/Taxels")
+    with pytest.raises(HissError, match="package 'sensor_msgs' has no message 'Imuu'"):
+        message_class("sensor_msgs/msg/Imuu")
+    with pytest.raises(HissError, match=r"no field 'vector\.w' \(fields at vector: \['x', 'y', 'z'\]\), in the "
+                                        "definition installed here"):
+        input_class(StreamSpec("/v", "geometry_msgs/msg/Vector3Stamped", ("vector.w",)))
+    with pytest.raises(HissError, match="stamp = header, but the installed std_msgs/msg/Float64 has no header"):
+        input_class(StreamSpec("/f", "std_msgs/msg/Float64", ("data",), stamp="header"))
