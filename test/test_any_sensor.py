@@ -258,3 +258,25 @@ def test_ros1_bag_of_a_custom_message_with_ros1_names(tmp_path):
     s = read_streams([path], [StreamSpec("/xela", "xela_msgs/Taxels", ("taxels[0:2]",))], progress=False)
     np.testing.assert_array_equal(s.streams["/xela"].values, np.stack([np.arange(20), -np.arange(20)], 1))
     assert s.report["/xela"].stamp_source == "header"
+
+
+def test_the_readme_custom_sensor_example_runs(tmp_path, capsys):
+    """examples/custom_sensor: its bag writer, then hiss-train with its config (epochs cut short)."""
+    import importlib.util
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_sensor"
+    spec = importlib.util.spec_from_file_location("custom_sensor_write_bag", example / "write_bag.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path / "pad_bag")]) == 0
+    cfg = yaml.safe_load((example / "train.yaml").read_text())
+    cfg["train"].update(epochs=1)
+    cfg["model"] = {"kind": "hiss", "low": {"kind": "s4d", "d_model": 8, "n_layers": 1},
+                    "high": {"kind": "mamba", "d_model": 8, "n_layers": 1}}
+    cfg["msg_paths"] = [str(example)]
+    (tmp_path / "pad.yaml").write_text(yaml.safe_dump(cfg))
+    assert hiss_train(tmp_path, tmp_path / "pad.yaml", tmp_path / "pad_bag") == 0, capsys.readouterr().err
+    served = load_model(tmp_path / "run")
+    assert served.spec.inputs[1].type == "my_tactile_msgs/msg/TactileArray"
+    assert served.spec.input_stamps == ("header", "receive") and served.spec.pipeline.input_dims == (6, 9)
