@@ -97,13 +97,27 @@ class ServingSpec:
         with np.errstate(over="ignore"):  # an overflow is an inf: serving refuses it as non-finite
             return np.exp(log_var.astype(np.float64)) * self.normalization.output_std ** 2 * scale
 
+    def expected_rates_hz(self) -> list[float | None]:
+        """Per input, the rate its samples should come at: measured in the training bags, else the
+        stream's declared ``rate_hz`` (the clock stream's default is the input rate); None:
+        unknown (a checkpoint of an older trainer), not checked."""
+        if self.input_rates_hz:
+            return list(self.input_rates_hz)
+        return [s.rate_hz or (self.pipeline.input_rate_hz if i == 0 else None) for i, s in enumerate(self.inputs)]
+
     def same_streams(self, other: ServingSpec) -> bool:
         """Whether ``other`` reads and writes the same streams in the same way (hot reload)."""
-        return (self.inputs, self.outputs, self.pipeline) == (other.inputs, other.outputs, other.pipeline)
+        def read(specs: tuple[StreamSpec, ...]) -> list[dict[str, Any]]:  # rate_hz is checked, not read
+            return [{k: v for k, v in s.to_dict().items() if k != "rate_hz"} for s in specs]
+
+        stamps = None not in (self.input_stamps, other.input_stamps) and self.input_stamps != other.input_stamps
+        return not stamps and (read(self.inputs), read(self.outputs), self.pipeline) == (
+            read(other.inputs), read(other.outputs), other.pipeline)
 
     def describe(self) -> str:
+        stamps = f", stamped by {list(self.input_stamps)}" if self.input_stamps else ""
         return (f"inputs {[s.to_dict() for s in self.inputs]}, outputs {[s.to_dict() for s in self.outputs]} "
-                f"at {self.pipeline}")
+                f"at {self.pipeline}{stamps}")
 
     # --- stored form: the checkpoint's ``data`` and ``normalization`` metadata ---------------
 

@@ -223,9 +223,17 @@ def test_a_rate_mismatch_is_one_line_naming_both_rates_or_a_warning_when_allowed
     assert f"set input_rate_hz: {recorded_hz}" in err[0] and "--allow-rate-mismatch" in err[0]
     with caplog.at_level(logging.WARNING):
         assert hiss_train(tmp_path, tmp_path / "imu.yaml", bag, "--allow-rate-mismatch") == 0
-    assert "training anyway (allow_rate_mismatch)" in caplog.text
-    # the checkpoint records the measured rate: the node compares it with the live one
+    assert "going on anyway (allow_rate_mismatch)" in caplog.text
+    # the checkpoint records the measured rate: the node compares it with the live one, hiss-eval with the bag's
     assert load_model(tmp_path / "run").spec.input_rates_hz[0] == pytest.approx(recorded_hz, rel=1e-3)
+    slower = [(t, s, m) for k, (t, s, m) in enumerate(r for r in recs if r[0] == "/imu/data") if k % 2 == 0]
+    slower += [r for r in recs if r[0] != "/imu/data"]
+    other = write_bag(tmp_path / "slower", sorted(slower, key=lambda r: r[1]))
+    assert eval_main(["--model", str(tmp_path / "run"), "--bag", str(other), "--out", str(tmp_path / "ev"),
+                      "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"/imu/data is recorded at {recorded_hz / 2:g} Hz, but the model was trained at " \
+        f"{recorded_hz} Hz" in err[0], err
 
 
 def test_mcap_file_without_metadata_and_ros1_style_names(tmp_path):
@@ -280,3 +288,33 @@ def test_the_readme_custom_sensor_example_runs(tmp_path, capsys):
     served = load_model(tmp_path / "run")
     assert served.spec.inputs[1].type == "my_tactile_msgs/msg/TactileArray"
     assert served.spec.input_stamps == ("header", "receive") and served.spec.pipeline.input_dims == (6, 9)
+
+
+def test_a_later_message_that_does_not_fit_the_fields_is_named(tmp_path):
+    from hiss_ros.data.write import float_array
+
+    recs = [("/a", (k + 1) * MS, float_array(np.arange(4 if k < 10 else 2))) for k in range(20)]
+    bag = write_bag(tmp_path / "b", recs)
+    with pytest.raises(BagError, match=r"/a: message 10 does not fit fields \['data\[3\]'\] as the first one did"):
+        read_streams([bag], [StreamSpec("/a", "std_msgs/msg/Float32MultiArray", ("data[3]",))], progress=False)
+
+
+def test_msg_paths_in_a_config_take_one_folder_or_a_list(tmp_path):
+    from hiss_ros.train.config import TrainConfig
+
+    path = train_config(tmp_path, msg_paths="msgs")
+    assert TrainConfig.load(path).msg_paths == (str(tmp_path / "msgs"),)
+    with pytest.raises(ConfigError, match="msg_paths = 5: expected a folder or a list"):
+        TrainConfig.load(train_config(tmp_path, msg_paths=5))
+
+
+def test_hot_reload_compares_what_is_read_not_declared_rates():
+    from dataclasses import replace
+
+    from hiss_ros.serving import load_model
+
+    spec = load_model("contact").spec
+    declared = replace(spec, inputs=(spec.inputs[0], replace(spec.inputs[1], rate_hz=100.0)))
+    assert spec.same_streams(declared)
+    assert not replace(spec, input_stamps=("header", "receive")).same_streams(
+        replace(spec, input_stamps=("header", "header")))

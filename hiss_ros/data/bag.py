@@ -41,7 +41,7 @@ from hiss_ros.data.streams import (
     value_reader,
     verdict,
 )
-from hiss_ros.data.types import complete, typestore
+from hiss_ros.data.types import complete, msg_files, typestore
 from hiss_ros.errors import BagError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ def _cache_key(paths: Sequence[Path], specs: Sequence[StreamSpec], msg_paths: Se
         st = p.stat() if p.is_file() else None
         files = [p] if st else sorted(q for q in p.rglob("*") if q.is_file())
         parts += [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    parts += [s.to_dict() for s in specs]
+    parts += [{k: v for k, v in s.to_dict().items() if k != "rate_hz"} for s in specs]  # rate_hz: checked, not read
+    for folder in msg_paths:  # an edited definition decodes the same bytes otherwise
+        parts += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in msg_files(Path(folder)).values()]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
@@ -140,7 +142,11 @@ def read_streams(
                     check_fields(spec, msg)
                     readers[spec.topic] = value_reader(spec, msg)
                     r.has_header = header_stamp_ns(msg) is not None
-                row = readers[spec.topic](msg)
+                try:
+                    row = readers[spec.topic](msg)
+                except (AttributeError, TypeError, ValueError, LookupError) as exc:
+                    raise BagError(f"{spec.topic}: message {len(r.values)} does not fit fields {list(spec.fields)} "
+                                   f"as the first one did ({type(exc).__name__}: {exc})") from None
                 if r.values and row.shape != r.values[0].shape:
                     raise BagError(f"{spec.topic}: message {len(r.values)} has {row.size} values, "
                                    f"earlier ones {r.values[0].size}")

@@ -58,7 +58,7 @@ class Diagnostics:
         # rate verdict, and that verdict (Hz, None before the first); the rate each is expected at.
         self.window: list[list[int]] = [[0, 0, 0] for _ in range(n)]
         self.rates: list[float | None] = [None] * n
-        self.expected = _expected_rates(spec) if spec else []
+        self.expected = spec.expected_rates_hz() if spec else []
         self._gap_ns = int(spec.pipeline.max_gap_s * 1e9) if spec else 0
 
     def sample(self, i: int, stamp: int) -> None:
@@ -149,10 +149,3 @@ class Diagnostics:
                 return WARN, message
         return OK, f"{est.counters['estimates']} estimates"
 
-
-def _expected_rates(spec: ServingSpec) -> list[float | None]:
-    """Per input, the rate its samples should come at: measured in the training bags, else the
-    stream's declared rate (the clock stream's is the input rate); None: unknown, not checked."""
-    if spec.input_rates_hz:
-        return list(spec.input_rates_hz)
-    return [s.rate_hz or (spec.pipeline.input_rate_hz if i == 0 else None) for i, s in enumerate(spec.inputs)]

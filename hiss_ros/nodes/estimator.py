@@ -191,6 +191,7 @@ class Estimator(LifecycleNode):
             return str(exc) or type(exc).__name__
         new.counters.update(self.est.counters)
         self.est, self.messages = new, messages
+        self.diagnostics.expected = new.spec.expected_rates_hz()
         gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it
         freeze_heap()
         if self.p["step_backend"] == "compile":
@@ -239,7 +240,7 @@ class Estimator(LifecycleNode):
             if self._readers[i] is None:
                 self._readers[i] = value_reader(spec, msg)
             values = self._readers[i](msg)
-        except (AttributeError, TypeError, ValueError) as exc:  # a message the checkpoint's fields do not fit
+        except (AttributeError, TypeError, ValueError, LookupError) as exc:  # a message the fields do not fit
             diag.unreadable[i] += 1
             self.get_logger().warn(f"{self._topic(spec)}: cannot read {list(spec.fields)} ({exc}); sample dropped",
                                    throttle_duration_sec=5.0)

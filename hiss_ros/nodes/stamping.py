@@ -1,8 +1,9 @@
 """The estimator's sample times: each input stamped by its header or on receipt, as it was in training.
 
-Per input, the stream's ``stamp`` setting decides; ``auto`` decides on the first message: its
-header where it has one whose stamp is set, else the receipt (a driver that leaves stamps at zero
-is said once, not dropped as duplicates). Receipt stamps are put on the clock stream's time line
+Per input, the stream's ``stamp`` setting decides; ``auto`` stamps as training did (the checkpoint
+records it), or, for a checkpoint that does not say, by the header where the message has one; in
+either case a header stamp of zero on the first message means the receipt (a driver that leaves
+stamps at zero is said once, not dropped as duplicates). Receipt stamps are put on the clock stream's time line
 when the clock stream is header-stamped (its stamp minus the steady clock, so their spacing is
 true whatever the /clock rate), else they are the node's clock (sim time honoured).
 Imports without ROS: the node passes its clock and logger in.
@@ -29,6 +30,8 @@ class Stamps:
         """Decide input ``i``'s stamp source from its first message; True: the header."""
         spec = self.inputs[i]
         use = uses_header(spec, msg)
+        if use and spec.stamp == "auto" and self.trained and self.trained[i] == "receive":
+            use = False  # trained on receive times (its header stamps were unusable there): the same here
         topic = spec.topic.lstrip("/")
         if spec.stamp == "auto" and not use and header_stamp_ns(msg) is not None:
             self.warn(f"{topic}: header stamp is zero (a driver that does not set it?): stamping on receipt")

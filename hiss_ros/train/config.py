@@ -73,6 +73,17 @@ class TrainSettings:
             raise ConfigError(f"train.weight_decay = {self.weight_decay!r}: expected a number >= 0")
 
 
+def _folders(value: Any) -> tuple[str, ...]:
+    """``msg_paths`` as given in a config: a folder or a list of them."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"msg_paths = {value!r}: expected a folder or a list of folders of .msg files")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     inputs: tuple[StreamSpec, ...]
@@ -131,7 +142,7 @@ class TrainConfig:
             filter=FilterConfig(**filt) if isinstance(filt, dict) else filt,
             rate_tolerance=data.get("rate_tolerance", 0.1),
             allow_rate_mismatch=data.get("allow_rate_mismatch", False),
-            msg_paths=tuple(data.get("msg_paths") or ()),
+            msg_paths=_folders(data.get("msg_paths")),
         )
 
     @classmethod
@@ -146,8 +157,8 @@ class TrainConfig:
     def load(cls, path: str | Path) -> TrainConfig:
         """The config at ``path``; its msg_paths are relative to the file's folder."""
         data = read_yaml(path)
-        if isinstance(data, dict) and isinstance(data.get("msg_paths"), list):
-            data["msg_paths"] = [str(Path(path).parent / m) if isinstance(m, str) else m for m in data["msg_paths"]]
+        if isinstance(data, dict) and data.get("msg_paths"):
+            data["msg_paths"] = [str(Path(path).parent / m) for m in _folders(data["msg_paths"])]
         return cls.from_dict(data, source=str(path))
 
     def pipeline_config(self, input_dims: tuple[int, ...]) -> PipelineConfig:

@@ -91,8 +91,12 @@ class Rates:
     the wrong time scale and trained silently, so a mismatch beyond ``rate_tolerance`` is refused
     (ConfigError naming both rates), or with ``allow_rate_mismatch`` a warning."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, expected: Sequence[float | None] | None = None) -> None:
+        """``expected``: per input, the rate to check against (None: not checked), instead of the
+        config's (hiss-eval: the rates a checkpoint was trained at)."""
+        self.cfg, self.trained = cfg, expected is not None
+        self.expected = list(expected) if expected is not None else [
+            s.rate_hz or cfg.input_rate_hz for s in cfg.inputs]
         self.intervals, self.seconds = [0.0] * len(cfg.inputs), [0.0] * len(cfg.inputs)
 
     def check(self, bag: str | Path, streams: dict) -> None:
@@ -104,18 +108,24 @@ class Rates:
             rate, seconds = measured
             self.intervals[i] += rate * seconds
             self.seconds[i] += seconds
-            expected = spec.rate_hz or cfg.input_rate_hz
-            if abs(rate / expected - 1) <= cfg.rate_tolerance:
+            expected = self.expected[i]
+            if expected is None or abs(rate / expected - 1) <= cfg.rate_tolerance:
                 continue
-            whose = f"its rate_hz: {spec.rate_hz:g}" if spec.rate_hz else f"input_rate_hz: {cfg.input_rate_hz:g}"
-            fix = (f"set input_rate_hz: {rate:.4g} (the input clock)" if i == 0 and not spec.rate_hz else
-                   f"set rate_hz: {rate:.4g} on the stream")
-            what = (f"{bag}: {spec.topic} is recorded at {rate:.4g} Hz, but the config expects {expected:g} Hz "
-                    f"({whose}), more than {cfg.rate_tolerance:.0%} apart")
+            if self.trained:
+                what = (f"{bag}: {spec.topic} is recorded at {rate:.4g} Hz, but the model was trained at "
+                        f"{expected:.4g} Hz")
+                fix = "evaluate it on recordings at its rate"
+            else:
+                whose = f"its rate_hz: {spec.rate_hz:g}" if spec.rate_hz else f"input_rate_hz: {cfg.input_rate_hz:g}"
+                what = (f"{bag}: {spec.topic} is recorded at {rate:.4g} Hz, but the config expects {expected:g} Hz "
+                        f"({whose})")
+                fix = (f"set input_rate_hz: {rate:.4g} (the input clock)" if i == 0 and not spec.rate_hz
+                       else f"set rate_hz: {rate:.4g} on the stream")
+            what += f", more than {cfg.rate_tolerance:.0%} apart"
             if cfg.allow_rate_mismatch:
-                log.warning("%s; training anyway (allow_rate_mismatch): the model learns the wrong time scale", what)
+                log.warning("%s; going on anyway (allow_rate_mismatch): the time scale is not the one expected", what)
                 continue
-            raise ConfigError(f"{what}: {fix}, or allow_rate_mismatch: true (--allow-rate-mismatch) to train anyway")
+            raise ConfigError(f"{what}: {fix}, or allow_rate_mismatch: true (--allow-rate-mismatch) to go on anyway")
 
     @property
     def rates_hz(self) -> tuple[float, ...] | None:
@@ -125,14 +135,16 @@ class Rates:
 
 
 def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
-                     progress: bool = True, val_fraction: float | None = None) -> Segments:
+                     progress: bool = True, val_fraction: float | None = None,
+                     expected_rates: Sequence[float | None] | None = None) -> Segments:
     """Each bag is its own time line (its own pipeline run); all their segments are pooled.
-    ``val_fraction`` (default ``cfg.train.val_fraction``) of each segment's end validates; 0: none."""
+    ``val_fraction`` (default ``cfg.train.val_fraction``) of each segment's end validates; 0: none.
+    ``expected_rates``: see ``Rates``."""
     frac = cfg.train.val_fraction if val_fraction is None else val_fraction
     train, val = Split(), Split()
     dims: tuple[int, ...] | None = None
     skipped, chunk, counters = 0, 0, {}
-    rates, stamps = Rates(cfg), None
+    rates, stamps = Rates(cfg, expected_rates), None
     for bag in bags:
         data = read_streams([bag], [*cfg.inputs, *cfg.outputs], cache_dir=cache_dir, progress=progress,
                             msg_paths=cfg.msg_paths)

@@ -54,7 +54,7 @@ def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_
     served = load_model(model_path)  # the serving spec: the node's normalisation, streams and pipeline
     cfg = TrainConfig.from_checkpoint(served.data, config_to_dict(served.model.config))
     cfg = replace(cfg, msg_paths=tuple(map(str, msg_paths)), allow_rate_mismatch=allow_rate_mismatch)
-    seg = collect_segments(cfg, bags, cache_dir, progress)
+    seg = collect_segments(cfg, bags, cache_dir, progress, expected_rates=served.spec.expected_rates_hz())
     raw = seg.val if split == "val" else whole_segments(seg)
     if not raw.y:
         raise HissError(f"nothing to evaluate in {', '.join(map(str, bags))} (no segment long enough)")

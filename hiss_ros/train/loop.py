@@ -161,7 +161,11 @@ def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, con
 def _fingerprint(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one: the whole config (as JSON values)
     and the model as built for the data."""
-    return json.loads(json.dumps({**asdict(cfg), "model": model_config(cfg, ds)}, default=str))
+    whole = {**asdict(cfg), "model": model_config(cfg, ds),
+             "inputs": [s.to_dict() for s in cfg.inputs], "outputs": [s.to_dict() for s in cfg.outputs]}
+    for key in ("msg_paths", "allow_rate_mismatch", "rate_tolerance"):  # how the bags are read and checked, not what
+        del whole[key]
+    return json.loads(json.dumps(whole, default=str))
 
 
 def _changes(was: Any, now: Any, key: str = "") -> list[str]:
