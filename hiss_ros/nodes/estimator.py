@@ -21,10 +21,9 @@ from typing import Any
 
 import rclpy
 import torch
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
@@ -35,6 +34,7 @@ from hiss_ros.models import STEP_BACKENDS
 from hiss_ros.nodes.common import freeze_heap, input_class, message_class, running, spin
 from hiss_ros.nodes.diagnostics import Diagnostics
 from hiss_ros.nodes.messages import TWIST, TWIST_COV, WRENCH, EstimateMessages
+from hiss_ros.nodes.reload import ModelSwap
 from hiss_ros.nodes.stamping import Stamps
 from hiss_ros.serving import StreamingEstimator, resolve_device
 
@@ -48,7 +48,7 @@ PARAMETERS: dict[str, Any] = {
 OK, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
 
-class Estimator(LifecycleNode):
+class Estimator(ModelSwap, LifecycleNode):
     def __init__(self) -> None:
         super().__init__("hiss_estimator")
         for name, default in PARAMETERS.items():  # a descriptor each: rclpy fills in name and type
@@ -168,61 +168,6 @@ class Estimator(LifecycleNode):
             return self.p["world_frame_id"]
         own = {WRENCH: "wrench_frame_id", TWIST: "twist_frame_id", TWIST_COV: "twist_frame_id"}.get(msg_type)
         return (own and self.p[own]) or self.p["frame_id"]
-
-    def _on_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        """Hot reload: a new model_path is loaded, checked and warmed up, then swapped in; one that
-        fails, or expects other streams, is refused and the old model keeps running."""
-        for p in (p for p in params if p.name == "model_path"):
-            refused = self._reload(p.value) if self.est is not None else None
-            if refused is not None:
-                return SetParametersResult(successful=False, reason=f"model_path refused: {refused}")
-            self.p["model_path"] = p.value  # also what the next configure loads
-        return SetParametersResult(successful=True)
-
-    def _reload(self, path: str) -> str | None:
-        """Swap in the model at ``path``; why not, when it cannot be (the old one keeps running)."""
-        try:
-            new = self._load(path)
-            if not new.spec.same_streams(self.est.spec):
-                raise HissError(f"{path} expects {new.spec.describe()}; the running model has "
-                                f"{self.est.spec.describe()} (restart the node to change streams)")
-            messages = self._messages(new)
-        except Exception as exc:  # any failure of a new model must leave the old one running
-            return str(exc) or type(exc).__name__
-        new.counters.update(self.est.counters)
-        self.est, self.messages = new, messages
-        self.diagnostics.expected = new.spec.expected_rates_hz()
-        gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it
-        freeze_heap()
-        if self.p["step_backend"] == "compile":
-            self._compile_in_background(new)
-        self.reloads += 1
-        self.get_logger().info(f"model swapped in: {path}")
-        return None
-
-    def _compile(self, est: StreamingEstimator) -> str:
-        status = est.compile()
-        if status.startswith("in use"):
-            self.get_logger().info(f"compiled step {status}")
-            return "in use"
-        self.get_logger().error(f"step_backend:=compile {status}; the eager step stays")
-        return status
-
-    def _compile_in_background(self, est: StreamingEstimator) -> None:
-        """After a hot reload the new model estimates eagerly while a thread compiles it (the
-        compiler holds the GIL for up to ~0.5 s at a time: estimates are late meanwhile)."""
-        with self._compile_lock:
-            self.compile_status = "compiling"
-
-        def work() -> None:
-            status = self._compile(est)
-            with self._compile_lock:
-                if est is self.est:  # not swapped out by another reload meanwhile
-                    self.compile_status = status
-            gc.unfreeze()  # what the compiler left, and a model swapped out meanwhile, go now, once
-            freeze_heap()
-
-        threading.Thread(target=work, name="hiss_compile", daemon=True).start()
 
     def _on_reset(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         if self.est is None:
