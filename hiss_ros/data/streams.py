@@ -256,16 +256,23 @@ def unusable_header_stamps(stamps_ns: np.ndarray) -> str | None:
     return None
 
 
-def measured_rate_hz(stamps_ns: np.ndarray, max_gap_s: float) -> tuple[float, float] | None:
+def measured_rate_hz(stamps_ns: np.ndarray, max_gap_s: float, min_samples: int = 10) -> tuple[float, float] | None:
     """(samples per second, seconds measured) over the stream's stretches without a gap longer
     than ``max_gap_s``: intervals counted over their total length, which bursty delivery (receive
-    stamps) does not bias; None with fewer than two samples in a stretch."""
+    stamps) does not bias. Stretches of fewer than ``min_samples`` samples are left out (a stream
+    that only comes in short bursts would otherwise measure its in-burst spacing); None when no
+    stretch is long enough."""
     d = np.diff(np.asarray(stamps_ns, dtype=np.int64))
-    d = d[(d > 0) & (d <= max_gap_s * 1e9)]
-    if not len(d):
+    breaks = np.flatnonzero((d <= 0) | (d > max_gap_s * 1e9))
+    edges = np.concatenate([[-1], breaks, [len(d)]])  # stretch k: intervals edges[k]+1 .. edges[k+1]-1
+    count, total = 0, 0
+    for lo, hi in zip(edges[:-1] + 1, edges[1:], strict=True):
+        if hi - lo + 1 >= min_samples:
+            count += hi - lo
+            total += int(d[lo:hi].sum())
+    if not count:
         return None
-    seconds = float(d.sum()) / 1e9
-    return len(d) / seconds, seconds
+    return count * 1e9 / total, total / 1e9
 
 
 def verdict(last_ns: int | None, stamp_ns: int, values: np.ndarray) -> str | None:

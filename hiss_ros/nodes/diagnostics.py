@@ -42,8 +42,9 @@ class Diagnostics:
         self.publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         node.create_timer(node.p["diagnostics_period_s"], self.report)
 
-    def track(self, spec: ServingSpec | None) -> None:
-        """Start counting the inputs of ``spec`` (None: no model)."""
+    def track(self, spec: ServingSpec | None, max_gap_s: float | None = None) -> None:
+        """Start counting the inputs of ``spec`` (None: no model); ``max_gap_s``: the node's gap
+        limit when it overrides the trained one."""
         n = len(spec.inputs) if spec else 0
         self.spec = spec
         self.received, self.unreadable, self.last_receipt = [0] * n, [0] * n, [0] * n
@@ -59,7 +60,7 @@ class Diagnostics:
         self.window: list[list[int]] = [[0, 0, 0] for _ in range(n)]
         self.rates: list[float | None] = [None] * n
         self.expected = spec.expected_rates_hz() if spec else []
-        self._gap_ns = int(spec.pipeline.max_gap_s * 1e9) if spec else 0
+        self._gap_ns = int((max_gap_s or (spec.pipeline.max_gap_s if spec else 0)) * 1e9)
 
     def sample(self, i: int, stamp: int) -> None:
         """Count input ``i``'s sample stamped ``stamp`` toward its live rate: the data's own rate,

@@ -94,7 +94,7 @@ class Estimator(ModelSwap, LifecycleNode):
         self.markers = (self.create_lifecycle_publisher(MarkerArray, "~/markers", 10)
                         if self.p["publish_markers"] else None)
         self._inputs = est.spec.inputs
-        self.diagnostics.track(est.spec)
+        self.diagnostics.track(est.spec, est.pipeline.config.max_gap_s)
         self.get_logger().info(
             f"estimating {self.messages.topics} from {[self._topic(s) for s in self._inputs]} on {self.device}, "
             f"chunk {est.pipeline.config.chunk} at {est.pipeline.config.input_rate_hz} Hz")

@@ -48,6 +48,8 @@ class ModelSwap:
         new.counters.update(self.est.counters)
         self.est, self.messages = new, messages
         self.diagnostics.expected = new.spec.expected_rates_hz()
+        if getattr(self, "_stamps", None) is not None and new.spec.input_stamps:  # known now, if not before
+            self._stamps.trained = new.spec.input_stamps
         gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it
         freeze_heap()
         if self.p["step_backend"] == "compile":
