@@ -107,8 +107,8 @@ class ServingSpec:
 
     def same_streams(self, other: ServingSpec) -> bool:
         """Whether ``other`` reads and writes the same streams in the same way (hot reload)."""
-        def read(specs: tuple[StreamSpec, ...]) -> list[dict[str, Any]]:  # rate_hz is checked, not read
-            return [{k: v for k, v in s.to_dict().items() if k != "rate_hz"} for s in specs]
+        def read(specs: tuple[StreamSpec, ...]) -> list[dict[str, Any]]:
+            return [s.as_read() for s in specs]
 
         stamps = None not in (self.input_stamps, other.input_stamps) and self.input_stamps != other.input_stamps
         return not stamps and (read(self.inputs), read(self.outputs), self.pipeline) == (

@@ -77,7 +77,7 @@ def _cache_key(paths: Sequence[Path], specs: Sequence[StreamSpec], msg_paths: Se
         st = p.stat() if p.is_file() else None
         files = [p] if st else sorted(q for q in p.rglob("*") if q.is_file())
         parts += [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    parts += [{k: v for k, v in s.to_dict().items() if k != "rate_hz"} for s in specs]  # rate_hz: checked, not read
+    parts += [s.as_read() for s in specs]
     for folder in msg_paths:  # an edited definition decodes the same bytes otherwise
         parts += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in msg_files(Path(folder)).values()]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
@@ -192,10 +192,8 @@ class _Raw:
 def _stamp_source(spec: StreamSpec, raw: _Raw) -> str:
     """``header`` or ``receive`` for this stream: its ``stamp`` setting, with ``auto`` falling back
     to the receive time (said once) where the header stamps are zero or repeat."""
+    spec.require_header(raw.has_header)
     if not raw.has_header:
-        if spec.stamp == "header":
-            raise ConfigError(f"stream {spec.topic!r}: stamp = header, but {spec.type} has no header; "
-                              "use stamp: receive (or auto)")
         return "receive"
     if spec.stamp != "auto":
         return spec.stamp

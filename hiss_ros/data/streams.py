@@ -79,7 +79,7 @@ def _public_fields(msg: Any) -> list[str]:
     return [n.lstrip("_") for n in names if not n.startswith("__")]
 
 
-def _resolve(msg: Any, steps: tuple[_Step, ...], path: str = "") -> Any:
+def _resolve(msg: Any, steps: tuple[_Step, ...]) -> Any:
     obj = msg
     for step in steps:
         obj = getattr(obj, step.name)
@@ -167,6 +167,17 @@ class StreamSpec:
             out["rate_hz"] = self.rate_hz
         return out
 
+    def as_read(self) -> dict[str, Any]:
+        """``to_dict`` without what is checked but not read (``rate_hz``): what decides the data
+        (the bag cache's key, whether a hot-reloaded model reads the same streams)."""
+        return {k: v for k, v in self.to_dict().items() if k != "rate_hz"}
+
+    def require_header(self, has_header: bool) -> None:
+        """ConfigError when ``stamp: header`` is asked of a type without a header."""
+        if self.stamp == "header" and not has_header:
+            raise ConfigError(f"stream {self.topic!r}: stamp = header, but {self.type} has no header; "
+                              "use stamp: receive (or auto)")
+
 
 def check_fields(spec: StreamSpec, msg: Any, values: bool = True) -> None:
     """Raise naming the first field path that the message does not have or, with ``values``,
@@ -234,9 +245,7 @@ def uses_header(spec: StreamSpec, msg: Any) -> bool:
     """Whether ``spec``'s samples are stamped with ``msg``'s header (live ``auto``: a header whose
     stamp is set), rather than on receipt. ConfigError for ``stamp: header`` without a header."""
     stamp = header_stamp_ns(msg)
-    if spec.stamp == "header" and stamp is None:
-        raise ConfigError(f"stream {spec.topic!r}: stamp = header, but {spec.type} has no header; "
-                          "use stamp: receive (or auto)")
+    spec.require_header(stamp is not None)
     return spec.stamp != "receive" and stamp is not None and (spec.stamp == "header" or stamp != 0)
 
 
