@@ -11,6 +11,7 @@ from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import ConfigError
 from hiss_ros.pipeline import FilterConfig, Normalization, PipelineConfig
 from hiss_ros.serving import ServingSpec
+from hiss_ros.train.augment import vector_offsets
 
 LOSSES = ("mse", "nll")  # train.loss: MSE of the mean, or Gaussian NLL through the variance head
 
@@ -37,6 +38,9 @@ class TrainSettings:
     loss: str = "mse"
     nll_warmup_epochs: int = 0
     nll_beta: float = 0.0
+    # Each training window turned by a random rotation of up to this many degrees, inputs and
+    # targets alike (hiss_ros.train.augment: every channel must be part of a 3-vector); 0: off.
+    augment_rotation_deg: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -71,6 +75,9 @@ class TrainSettings:
             raise ConfigError(f"train.lr = {self.lr!r}: expected a positive number")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay = {self.weight_decay!r}: expected a number >= 0")
+        if not 0 <= self.augment_rotation_deg <= 180:
+            raise ConfigError(f"train.augment_rotation_deg = {self.augment_rotation_deg!r}: expected degrees "
+                              "in [0, 180] (0: off)")
 
 
 def _folders(value: Any) -> tuple[str, ...]:
@@ -108,6 +115,9 @@ class TrainConfig:
             raise ConfigError(f"allow_rate_mismatch = {self.allow_rate_mismatch!r}: expected true or false")
         if isinstance(self.msg_paths, str) or not all(isinstance(m, str) for m in self.msg_paths):
             raise ConfigError(f"msg_paths = {self.msg_paths!r}: expected a list of folders")
+        if self.train.augment_rotation_deg:  # every channel part of a 3-vector, no world-frame target
+            vector_offsets(self.inputs, "input")
+            vector_offsets(self.outputs, "output")
         if self.train.loss == "nll" and self.model.get("variance") is not True:
             raise ConfigError("train.loss = 'nll' needs the variance head: set model.variance: true "
                               f"(model.variance is {self.model.get('variance', False)!r})")

@@ -41,6 +41,7 @@ from hiss_ros.cli_common import MARKER, strict_json
 from hiss_ros.errors import CheckpointError, ConfigError
 from hiss_ros.models import ChunkedModel, build_model
 from hiss_ros.serving import save_model
+from hiss_ros.train.augment import RotationAugment
 from hiss_ros.train.calibration import calibration_metrics, variance_scale
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import Dataset, Split, delta_std, windows
@@ -224,7 +225,8 @@ class Plan:
 
 
 def fit_epoch(net: torch.nn.Module, model: ChunkedModel, opt: torch.optim.Optimizer, xw: torch.Tensor,
-              yw: torch.Tensor, s: Any, plan: Plan, epoch: int, device: str) -> float:
+              yw: torch.Tensor, s: Any, plan: Plan, epoch: int, device: str,
+              augment: RotationAugment | None = None) -> float:
     """One epoch of optimiser steps over the training windows x (W, seq*chunk, C), y (W, seq, O);
     returns the mean training loss per target element over every rank. Under torchrun each rank
     takes its share of every batch, and the loss is normalised by the global batch, so N processes
@@ -240,8 +242,11 @@ def fit_epoch(net: torch.nn.Module, model: ChunkedModel, opt: torch.optim.Optimi
             g["lr"] = s.lr * plan.lr_factor(epoch * plan.steps_per_epoch + i)
         batch = order[i * s.batch_size:(i + 1) * s.batch_size]
         idx = batch[rank::world]  # this rank's share
-        y = yw[idx, s.burn_in_chunks:].to(device)  # (b, seq - burn_in, O)
-        pred = net(xw[idx].to(device))[:, s.burn_in_chunks:]
+        x, y = xw[idx], yw[idx]
+        if augment is not None:  # drawn for the whole batch on every rank: N processes step as one
+            x, y = augment(x, y, augment.draw(len(batch))[rank::world])
+        y = y[:, s.burn_in_chunks:].to(device)  # (b, seq - burn_in, O)
+        pred = net(x.to(device))[:, s.burn_in_chunks:]
         summed = batch_loss(model, pred, y, nll, s.nll_beta)
         loss = summed * world / (len(batch) * y[0].numel())  # DDP averages over ranks -> global mean
         opt.zero_grad(set_to_none=True)
@@ -352,8 +357,10 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         (out / METRICS_FILE).unlink(missing_ok=True)  # a run in progress is not finished: no metrics.json
     reporters = _reporters(out, meta, plan, progress, on_epoch) if lead else []
     t_start = time.perf_counter() - meta["seconds"]  # seconds count across resumes
+    augment = (RotationAugment(cfg.inputs, cfg.outputs, ds.normalization, s.augment_rotation_deg)
+               if s.augment_rotation_deg else None)
     for epoch in range(meta["epoch"], plan.epochs):
-        train_loss = fit_epoch(net, model, opt, xw, yw, s, plan, epoch, device)
+        train_loss = fit_epoch(net, model, opt, xw, yw, s, plan, epoch, device, augment)
         val, _ = evaluate(model, ds.val, device)
         if val < meta["best_val"]:
             meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
