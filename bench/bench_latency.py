@@ -142,6 +142,73 @@ def publish(model: Path, seconds: float, clock_rate: float, other_rate: float, o
     return 0
 
 
+def floor_subscriber(model: Path) -> int:
+    """The rclpy floor: the node's input subscriptions (same QoS depth, events executor) with
+    callbacks that only count. Says MATCHED once every input has a publisher, then spins until
+    the publisher has been gone for 2 s, and prints what it received."""
+    import rclpy
+    from rclpy.experimental import EventsExecutor
+    from rclpy.qos import QoSProfile, qos_profile_sensor_data
+
+    from hiss_ros.nodes.common import freeze_heap, message_class
+
+    cfg, _ = checkpoint_streams(model)
+    rclpy.init()
+    node = rclpy.create_node("bench_floor")
+    sensor = qos_profile_sensor_data
+    qos = QoSProfile(depth=1000, reliability=sensor.reliability, durability=sensor.durability, history=sensor.history)
+    counts = [0] * len(cfg.inputs)
+
+    def counter(i: int) -> Any:
+        def count(_msg: Any) -> None:
+            counts[i] += 1
+        return count
+
+    subs = [node.create_subscription(message_class(s.type), f"{NS}{s.topic}", counter(i), qos)
+            for i, s in enumerate(cfg.inputs)]
+    executor = EventsExecutor()
+    executor.add_node(node)
+    freeze_heap()
+    said = False
+    while True:
+        executor.spin_once(timeout_sec=0.05)
+        matched = all(sub.get_publisher_count() > 0 for sub in subs)
+        if matched and not said:
+            print("MATCHED", flush=True)
+            said = True
+        if said and not matched:  # the publisher is gone: the run is over
+            break
+    print("RECEIVED", *counts, flush=True)
+    return 0
+
+
+def run_floor(model: Path, seconds: float, clock_rate: float, other_rate: float, work: Path) -> tuple[float, int, int]:
+    """CPU % of one core of ``floor_subscriber`` under the same publisher; (cpu, received, published)."""
+    floor = subprocess.Popen([sys.executable, __file__, "--floor", "--model", str(model)], stdout=subprocess.PIPE,
+                             text=True)
+    pub = subprocess.Popen(
+        [sys.executable, __file__, "--publish", "--model", str(model), "--seconds", str(seconds),
+         "--clock-rate", str(clock_rate), "--other-rate", str(other_rate), "--log", str(work / "published.npy")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if floor.stdout.readline().strip() != "MATCHED" or pub.stdout.readline().strip() != "READY":
+            raise SystemExit("floor subscriber: the publisher and the subscriber did not match")
+        pub.stdin.write("GO\n")
+        pub.stdin.flush()
+        pub.stdout.readline()  # START
+        cpu0, t0 = cpu_seconds(floor.pid), time.monotonic()
+        if pub.wait() != 0:
+            raise SystemExit(f"publisher failed: {pub.stdout.read()}")
+        cpu1, t1 = cpu_seconds(floor.pid), time.monotonic()
+        received = sum(int(v) for v in floor.stdout.readline().split()[1:])
+        floor.wait(timeout=30)
+    finally:
+        for proc in (pub, floor):
+            if proc.poll() is None:
+                proc.kill()
+    return 100 * (cpu1 - cpu0) / (t1 - t0), received, len(np.load(work / "published.npy"))
+
+
 # --- one run: node under test + publisher + receiver -----------------------------------------
 
 
@@ -338,7 +405,8 @@ def rows(runs: list[Run]) -> list[list[str]]:
              f"{r.dropped_inputs} of {sum(r.published.values())}"] for r in runs]
 
 
-def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str) -> str:
+def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
+           floor: tuple[float, int, int] | None = None) -> str:
     cfg, dims = checkpoint_streams(model)
     s = runs[0]
     p99 = percentile(list(s.latencies_ms), 99)
@@ -368,6 +436,12 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str) ->
         + markdown_table(HEADERS, rows(runs)) + "\n"
         + "Streaming node: " + "; ".join(verdicts) + ".\n"
     )
+    if floor is not None:
+        per_s = args.clock_rate + args.other_rate * (len(cfg.inputs) - 1)  # input messages a second
+        body += (f"\nThe rclpy floor, the same subscriptions with callbacks that only count (events executor, one "
+                 f"process, same publisher): CPU {floor[0]:.1f} % of one core ({floor[1]} of {floor[2]} messages "
+                 f"received). The streaming node's own work beyond it: {s.cpu_pct - floor[0]:.1f} % of one core, "
+                 f"{1e4 * (s.cpu_pct - floor[0]) / per_s:.0f} us per input message (its model steps included).\n")
     by_name = {r.node: r for r in runs}
     c, d, n = (by_name.get(name) for name in list(NODES)[1:])
     for peer in (r for r in runs if r.node.endswith("(peer)")):
@@ -403,9 +477,12 @@ def main() -> int:
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     ap.add_argument("--publish", action="store_true", help=argparse.SUPPRESS)  # internal: the sensor process
     ap.add_argument("--log", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)  # internal: the rclpy floor subscriber
     args = ap.parse_args()
     if args.publish:  # in the domain its parent gave it
         return publish(args.model, args.seconds, args.clock_rate, args.other_rate, args.log)
+    if args.floor:
+        return floor_subscriber(args.model)
     os.environ.update(ENV)  # this process's receiver and the child processes share one domain
     if not args.model.is_file():
         raise SystemExit(f"{args.model}: no such checkpoint (train one, or give --model)")
@@ -429,8 +506,14 @@ def main() -> int:
             if args.peer_rev:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", peer], capture_output=True)
     print(text_table(HEADERS, rows(runs)))
+    floor = None
+    if not args.quick and runs[0].node == STREAMING:
+        with tempfile.TemporaryDirectory() as work:
+            print(f"rclpy floor: {args.seconds:g} s ...", flush=True)
+            floor = run_floor(args.model, args.seconds, args.clock_rate, args.other_rate, Path(work))
+        print(f"rclpy floor: CPU {floor[0]:.1f} % ({floor[1]} of {floor[2]} messages received)")
     if not args.quick:
-        write_section(args.doc, SECTION, report(runs, args.model, args, load))
+        write_section(args.doc, SECTION, report(runs, args.model, args, load, floor))
     return 0
 
 
