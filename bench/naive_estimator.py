@@ -32,7 +32,7 @@ class WindowEstimator(StreamingEstimator):
         self.window.append(torch.from_numpy(chunk.x)[None])
         with torch.inference_mode():
             y = self.model(torch.cat(tuple(self.window), dim=1))[0, -1]  # (W,)
-        return self.to_estimate(chunk.stamp_ns, y)
+        return self.to_estimate(chunk.stamp_ns, y, chunk.x)
 
 
 class NaiveEstimator(Estimator):

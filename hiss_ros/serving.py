@@ -38,6 +38,7 @@ from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import CheckpointError, ConfigError, HissError
 from hiss_ros.models import ChunkedModel
 from hiss_ros.pipeline import Chunk, FilterConfig, Normalization, Pipeline, PipelineConfig
+from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.shipped import shipped_model
 
 
@@ -57,6 +58,9 @@ class ServingSpec:
     # the rate (Hz); None: not recorded (a checkpoint of an older trainer).
     input_stamps: tuple[str, ...] | None = None
     input_rates_hz: tuple[float, ...] | None = None
+    # Statistics of the training chunks: each estimate's novelty score, and with its ``inflate``
+    # the variance raised on novel input (hiss_ros.pipeline.novelty); None: an older trainer's.
+    novelty: Novelty | None = None
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.pipeline.input_dims):
@@ -84,18 +88,23 @@ class ServingSpec:
         rates = self.input_rates_hz
         if rates is not None and (len(rates) != n or not all(math.isfinite(r) and r > 0 for r in rates)):
             raise ConfigError(f"serving spec: input_rates_hz = {list(rates)}: expected {n} positive rates")
+        if self.novelty is not None and self.novelty.channels != self.pipeline.channels:
+            raise ConfigError(f"serving spec: novelty statistics of {self.novelty.channels} input channels, "
+                              f"the pipeline has {self.pipeline.channels}")
 
     @property
     def output_channels(self) -> list[str]:
         """``topic:channel`` per output channel, in model order."""
         return [f"{s.topic}:{c}" for s in self.outputs for c in s.channel_names]
 
-    def physical_variance(self, log_var: np.ndarray) -> np.ndarray:
-        """The variance head's output (..., O), a log-variance in normalised units -> float64
-        variance in physical units squared, calibrated by ``variance_scale``."""
+    def physical_variance(self, log_var: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The variance head's output (..., O), a log-variance in normalised units, for the chunks
+        x (..., chunk, C) it was predicted from -> float64 variance in physical units squared,
+        calibrated by ``variance_scale`` and raised on novel input (``novelty.inflate``)."""
         scale = np.asarray(self.variance_scale or 1.0)
         with np.errstate(over="ignore"):  # an overflow is an inf: serving refuses it as non-finite
-            return np.exp(log_var.astype(np.float64)) * self.normalization.output_std ** 2 * scale
+            variance = np.exp(log_var.astype(np.float64)) * self.normalization.output_std ** 2 * scale
+        return variance if self.novelty is None else variance * self.novelty.inflation(x)[..., None]
 
     def expected_rates_hz(self) -> list[float | None]:
         """Per input, the rate its samples should come at: measured in the training bags, else the
@@ -131,6 +140,7 @@ class ServingSpec:
             **({"variance_scale": list(self.variance_scale)} if self.variance_scale else {}),
             **({"input_stamps": list(self.input_stamps)} if self.input_stamps else {}),
             **({"input_rates_hz": list(self.input_rates_hz)} if self.input_rates_hz else {}),
+            **({"novelty": self.novelty.to_dict()} if self.novelty else {}),
         }
 
     @classmethod
@@ -160,6 +170,7 @@ class ServingSpec:
                                   or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rates)):
             raise ConfigError(f"data spec: input_rates_hz = {rates!r}: expected a list of numbers")
         dims = data["input_dims"]
+        novelty = data.get("novelty")
         return cls(
             tuple(StreamSpec.from_dict(s) for s in data["inputs"]),
             tuple(StreamSpec.from_dict(s) for s in data["outputs"]),
@@ -171,6 +182,7 @@ class ServingSpec:
             None if scale is None else tuple(float(v) for v in scale),
             None if stamps is None else tuple(stamps),
             None if rates is None else tuple(float(v) for v in rates),
+            None if novelty is None else Novelty.from_dict(novelty),
         )
 
 
@@ -226,8 +238,11 @@ class Estimate(NamedTuple):
     stamp_ns: int  # the time of the chunk's last input sample
     values: np.ndarray  # (O,) float64, physical units, in ``spec.output_channels`` order
     # (O,) float64, the variance of each value in physical units squared (calibrated: see
-    # ``ServingSpec.variance_scale``); None for a model without the variance head.
+    # ``ServingSpec.variance_scale``, raised on novel input); None for a model without the variance head.
     variance: np.ndarray | None = None
+    # How unlike the training chunks its input chunk is (1: typical; hiss_ros.pipeline.novelty);
+    # None for a checkpoint without the statistics.
+    novelty: float | None = None
 
 
 class StreamingEstimator:
@@ -311,17 +326,18 @@ class StreamingEstimator:
         with torch.inference_mode():
             y, self.state = self.model.step_chunk(x, self.state)
         self.step_seconds.append(time.perf_counter() - began)
-        return self.to_estimate(chunk.stamp_ns, y[0])
+        return self.to_estimate(chunk.stamp_ns, y[0], chunk.x)
 
-    def to_estimate(self, stamp_ns: int, y: torch.Tensor) -> Estimate | None:
-        """One model output y (W,) -> the estimate in physical units; None (counted, the state
-        reset) if its mean or variance is not finite."""
+    def to_estimate(self, stamp_ns: int, y: torch.Tensor, x: np.ndarray) -> Estimate | None:
+        """One model output y (W,) for the chunk x (chunk, C) -> the estimate in physical units;
+        None (counted, the state reset) if its mean or variance is not finite."""
         mean, log_var = self.model.split_output(y)  # (O,) each, log_var None without the variance head
         values = self.spec.normalization.physical(mean.cpu().numpy())
-        variance = None if log_var is None else self.spec.physical_variance(log_var.cpu().numpy())
+        variance = None if log_var is None else self.spec.physical_variance(log_var.cpu().numpy(), x)
+        novelty = None if self.spec.novelty is None else float(self.spec.novelty.score(x))
         if not np.isfinite(values).all() or (variance is not None and not np.isfinite(variance).all()):
             self.counters["nonfinite_output"] += 1
             self.reset()
             return None
         self.counters["estimates"] += 1
-        return Estimate(stamp_ns, values, variance)
+        return Estimate(stamp_ns, values, variance, novelty)

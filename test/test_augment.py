@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import CHUNK
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.errors import ConfigError
@@ -14,7 +18,7 @@ from hiss_ros.pipeline import Normalization
 from hiss_ros.train.augment import RotationAugment, random_rotations
 from hiss_ros.train.config import TrainConfig, TrainSettings
 from hiss_ros.train.dataset import Dataset, Split
-from hiss_ros.train.loop import train
+from hiss_ros.train.loop import STATE_FILE, train
 
 SEQ = 8
 
@@ -121,3 +125,21 @@ def test_resume_with_another_angle_is_refused(tmp_path):
     train(imu_config(augment_rotation_deg=30.0), ds, tmp_path, progress=False)
     with pytest.raises(ConfigError, match="augment_rotation_deg"):
         train(imu_config(augment_rotation_deg=60.0), ds, tmp_path, resume=True, progress=False)
+
+
+def test_a_run_from_before_a_setting_existed_resumes(tmp_path):
+    """A train state written before augment_rotation_deg / novelty_inflation existed trained with
+    their defaults: --resume with the defaults continues it (another value is still refused)."""
+    ds = imu_dataset()
+    train(imu_config(epochs=1), ds, tmp_path, progress=False)
+    with safe_open(str(tmp_path / STATE_FILE), framework="pt") as f:
+        meta = json.loads(f.metadata()["train_state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("augment_rotation_deg", "novelty_inflation"):
+        del meta["config"]["train"][key]
+    meta["config"]["train"]["epochs"] = 2
+    save_file(tensors, str(tmp_path / STATE_FILE), metadata={"train_state": json.dumps(meta)})
+    result = train(imu_config(epochs=2), ds, tmp_path, resume=True, progress=False)
+    assert result.epochs_run == 2
+    with pytest.raises(ConfigError, match=r"train\.augment_rotation_deg: 0\.0 -> 10\.0"):
+        train(imu_config(epochs=3, augment_rotation_deg=10.0), ds, tmp_path, resume=True, progress=False)

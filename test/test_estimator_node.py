@@ -613,8 +613,9 @@ def test_the_params_file_applies_under_a_namespace(imu_model, monkeypatch, tmp_p
 
 def test_per_estimate_variance_is_published_and_equals_the_offline_model(tmp_path, monkeypatch):
     """A model with the variance head: each wrench estimate comes with its predicted variance on
-    ~/wrench_variance (same stamp), equal to the offline forward pass's to 1e-4, and /diagnostics
-    reports the predicted std against the validation error."""
+    ~/wrench_variance (same stamp), equal to the offline forward pass's to 1e-4 (the novelty
+    inflation included), and /diagnostics reports the predicted std against the validation error;
+    a frozen IMU then raises the variance and /diagnostics warns."""
     bag = contact_bag(tmp_path / "bag", seconds=20.0)
     cfg = yaml.safe_load(config(tmp_path, epochs=2, loss="nll", nll_beta=1.0).read_text())
     cfg["inputs"] = cfg["inputs"][:1]  # the IMU: header stamps only, so live stamps equal the bag's
@@ -629,8 +630,9 @@ def test_per_estimate_variance_is_published_and_equals_the_offline_model(tmp_pat
         [(streams[s.topic].stamps_ns, streams[s.topic].values) for s in served.spec.inputs])
     with torch.no_grad():
         _, log_var = served.model.split_output(served.model(torch.from_numpy(ep.x.reshape(1, -1, ep.x.shape[-1])))[0])
-    offline = dict(zip(ep.stamps_ns.tolist(), served.spec.physical_variance(log_var.numpy()), strict=True))
+    offline = dict(zip(ep.stamps_ns.tolist(), served.spec.physical_variance(log_var.numpy(), ep.x), strict=True))
 
+    from diagnostic_msgs.msg import DiagnosticStatus
     from geometry_msgs.msg import WrenchStamped
 
     for k, v in ROS_ENV.items():
@@ -649,13 +651,27 @@ def test_per_estimate_variance_is_published_and_equals_the_offline_model(tmp_pat
                 assert d.spin_until(lambda n=n: len(variances) >= (n + 1) // 10 - 1, 20), f"stalled at {n}"
         assert d.spin_until(lambda: len(variances) >= 35 and len(d.got) >= 35
                             and "predicted_std_over_validation_rmse_median" in d.diagnostics, 30), d.diagnostics
+        normal, status = dict(variances), d.status
+        # An injected sensor fault: the IMU frozen at its last reading. The variance rises and
+        # /diagnostics warns that the input is unlike the training data.
+        for n in range(400, 800):
+            d.publish(stamps[n], gyro[399], accel[399])
+            if (n + 1) % 10 == 0:
+                assert d.spin_until(lambda n=n: len(variances) >= (n + 1) // 10 - 1, 20), f"stalled at {n}"
+        assert d.spin_until(lambda: "unlike the training data" in d.status[1], 30), (d.status, d.diagnostics)
     finally:
         out = d.close()
     assert "Traceback" not in out, out[-3000:]
-    assert set(variances) == set(d.got) and set(variances) <= set(offline)
-    for t, v in variances.items():
+    assert set(normal) <= set(d.got) and set(normal) <= set(offline)
+    for t, v in normal.items():
         np.testing.assert_allclose(v, offline[t], rtol=1e-4)
+    assert status[0] == DiagnosticStatus.OK, status
     assert float(d.diagnostics["predicted_std_over_validation_rmse_median"]) > 0
+    frozen = [v for t, v in variances.items() if t > stamps[420]]  # chunks wholly of frozen samples
+    assert len(frozen) >= 30
+    typical = np.median(list(normal.values()))
+    assert np.median(frozen) > 5 * typical, (np.median(frozen), typical)
+    assert float(d.diagnostics["input_novelty_median"]) > float(d.diagnostics["input_novelty_warn_level"])
 
 
 def test_any_sensor_type_zero_stamps_and_a_live_rate_unlike_training(tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ def test_nll_learns_larger_variance_where_the_noise_is_larger_and_covers_held_ou
     out, _, test = trained
     served = load_model(out)
     mean, log_var = predict_gaussian(served.model, test)
-    variance = served.spec.physical_variance(log_var)  # (K, O), identity normalisation: calibrated units
+    variance = served.spec.physical_variance(log_var, np.concatenate(test.x))  # (K, O), identity normalisation
     noisy = np.concatenate([x[:, -1, 1] for x in test.x]) > 0.5  # (K,)
     ratio = variance[noisy].mean() / variance[~noisy].mean()
     assert ratio > 10, f"variance noisy / quiet = {ratio:.2f}; the truth is {(NOISY / QUIET) ** 2:.0f}"
@@ -87,7 +87,7 @@ def test_post_hoc_scale_makes_mean_z2_one_on_validation(trained):
     served = load_model(out)
     assert served.spec.variance_scale is not None and len(served.spec.variance_scale) == 3
     mean, log_var = predict_gaussian(served.model, ds.val)
-    z2 = (mean - np.concatenate(ds.val.y)) ** 2 / served.spec.physical_variance(log_var)
+    z2 = (mean - np.concatenate(ds.val.y)) ** 2 / served.spec.physical_variance(log_var, np.concatenate(ds.val.x))
     np.testing.assert_allclose(z2.mean(0), 1.0, rtol=1e-4)
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["variance_scale"].values()) == pytest.approx(list(served.spec.variance_scale))
@@ -150,13 +150,13 @@ def test_a_model_without_the_head_serves_no_variance_and_a_non_finite_variance_i
     plain = build_model({**MODEL, "variance": False, "input_dim": 9, "output_dim": 3, "chunk": CHUNK})
     save_model(tmp_path / "plain.safetensors", plain, spec())
     est = StreamingEstimator.from_checkpoint(tmp_path / "plain.safetensors")
-    y = torch.zeros(3)
-    assert est.to_estimate(5, y).variance is None
+    x = np.zeros((CHUNK, 9), np.float32)
+    assert est.to_estimate(5, torch.zeros(3), x).variance is None
     save_model(tmp_path / "v.safetensors", build_model({**MODEL, "input_dim": 9, "output_dim": 3, "chunk": CHUNK}),
                spec())
     est = StreamingEstimator.from_checkpoint(tmp_path / "v.safetensors")
-    assert est.to_estimate(5, torch.zeros(6)).variance == pytest.approx([4.0, 0.25, 9.0])  # exp(0) * std^2
-    assert est.to_estimate(5, torch.tensor([0.0, 0, 0, 0, float("nan"), 0])) is None
+    assert est.to_estimate(5, torch.zeros(6), x).variance == pytest.approx([4.0, 0.25, 9.0])  # exp(0) * std^2
+    assert est.to_estimate(5, torch.tensor([0.0, 0, 0, 0, float("nan"), 0]), x) is None
     assert est.counters["nonfinite_output"] == 1 and est.counters["estimates"] == 1
 
 
@@ -180,6 +180,9 @@ def test_hiss_eval_writes_calibration_metrics_and_plot(tmp_path):
     assert (tmp_path / "ev" / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()[0]
     assert header.endswith(f"std {channels[-1]}")
+    novelty = ev["novelty"]  # the training bag itself: typical input
+    assert novelty["variance_inflation"] is True and 0.3 < novelty["median"] < 3
+    assert novelty["warn_level"] > 1 and novelty["fraction_above_warn_level"] < 0.05
 
 
 @pytest.mark.parametrize("edit, message", [

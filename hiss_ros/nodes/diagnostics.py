@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-from hiss_ros.serving import ServingSpec
+from hiss_ros.serving import Estimate, ServingSpec
 
 SERVING_COUNTERS = ("estimates", "resets", "nonfinite_output")  # reported on their own, not as "pipeline ..."
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
@@ -52,6 +52,8 @@ class Diagnostics:
         # Predicted std over the validation RMSE, averaged over channels, per estimate (variance head):
         # about 1 on data like the validation data, far above it out of the model's depth.
         self.std_ratio: deque[float] = deque(maxlen=200)
+        self.novelty: deque[float] = deque(maxlen=200)  # per estimate (hiss_ros.pipeline.novelty), 1: typical
+        self._novelty_warn = spec.novelty.warn if spec and spec.novelty else None
         mse = spec.validation_mse if spec else None
         self._typical_var = np.asarray(mse) if mse else None
         self._mark = (time.monotonic(), 0, [0] * n, 0)  # time, estimates, received, non-finite outputs
@@ -78,10 +80,12 @@ class Diagnostics:
             w[0] = w[1] = stamp
             w[2] = 1
 
-    def confidence(self, variance: np.ndarray) -> None:
-        """Record one estimate's predicted variance (O,) (physical units)."""
-        if self._typical_var is not None:
-            self.std_ratio.append(float(np.sqrt(variance / self._typical_var).mean()))
+    def observe(self, estimate: Estimate) -> None:
+        """Record one estimate's novelty and predicted variance (physical units), where it has them."""
+        if estimate.novelty is not None:
+            self.novelty.append(estimate.novelty)
+        if estimate.variance is not None and self._typical_var is not None:
+            self.std_ratio.append(float(np.sqrt(estimate.variance / self._typical_var).mean()))
 
     def report(self) -> None:
         node, est = self.node, self.node.est
@@ -107,6 +111,8 @@ class Diagnostics:
                 "step_ms_p50": _ms(est.step_seconds, 50),
                 **({"predicted_std_over_validation_rmse_median": f"{np.median(self.std_ratio):.2f}"}
                    if self.std_ratio else {}),
+                **({"input_novelty_median": f"{np.median(self.novelty):.2f}",
+                    "input_novelty_warn_level": f"{self._novelty_warn:.2f}"} if self.novelty else {}),
                 **{key: value for t, sub, n, m, bad, lost, r in zip(
                     topics, node.subscriptions_ or [None] * len(topics), self.received, recv_then, self.unreadable,
                     self.lost, self.rates, strict=True)
@@ -142,6 +148,10 @@ class Diagnostics:
         if recent > OOD_STD_RATIO:
             return WARN, (f"predicted uncertainty {recent:.1f}x the validation error: "
                           "input unlike the training data (unseen contact, sensor fault?)")
+        novel = np.median(list(self.novelty)[-20:]) if len(self.novelty) >= 20 else 0.0
+        if self._novelty_warn is not None and novel > self._novelty_warn:
+            return WARN, (f"input novelty {novel:.1f} (typical training input 1, 99.9 % of it below "
+                          f"{self._novelty_warn:.1f}): input unlike the training data (sensor fault, unseen motion?)")
         for s, live, expected in zip(self.spec.inputs, self.rates, self.expected, strict=True):
             if live is not None and expected and abs(live / expected - 1) > RATE_TOLERANCE:
                 message = f"{s.topic.lstrip('/')} at {live:.4g} Hz, trained at {expected:.4g} Hz"

@@ -201,8 +201,7 @@ class Estimator(ModelSwap, LifecycleNode):
             estimate = est.estimate(chunk)
             if estimate is not None:
                 stamp_msg = self.messages.publish(estimate.values, estimate.stamp_ns, estimate.variance)
-                if estimate.variance is not None:
-                    self.diagnostics.confidence(estimate.variance)
+                self.diagnostics.observe(estimate)
                 if self.markers is not None:
                     self.markers.publish(self.messages.arrows(estimate.values, stamp_msg))
             self.latencies.append(time.perf_counter() - t0)

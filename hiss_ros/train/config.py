@@ -10,6 +10,7 @@ from hiss_ros.configfile import read_yaml, reject_unknown
 from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import ConfigError
 from hiss_ros.pipeline import FilterConfig, Normalization, PipelineConfig
+from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.serving import ServingSpec
 from hiss_ros.train.augment import vector_offsets
 
@@ -41,6 +42,9 @@ class TrainSettings:
     # Each training window turned by a random rotation of up to this many degrees, inputs and
     # targets alike (hiss_ros.train.augment: every channel must be part of a 3-vector); 0: off.
     augment_rotation_deg: float = 0.0
+    # A model with the variance head: its variance raised on input unlike the training chunks
+    # (hiss_ros.pipeline.novelty), calibrated with it; false: the head's variance alone.
+    novelty_inflation: bool = True
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -159,7 +163,7 @@ class TrainConfig:
     def from_checkpoint(cls, data: dict[str, Any], model: dict[str, Any]) -> TrainConfig:
         """The config a checkpoint was trained with, from its data spec and model config."""
         # input_dims are the data's, validation the trained model's: neither is part of the config
-        measured = ("input_dims", "validation", "variance_scale", "input_stamps", "input_rates_hz")
+        measured = ("input_dims", "validation", "variance_scale", "input_stamps", "input_rates_hz", "novelty")
         spec = {k: v for k, v in data.items() if k not in measured}
         return cls.from_dict({**spec, "model": model}, source="checkpoint data spec")
 
@@ -177,12 +181,13 @@ class TrainConfig:
     def serving_spec(self, input_dims: tuple[int, ...], normalization: Normalization,
                      validation_mse: list[float] | None = None,
                      variance_scale: list[float] | None = None, input_stamps: tuple[str, ...] | None = None,
-                     input_rates_hz: tuple[float, ...] | None = None) -> ServingSpec:
-        """What the live node needs besides the model: streams, rates, gap limit, filter, normalisation
-        (and, once fitted, the validation error and the variance head's calibration)."""
+                     input_rates_hz: tuple[float, ...] | None = None, novelty: Novelty | None = None) -> ServingSpec:
+        """What the live node needs besides the model: streams, rates, gap limit, filter, normalisation,
+        novelty statistics (and, once fitted, the validation error and the variance head's calibration)."""
         return ServingSpec(self.inputs, self.outputs, self.pipeline_config(input_dims), normalization,
                            None if validation_mse is None else tuple(validation_mse),
-                           None if variance_scale is None else tuple(variance_scale), input_stamps, input_rates_hz)
+                           None if variance_scale is None else tuple(variance_scale), input_stamps, input_rates_hz,
+                           novelty)
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """Stored beside the serving spec: the settings, so hiss-eval can rebuild the same validation split."""

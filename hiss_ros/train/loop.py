@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,11 @@ from hiss_ros.checkpoint import atomic_write, load_checkpoint
 from hiss_ros.cli_common import MARKER, strict_json
 from hiss_ros.errors import CheckpointError, ConfigError
 from hiss_ros.models import ChunkedModel, build_model
+from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.serving import save_model
 from hiss_ros.train.augment import RotationAugment
 from hiss_ros.train.calibration import calibration_metrics, variance_scale
-from hiss_ros.train.config import TrainConfig
+from hiss_ros.train.config import TrainConfig, TrainSettings
 from hiss_ros.train.dataset import Dataset, Split, delta_std, windows
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,10 @@ def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, con
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot resume from it ({exc}); delete it to start afresh") from None
-    changed = _changes(meta.get("config", config), config)
+    was = meta.get("config", config)
+    # settings added since that run started: it trained with their defaults
+    was = {**was, "train": {**{f.name: f.default for f in fields(TrainSettings)}, **(was.get("train") or {})}}
+    changed = _changes(was, config)
     if changed:
         raise ConfigError(f"--resume: {path.parent} was trained with another config ({'; '.join(changed[:4])}); "
                           "resume with the run's config, or train the new one into another --out")
@@ -359,6 +363,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
     t_start = time.perf_counter() - meta["seconds"]  # seconds count across resumes
     augment = (RotationAugment(cfg.inputs, cfg.outputs, ds.normalization, s.augment_rotation_deg)
                if s.augment_rotation_deg else None)
+    novelty = Novelty.fit(ds.train.x, inflate=s.novelty_inflation and model.config.variance)
     for epoch in range(meta["epoch"], plan.epochs):
         train_loss = fit_epoch(net, model, opt, xw, yw, s, plan, epoch, device, augment)
         val, _ = evaluate(model, ds.val, device)
@@ -366,7 +371,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
             meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
             if lead:
                 spec = cfg.serving_spec(ds.input_dims, ds.normalization, input_stamps=ds.input_stamps,
-                                        input_rates_hz=ds.input_rates_hz)
+                                        input_rates_hz=ds.input_rates_hz, novelty=novelty)
                 save_model(out / MODEL_FILE, model, spec, cfg.checkpoint_extra())
         else:
             meta["bad_epochs"] += 1
@@ -384,7 +389,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         report.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0's files are complete before anyone reads them
-    return _finish(out, cfg, ds, meta, time.perf_counter() - t_start, write=lead)
+    return _finish(out, cfg, ds, meta, time.perf_counter() - t_start, write=lead, novelty=novelty)
 
 
 def _resumable_state(out: Path, model: ChunkedModel, opt: torch.optim.Optimizer, config: dict[str, Any],
@@ -400,25 +405,31 @@ def _resumable_state(out: Path, model: ChunkedModel, opt: torch.optim.Optimizer,
     return meta
 
 
-def calibrate(model: ChunkedModel, split: Split, channels: list[str]) -> tuple[list[float], dict[str, Any]]:
+def calibrate(model: ChunkedModel, split: Split, channels: list[str],
+              novelty: Novelty | None = None) -> tuple[list[float], dict[str, Any]]:
     """The variance head's per-channel scale that makes mean(z^2) = 1 on ``split`` (normalised
-    data), and the calibration metrics of the scaled variance there."""
+    data), with the variance raised on novel input as served (``novelty``), and the calibration
+    metrics of the scaled variance there."""
     mean, log_var = predict_gaussian(model, split)
     if log_var is None:
         raise ValueError("calibrate: the model has no variance head (model.variance false)")
-    error, variance = mean - np.concatenate(split.y), np.exp(log_var.astype(np.float64))  # (K, O) each
+    variance = np.exp(log_var.astype(np.float64))  # (K, O)
+    if novelty is not None:
+        variance = variance * novelty.inflation(np.concatenate(split.x))[:, None]
+    error = mean - np.concatenate(split.y)
     scale = variance_scale(error, variance)
     return scale.tolist(), calibration_metrics(error, variance * scale, channels)
 
 
-def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seconds: float, write: bool) -> Result:
+def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seconds: float, write: bool,
+            novelty: Novelty) -> Result:
     best = load_checkpoint(out / MODEL_FILE).model
     val, per_channel = evaluate(best, ds.val)
     physical = (per_channel * ds.normalization.output_std ** 2).tolist()
     result = Result(meta["best_epoch"], val, physical, meta["epoch"], seconds)
     names = [f"{s.topic}:{f}" for s in cfg.outputs for f in s.channel_names]
     labels = names if len(names) == len(physical) else [str(i) for i in range(len(physical))]
-    scale, calibration = calibrate(best, ds.val, labels) if best.config.variance else (None, None)
+    scale, calibration = calibrate(best, ds.val, labels, novelty) if best.config.variance else (None, None)
     metrics = {
         "val_mse": val, "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"],
         "val_mse_per_channel": dict(zip(names, physical, strict=True)) if len(names) == len(physical) else physical,
@@ -431,7 +442,8 @@ def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seco
     if write:
         blob = strict_json(metrics, str(out / METRICS_FILE))
         # The validation error travels with the model: the node's velocity covariance.
-        spec = cfg.serving_spec(ds.input_dims, ds.normalization, physical, scale, ds.input_stamps, ds.input_rates_hz)
+        spec = cfg.serving_spec(ds.input_dims, ds.normalization, physical, scale, ds.input_stamps, ds.input_rates_hz,
+                                novelty)
         save_model(out / MODEL_FILE, best, spec, cfg.checkpoint_extra())
         atomic_write(out / METRICS_FILE, blob)  # last: its presence says the run finished
     return result
