@@ -16,6 +16,8 @@ import yaml
 from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.synthetic import contact_bag
 from hiss_ros.train.cli import main
+from hiss_ros.train.compare import tune_candidates
+from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.evaluate import main as eval_main
 
 
@@ -224,3 +226,34 @@ def test_compare_over_two_seeds_reports_spread_and_the_paired_difference(tmp_pat
     assert f"| hiss | {hiss['val_mse']:.4f} +- {hiss['val_mse_std']:.4f} |" in md and expected in md
     assert main(["--config", str(config(tmp_path)), "--bag", str(bag), "--out", str(out), "--compare", "hiss",
                  "--seeds", "0,0"]) == 2
+
+
+def test_tune_gives_every_model_the_same_candidates_and_trains_the_best(tmp_path, bag):
+    """--tune 3: the same three (lr, weight decay) settings per model (the config's first), each
+    trained with the first seed; the lowest validation MSE is taken, and its run is that seed's."""
+    other = contact_bag(tmp_path / "other", seconds=20.0, seed=5)
+    out = tmp_path / "cmp"
+    args = ["--config", str(config(tmp_path, epochs=1, seq_chunks=16)), "--bag", str(bag), "--out", str(out),
+            "--quiet", "--cache-dir", str(tmp_path / "cache"), "--compare", "hiss,flat-lstm", "--seeds", "0,1",
+            "--val-bag", str(other), "--tune", "3"]
+    assert main(args) == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    cfg = TrainConfig.load(config(tmp_path, epochs=1, seq_chunks=16))
+    candidates = tune_candidates(3, cfg.train.lr, cfg.train.weight_decay)
+    assert candidates[0] == {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
+    assert len({(c["lr"], c["weight_decay"]) for c in candidates}) == 3
+    for row in rows:
+        t = row["tuning"]
+        assert [{k: c[k] for k in ("lr", "weight_decay")} for c in t["candidates"]] == candidates
+        vals = [c["val_mse"] for c in t["candidates"]]
+        assert t["chosen"] == int(np.argmin(vals)) and len(set(vals)) == 3  # the settings reached the training
+        for i, c in enumerate(t["candidates"]):
+            trial = json.loads((out / row["name"] / f"tune_{i}" / "metrics.json").read_text())
+            assert trial["val_mse"] == c["val_mse"]
+        assert row["per_seed"][0]["val_mse"] == min(vals)  # seed 0 is the chosen trial
+        seed1 = load_checkpoint(out / row["name"] / "seed_1" / "model.safetensors").data["train"]
+        assert (seed1["lr"], seed1["weight_decay"], seed1["seed"]) == (t["lr"], t["weight_decay"], 1)
+    assert "Tuning of flat-lstm:" in (out / "comparison.md").read_text()
+    assert main([*args[:-2], "--tune", "1"]) == 2
+    assert main(["--config", str(config(tmp_path)), "--bag", str(bag), "--out", str(tmp_path / "x"),
+                 "--tune", "2"]) == 2  # --tune without --compare

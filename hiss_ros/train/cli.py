@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
                         "at the HiSS parameter budget into OUT/<model>, and write OUT/comparison.md")
     p.add_argument("--seeds", metavar="LIST", help="with --compare: train every model once per seed (e.g. 0,1,2) "
                    "and report mean +- std and HiSS's paired difference to the best flat model")
+    p.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="with --compare: the same N (lr, weight decay) candidates for every model (the config's "
+                        "own first), the best by validation MSE trains every seed")
     p.add_argument("--val-bag", action="append", type=Path, default=[],
                    help="an independent validation bag (early stopping, model selection); repeatable. Without "
                         "it the last train.val_fraction of each --bag validates")
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
         cfg = with_model(TrainConfig.load(args.config), args.model)
         cfg = replace(cfg, msg_paths=(*cfg.msg_paths, *map(str, args.msg_path)),
                       allow_rate_mismatch=cfg.allow_rate_mismatch or args.allow_rate_mismatch)
+        if (args.seeds or args.test_bag or args.tune) and not args.compare:
+            raise ConfigError("--seeds, --test-bag and --tune go with --compare")
+        if args.tune < 0 or args.tune == 1:
+            raise ConfigError(f"--tune {args.tune}: expected 2 or more candidates (0: no tuning)")
         if args.compare or args.sweep:
             rows = _comparison(cfg, args)
             print(json.dumps(rows, indent=2))
@@ -96,13 +103,11 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
 
 
 def _comparison(cfg: TrainConfig, args: argparse.Namespace) -> list[dict]:
-    if (args.seeds or args.test_bag) and not args.compare:
-        raise ConfigError("--seeds and --test-bag go with --compare")
     if args.compare:
         models = [m.strip() for m in args.compare.split(",") if m.strip()]
         return run_compare(cfg, args.bag, args.out, models, args.cache_dir, progress=not args.quiet,
                            resume=args.resume, seeds=_seeds(args.seeds), val_bags=args.val_bag,
-                           test_bags=args.test_bag)
+                           test_bags=args.test_bag, tune=args.tune)
     key, _, values = args.sweep.partition("=")
     try:
         chunks = [int(v) for v in values.split(",")]

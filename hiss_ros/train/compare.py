@@ -2,6 +2,11 @@
 
 ``--compare hiss,flat-mamba,...``: every model trains on the same data with the same settings;
 each flat baseline's width is chosen so its parameter count is within 10% of the HiSS model's.
+``--tune N``: before that, every model gets the same tuning budget: the same N (lr, weight decay)
+candidates (the config's own first, then N - 1 drawn log-uniformly from ``TUNE_LR`` and
+``TUNE_WEIGHT_DECAY`` by a fixed generator, so identical for every model), each trained once with
+the first seed into ``<model>/tune_<i>``; the one with the lowest validation MSE trains every seed
+(its first-seed run is the tuning run itself, reused). Chosen on validation only, never on test.
 ``--sweep chunk=5,10,20,40``: one HiSS per chunk size (output rate = input rate / chunk; the
 training window keeps its duration in seconds). Both write ``comparison.md``, ``comparison.json``
 and a bar chart ``comparison.png`` beside one training folder per entry, and report the
@@ -13,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
+import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -30,6 +37,19 @@ from hiss_ros.train.dataset import collect_segments, load_dataset, normalised
 from hiss_ros.train.loop import MODEL_FILE, evaluate, model_config, train
 
 log = logging.getLogger(__name__)
+TUNE_LR, TUNE_WEIGHT_DECAY = (3e-4, 1e-2), (1e-4, 1e-1)  # log-uniform ranges of --tune's candidates
+
+
+def tune_candidates(n: int, lr: float, weight_decay: float) -> list[dict[str, float]]:
+    """``n`` (lr, weight_decay) settings: the config's own, then ``n - 1`` log-uniform draws from a
+    generator of fixed seed (the same list for every model and run)."""
+    rng = random.Random(20260211)
+
+    def draw(lo: float, hi: float) -> float:
+        return float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.3g}")
+
+    return [{"lr": lr, "weight_decay": weight_decay}] + [
+        {"lr": draw(*TUNE_LR), "weight_decay": draw(*TUNE_WEIGHT_DECAY)} for _ in range(n - 1)]
 
 
 def parameters(config: dict[str, Any]) -> int:
@@ -106,11 +126,13 @@ def _model_for(name: str, base: dict[str, Any], budget: int, cfg: TrainConfig) -
 
 def run_compare(cfg: TrainConfig, bags: list[Path], out: Path, models: list[str], cache_dir: Path | None,
                 progress: bool = True, resume: bool = False, seeds: list[int] | None = None,
-                val_bags: list[Path] | None = None, test_bags: list[Path] | None = None) -> list[dict[str, Any]]:
+                val_bags: list[Path] | None = None, test_bags: list[Path] | None = None,
+                tune: int = 0) -> list[dict[str, Any]]:
     """Train each of ``models`` into ``out/<model>`` (``out/<model>/seed_<s>`` for several
     ``seeds``); with ``resume``, models that finished are kept and an interrupted one continues
     where it stopped. ``val_bags``: independent validation recordings (early stopping, model
-    selection); ``test_bags``: held-out recordings, scored after training and never used in it."""
+    selection); ``test_bags``: held-out recordings, scored after training and never used in it;
+    ``tune``: that many (lr, weight decay) candidates per model first (see the module)."""
     if "hiss" not in models or cfg.model.get("kind") != "hiss":
         raise ConfigError("--compare needs 'hiss' in the list and a hiss model in the config (the budget to match)")
     seeds = seeds or [cfg.train.seed]
@@ -120,20 +142,29 @@ def run_compare(cfg: TrainConfig, bags: list[Path], out: Path, models: list[str]
     rows = []
     for name in models:
         model = _model_for(name, base, budget, cfg)
+        settings, tuning = cfg.train, None
+        if tune:
+            settings, tuning = _tune(replace(cfg, model=model, train=replace(cfg.train, seed=seeds[0])), ds,
+                                     out / name, tune, resume, progress)
         runs = []
         for seed in seeds:
-            folder = out / name if len(seeds) == 1 else out / name / f"seed_{seed}"
+            folder = out / name if len(seeds) == 1 and not tune else out / name / f"seed_{seed}"
             if resume and (folder / "metrics.json").is_file():
                 log.info("compare: %s (seed %d) finished earlier, kept", name, seed)
+            elif tuning and seed == seeds[0]:  # the chosen tuning run is this very training
+                shutil.rmtree(folder, ignore_errors=True)
+                shutil.copytree(out / name / f"tune_{tuning['chosen']}", folder)
             else:
                 log.info("compare: training %s (seed %d)", name, seed)
-                train(replace(cfg, model=model, train=replace(cfg.train, seed=seed)), ds, folder, resume=resume,
+                train(replace(cfg, model=model, train=replace(settings, seed=seed)), ds, folder, resume=resume,
                       progress=progress)
             run = _row(name, folder, {"seed": seed})
             if test_bags:
                 run["test_mse"] = _test_mse(folder, cfg, test_bags, cache_dir, progress)
             runs.append(run)
         row = _aggregate(runs)
+        if tuning:
+            row["tuning"] = tuning
         row["budget_ratio"] = round(row["parameters"] / budget, 3)
         if abs(row["budget_ratio"] - 1) > 0.1:
             log.warning("compare: %s has %d parameters, %.0f%% of the budget", name, row["parameters"],
@@ -147,8 +178,31 @@ def run_compare(cfg: TrainConfig, bags: list[Path], out: Path, models: list[str]
             f"parameter count is closest to it. Seeds: {', '.join(map(str, seeds))}; mean +- standard deviation "
             f"over seeds where there are several. Validation: "
             f"{'independent recordings' if val_bags else 'the last part of each training recording'}." +
+            (f" Tuning: the same {tune} (lr, weight decay) candidates for every model, chosen by validation "
+             f"MSE with seed {seeds[0]}." if tune else "") +
             (f"\n\n{verdict['text']}" if verdict else ""))
     return rows
+
+
+def _tune(cfg: TrainConfig, ds: Any, folder: Path, n: int, resume: bool,
+          progress: bool) -> tuple[Any, dict[str, Any]]:
+    """Train ``cfg`` once per candidate into ``folder/tune_<i>``; (the chosen settings, a record
+    of every candidate's validation MSE and the chosen index)."""
+    trials = []
+    for i, cand in enumerate(tune_candidates(n, cfg.train.lr, cfg.train.weight_decay)):
+        trial = folder / f"tune_{i}"
+        if resume and (trial / "metrics.json").is_file():
+            log.info("tune: %s candidate %d finished earlier, kept", folder.name, i)
+        else:
+            log.info("tune: %s candidate %d of %d: lr %g, weight decay %g", folder.name, i + 1, n, cand["lr"],
+                     cand["weight_decay"])
+            train(replace(cfg, train=replace(cfg.train, **cand)), ds, trial, resume=resume, progress=progress)
+        trials.append({**cand, "val_mse": json.loads((trial / "metrics.json").read_text())["val_mse"]})
+    chosen = min(range(n), key=lambda i: trials[i]["val_mse"])
+    log.info("tune: %s takes lr %g, weight decay %g (validation MSE %.5f)", folder.name, trials[chosen]["lr"],
+             trials[chosen]["weight_decay"], trials[chosen]["val_mse"])
+    pick = {k: trials[chosen][k] for k in ("lr", "weight_decay")}
+    return replace(cfg.train, **pick), {"candidates": trials, "chosen": chosen, **pick}
 
 
 def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -224,6 +278,11 @@ def _report(out: Path, rows: list[dict[str, Any]], title: str, note: str) -> Non
              "|---|---|" + ("---|" if test else "") + "---|---|---|"]
     lines += [f"| {r['name']} | {_cell(r, 'val_mse')} |" + (f" {_cell(r, 'test_mse')} |" if test else "") +
               f" {r['parameters']:,} | {r['step_ms']:.3f} | {round(r['train_seconds'], 1)} |" for r in rows]
+    for r in (r for r in rows if "tuning" in r):
+        t = r["tuning"]
+        lines += ["", f"Tuning of {r['name']}: " + ", ".join(
+            f"{'**' if i == t['chosen'] else ''}lr {c['lr']:g} / wd {c['weight_decay']:g}: {c['val_mse']:.4f}"
+            f"{'**' if i == t['chosen'] else ''}" for i, c in enumerate(t["candidates"]))]
     atomic_write(out / "comparison.md", ("\n".join(lines) + "\n").encode())
     import matplotlib
 
