@@ -193,6 +193,22 @@ def test_chunk_sweep_trains_one_model_per_chunk(tmp_path, bag):
     assert main(["--config", str(config(tmp_path)), "--bag", str(bag), "--out", str(out), "--sweep", "width=3"]) == 2
 
 
+def test_chunk_sweep_with_compare_retrains_the_flat_baselines_at_each_rate(tmp_path, bag):
+    out = tmp_path / "sweep"
+    code = main(["--config", str(config(tmp_path, epochs=1, seq_chunks=16)), "--bag", str(bag), "--out", str(out),
+                 "--quiet", "--cache-dir", str(tmp_path / "cache"), "--sweep", "chunk=5,20", "--compare",
+                 "hiss,flat-lstm"])
+    assert code == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [(r["name"], r["chunk"]) for r in rows] == [
+        ("hiss, chunk 5", 5), ("flat-lstm, chunk 5", 5), ("hiss, chunk 20", 20), ("flat-lstm, chunk 20", 20)]
+    for c in (5, 20):
+        for name in ("hiss", "flat-lstm"):
+            assert load_checkpoint(out / f"chunk_{c}" / name / "model.safetensors").config.chunk == c
+        assert (out / f"chunk_{c}" / "comparison.md").is_file()
+    assert "| flat-lstm, chunk 20 |" in (out / "comparison.md").read_text()
+
+
 def test_compare_over_two_seeds_reports_spread_and_the_paired_difference(tmp_path, bag):
     """--seeds: one training per model and seed, mean +- std per model, HiSS paired seed by seed
     with the best flat model; --val-bag validates on its own recording, --test-bag scores held out."""

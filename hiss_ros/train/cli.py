@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
                         "it the last train.val_fraction of each --bag validates")
     p.add_argument("--test-bag", action="append", type=Path, default=[],
                    help="with --compare: a held-out bag every trained model is scored on; repeatable")
-    p.add_argument("--sweep", metavar="chunk=LIST", help="train one HiSS per chunk size, e.g. chunk=5,10,20,40")
+    p.add_argument("--sweep", metavar="chunk=LIST", help="train one HiSS per chunk size, e.g. chunk=5,10,20,40; with "
+                   "--compare, the whole comparison at each chunk size (flat baselines retrained at each rate)")
     p.add_argument("--msg-path", action="append", type=Path, default=[], metavar="FOLDER",
                    help="a folder of custom .msg files (<package>/msg/<Name>.msg) for bags that do not carry "
                         "their message definitions (sqlite3 bags before rosbag2 Iron); repeatable")
@@ -103,11 +104,14 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
 
 
 def _comparison(cfg: TrainConfig, args: argparse.Namespace) -> list[dict]:
+    compare = None
     if args.compare:
         models = [m.strip() for m in args.compare.split(",") if m.strip()]
-        return run_compare(cfg, args.bag, args.out, models, args.cache_dir, progress=not args.quiet,
-                           resume=args.resume, seeds=_seeds(args.seeds), val_bags=args.val_bag,
-                           test_bags=args.test_bag, tune=args.tune)
+        compare = {"models": models, "resume": args.resume, "seeds": _seeds(args.seeds), "test_bags": args.test_bag,
+                   "tune": args.tune}
+        if not args.sweep:
+            return run_compare(cfg, args.bag, args.out, cache_dir=args.cache_dir, progress=not args.quiet,
+                               val_bags=args.val_bag, **compare)
     key, _, values = args.sweep.partition("=")
     try:
         chunks = [int(v) for v in values.split(",")]
@@ -115,7 +119,8 @@ def _comparison(cfg: TrainConfig, args: argparse.Namespace) -> list[dict]:
         chunks = []
     if key != "chunk" or not chunks or min(chunks) < 1:
         raise ConfigError(f"--sweep {args.sweep!r}: expected chunk=N,N,... with positive integers")
-    return run_sweep(cfg, args.bag, args.out, chunks, args.cache_dir, progress=not args.quiet, val_bags=args.val_bag)
+    return run_sweep(cfg, args.bag, args.out, chunks, args.cache_dir, progress=not args.quiet, val_bags=args.val_bag,
+                     compare=compare)
 
 
 def _seeds(text: str | None) -> list[int] | None:

@@ -8,9 +8,11 @@ candidates (the config's own first, then N - 1 drawn log-uniformly from ``TUNE_L
 the first seed into ``<model>/tune_<i>``; the one with the lowest validation MSE trains every seed
 (its first-seed run is the tuning run itself, reused). Chosen on validation only, never on test.
 ``--sweep chunk=5,10,20,40``: one HiSS per chunk size (output rate = input rate / chunk; the
-training window keeps its duration in seconds). Both write ``comparison.md``, ``comparison.json``
-and a bar chart ``comparison.png`` beside one training folder per entry, and report the
-streaming cost (median ``step_chunk`` time, batch 1, CPU) of each model.
+training window keeps its duration in seconds); with ``--compare`` too, the whole comparison at
+each chunk size, so the flat baselines are retrained at each estimate rate. Both write
+``comparison.md``, ``comparison.json`` and a bar chart ``comparison.png`` beside one training
+folder per entry, and report the streaming cost (median ``step_chunk`` time, batch 1, CPU) of
+each model.
 """
 
 from __future__ import annotations
@@ -245,18 +247,31 @@ def paired_verdict(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | 
 
 
 def run_sweep(cfg: TrainConfig, bags: list[Path], out: Path, chunks: list[int], cache_dir: Path | None,
-              progress: bool = True, val_bags: list[Path] | None = None) -> list[dict[str, Any]]:
+              progress: bool = True, val_bags: list[Path] | None = None,
+              compare: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One HiSS per chunk size into ``out/chunk_<c>``; with ``compare`` (``run_compare``'s models,
+    seeds, test_bags, tune, resume), a whole comparison per chunk size instead, the flat baselines
+    retrained at each estimate rate, and one row per model and chunk size."""
     base_chunk = round(cfg.input_rate_hz / cfg.output_rate_hz)
     rows = []
     for c in chunks:
         seq = max(4, round(cfg.train.seq_chunks * base_chunk / c))
         sub = replace(cfg, output_rate_hz=cfg.input_rate_hz / c, train=replace(cfg.train, seq_chunks=seq))
         log.info("sweep: chunk %d (%.3g Hz estimates, %d chunks per training window)", c, sub.output_rate_hz, seq)
+        extra = {"chunk": c, "output_rate_hz": sub.output_rate_hz}
+        if compare:
+            for row in run_compare(sub, bags, out / f"chunk_{c}", cache_dir=cache_dir, progress=progress,
+                                   val_bags=val_bags, **compare):
+                rows.append({**row, **extra, "name": f"{row['name']}, chunk {c}"})
+            continue
         ds = load_dataset(sub, bags, cache_dir, progress, val_bags=val_bags or ())
         train(sub, ds, out / f"chunk_{c}", progress=progress)
-        rows.append(_row(f"chunk {c}", out / f"chunk_{c}", {"chunk": c, "output_rate_hz": sub.output_rate_hz}))
-    _report(out, rows, "Chunk-size sweep (HiSS)",
-            "Output rate = input rate / chunk; each training window spans the same time.")
+        rows.append(_row(f"chunk {c}", out / f"chunk_{c}", extra))
+    note = "Output rate = input rate / chunk; each training window spans the same time."
+    if compare:
+        note += " Each chunk size's own comparison (and paired verdict) is in chunk_<c>/comparison.md."
+    _report(out, rows, "Chunk-size sweep" + (" (every model retrained at each chunk size)" if compare else " (HiSS)"),
+            note)
     return rows
 
 
