@@ -175,3 +175,20 @@ def test_absurd_finite_values_are_rejected_against_the_training_statistics():
     raw = Pipeline(cfg())  # without statistics (fitting them): no bound
     raw.push(0, 1_000 * MS, [1e30, 0, 0])
     assert raw.counters["accepted"] == 1
+
+
+def test_each_rejected_sample_counts_under_one_reason_in_a_fixed_order():
+    """nonfinite before duplicate / out_of_order before out_of_range, with or without the
+    training statistics (the live path checks the range first, and must classify as the bag path)."""
+    for norm in (Normalization(np.zeros(5), np.ones(5), np.zeros(1), np.ones(1)), None):
+        pipe = Pipeline(cfg(), norm, max_abs_z=10)
+        pipe.push(0, 1_000 * MS, [0.0, 0, 0])
+        pipe.push(0, 1_000 * MS, [np.nan, 0, 0])  # a NaN with a repeated stamp: nonfinite
+        pipe.push(0, 999 * MS, [np.inf, 0, 0])  # late and infinite: nonfinite
+        pipe.push(0, 999 * MS, [100.0, 0, 0])  # late and out of range: out_of_order
+        pipe.push(0, 1_000 * MS, [0.0, 0, 0])  # the same stamp again: duplicate
+        pipe.push(0, 1_001 * MS, [100.0, 0, 0])  # in order, out of range: out_of_range (with statistics)
+        pipe.push(0, 1_002 * MS, [9.0, 0, 0])
+        want = {"nonfinite": 2, "out_of_order": 1, "duplicate": 1, "out_of_range": 1 if norm else 0,
+                "accepted": 2 if norm else 3}
+        assert {k: pipe.counters[k] for k in want} == want, norm

@@ -250,7 +250,12 @@ class Pipeline:
             return []
         st = self._streams[stream]
         last = st.last_stamp_ns
-        reason = verdict(last, stamp_ns, v)
+        limits = self._limits
+        inside = limits is None or bool((np.abs(v - limits[stream][0]) <= limits[stream][1]).all())  # NaN: False
+        # The common case live (within range, so finite, and later than the stream's last sample)
+        # skips ``verdict``, which would pass it; anything else it classifies, in the same order.
+        in_order = last is None or stamp_ns > last
+        reason = None if limits is not None and inside and in_order else verdict(last, stamp_ns, v)
         if reason is not None:
             # The clock stream jumping back by more than a gap (a restarted simulation, a looped
             # bag) is a new time line, not a late sample.
@@ -260,7 +265,7 @@ class Pipeline:
             else:
                 self.counters[reason] += 1
                 return []
-        elif self._limits is not None and not (np.abs(v - self._limits[stream][0]) <= self._limits[stream][1]).all():
+        elif not inside:
             self.counters["out_of_range"] += 1  # finite but absurd (a sensor fault): it would swamp the model state
             return []
         elif stream == 0 and last is not None and stamp_ns - last > self._max_gap_ns:
