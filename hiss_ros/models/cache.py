@@ -41,6 +41,6 @@ class ParamCache(Generic[T]):
         if (entry is None or list(map(_VERSION, params)) != entry[1] or list(map(_PTR, params)) != entry[2]
                 or args != entry[0]):
             value = self._compute(*args)
-            held = [p.detach() for p in params]  # keeps the storages (and so the addresses) alive
-            self._entry = entry = (args, list(map(_VERSION, held)), list(map(_PTR, held)), held, value)
+            held = [p.detach() for p in params]  # aliases: keep the storages (so the addresses) alive
+            self._entry = entry = (args, list(map(_VERSION, params)), list(map(_PTR, params)), held, value)
         return entry[4]
