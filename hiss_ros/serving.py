@@ -10,10 +10,10 @@ The estimator node, ``hiss-eval``, the demo and the benchmarks all serve through
 the trainer writes what it reads (``ServingSpec``, stored in the checkpoint by ``save_model``):
 the streams, rates, chunk, filter and gap limit (a ``PipelineConfig``), the ``Normalization`` of
 inputs and outputs, and the validation error. ``push`` runs the trainer's own ``Pipeline`` (same
-sample hygiene, resampling, filter, chunking, normalisation), advances the model one step
-(its ``StepRunner``: the fast or compiled step) per completed chunk with its state carried (O(chunk) per estimate however long it
-has run), restarts from a fresh state when the input breaks (gap, time jumping back), and
-de-normalises. A model with the variance head (``variance: true``) also gives each estimate's
+sample hygiene, resampling, filter, chunking, normalisation), advances the model one step per
+completed chunk (through its ``StepRunner``: the fast or the compiled step) with its state carried
+(O(chunk) per estimate however long it has run), restarts from a fresh state when the input breaks
+(gap, time jumping back), and de-normalises. A model with the variance head (``variance: true``) also gives each estimate's
 per-channel variance, de-normalised and scaled by the calibration fitted after training
 (``ServingSpec.variance_scale``). A non-finite model output (mean or variance) is never returned:
 the state is reset and it is counted.

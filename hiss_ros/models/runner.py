@@ -29,7 +29,7 @@ from torch import Tensor
 from hiss_ros.models.cache import ParamCache
 from hiss_ros.models.hiss import ChunkedModel, StreamState
 from hiss_ros.models.s4d import TOEPLITZ_MAX_LEN
-from hiss_ros.models.streaming import Weights, compile_step, gather
+from hiss_ros.models.streaming import Weights, compile_fast, gather
 from hiss_ros.models.streaming import step as fast_step
 
 STEP_BACKENDS = ("eager", "compile")
@@ -50,7 +50,7 @@ class StepRunner:
         # (module._parameters, name) of every parameter: a parameter replaced is seen
         self._slots = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items() if p is not None]
         self._weights: ParamCache[Weights] = ParamCache(partial(gather, model))
-        self._compiled: Any = None  # _advance_fast through compile_step, made at the first use
+        self._compiled: Any = None  # _advance_fast through compile_fast, made at the first use
         self._compile = False  # the backend: through torch.compile instead of eagerly
         self.set_backend(backend)
 
@@ -125,7 +125,7 @@ class StepRunner:
 
     def _compiled_step(self) -> Any:
         if self._compiled is None:
-            self._compiled = compile_step(_advance_fast)
+            self._compiled = compile_fast(_advance_fast)
         return self._compiled
 
     def _run_compiled(self, w: Weights, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState] | None:

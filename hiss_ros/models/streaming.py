@@ -14,7 +14,7 @@ stack and a Mamba high stack, ``step`` computes what the modules compute, up to 
 It is for inference only (eval mode, autograd off); the runner takes the module path otherwise,
 and for what the fast step does not cover (``StepRunner.uncovered``).
 
-Compiled (``compile_step``, the runner's ``"compile"`` backend): the same function through
+Compiled (``compile_fast``, the runner's ``"compile"`` backend): the same function through
 ``torch.compile`` (Inductor, C++ wrapper), which fuses the element-wise work into generated C++ loops
 and drops the per-operation dispatch: ~0.7 ms instead of ~1.1 ms for the paper-size model on the
 benchmark CPU. It needs a C++ compiler and compiles once per architecture, batch size, dtype and
@@ -126,7 +126,7 @@ def _canonical(tree: Any) -> Any:
     return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
 
 
-def compile_step(fn: Callable) -> Callable:
+def compile_fast(fn: Callable) -> Callable:
     """``fn(model, w, x, state) -> (y, state)`` through torch.compile, compiled at its first call for
     each input shape. The weights are inputs, not constants: new values need no new compile. x and
     the state are passed as fresh contiguous copies: torch.compile specialises on strides (even of
