@@ -53,9 +53,9 @@ def test_the_estimator_steps_through_its_runner_and_compile_says_why_not():
     with torch.inference_mode():
         assert est.runner.applies()  # the shipped model takes the fast step
     cfg = est.model.config
+    layers = {"kind": "lstm", "d_model": 8, "n_layers": 1}
     flat = StreamingEstimator(build_model({"kind": "flat", "input_dim": cfg.input_dim, "output_dim": cfg.output_dim,
-                                           "chunk": cfg.chunk, "layers": {"kind": "lstm", "d_model": 8, "n_layers": 1}}),
-                              est.spec)
+                                           "chunk": cfg.chunk, "layers": layers}), est.spec)
     assert flat.compile() == ("failed (ValueError: step backend 'compile' does not apply to this model: it covers "
                               "HiSS models only; this is a Flat model)")
     assert flat.runner.backend == "eager" and len(stream(flat, 0.2)) > 0
