@@ -47,9 +47,11 @@ class ChunkedModel(nn.Module):
     config: ModelConfig
 
     def _check(self, x: Tensor, what: str) -> None:
+        """ShapeError unless x is (B, L, I); ``what``: the method, named in the message."""
         cfg = self.config
         if x.dim() != 3 or x.shape[-1] != cfg.input_dim:
-            raise ShapeError(f"{what}: expected shape (batch, length, {cfg.input_dim}), got {tuple(x.shape)}")
+            raise ShapeError(f"{type(self).__name__}.{what}: expected shape (batch, length, {cfg.input_dim}), "
+                             f"got {tuple(x.shape)}")
 
     def _features(self, x: Tensor, prev: Tensor) -> Tensor:
         """x (B, L, I) -> (B, L, I') with one-step differences appended when configured;
@@ -94,7 +96,7 @@ class ChunkedModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, L, I) -> (B, L // chunk, W), from zero state."""
-        self._check(x, f"{type(self).__name__}.forward")
+        self._check(x, "forward")
         if x.shape[1] % self.config.chunk:
             raise ShapeError(
                 f"{type(self).__name__}.forward: length {x.shape[1]} is not a multiple of chunk={self.config.chunk}"
@@ -118,7 +120,7 @@ class ChunkedModel(nn.Module):
 
     def check_chunk(self, x: Tensor, state: StreamState, what: str = "step_chunk") -> None:
         """ShapeError unless x is one chunk (B, chunk, I) of the batch of ``state``."""
-        self._check(x, f"{type(self).__name__}.{what}")
+        self._check(x, what)
         if x.shape[1] != self.config.chunk or x.shape[0] != state.primed.shape[0]:
             raise ShapeError(
                 f"{type(self).__name__}.{what}: expected shape ({state.primed.shape[0]}, "
