@@ -13,8 +13,8 @@ logged, and the others still run), in this order:
           per rank); DDP gradients must equal the single-process full-batch gradients
   bench   forward+backward of the paper-size HiSS (S4D 256x6 low, Mamba 128x6 high) and a flat
           Mamba 128x6 on batch 16 x 2000 samples, GPU against CPU; the selective scan alone
-          (chunked parallel vs sequential, on the GPU); the batch-1 step as served (``StepRunner.step``) on the CPU,
-          on CUDA eagerly and replayed from a CUDA graph
+          (chunked parallel vs sequential, on the GPU); the batch-1 step as served
+          (``StepRunner.step``) on the CPU, on CUDA eagerly and replayed from a CUDA graph
 Everything lands in --out (8 files at most, what a device run sends back): NAME.log per part,
 gpu_check.json (every figure and each part's status) and benchmarks_gpu.md (a docs/BENCHMARKS.md
 section with the device and date; ``--merge FILE`` puts it into docs/BENCHMARKS.md).
@@ -498,8 +498,8 @@ def markdown(report: dict[str, Any]) -> str:
                                      [[k, fmt_ms(v), ratio(seq, v)] for k, v in scans.items()])]
         steps = {k.split("/", 1)[1]: v for k, v in bench.items() if k.startswith("step/") and isinstance(v, dict)}
         if steps:
-            lines += ["Batch-1 step (`StepRunner.step`) of the paper-size HiSS, chunk in host memory to estimate in host memory "
-                      "(CPU: 1 torch thread):",
+            lines += ["Batch-1 step (`StepRunner.step`) of the paper-size HiSS, chunk in host memory to estimate in "
+                      "host memory (CPU: 1 torch thread):",
                       "", markdown_table(["step", "median ms", "p99 ms"],
                                          [[k, fmt_ms(v), fmt_ms(v, "p99_ms")] for k, v in steps.items()])]
         graph_err = bench.get("step/graph_vs_eager_max_abs")
