@@ -244,6 +244,34 @@ def test_fast_step_equals_module_path_and_follows_weight_changes():
     assert not hasattr(model, "_fast_step") and not hasattr(model, "set_step_backend")
 
 
+def test_param_cache_recomputes_only_when_a_parameter_changed():
+    """The one cache of derived values (runner weights, S4D operator, Mamba's A): kept while the
+    parameters are unchanged, recomputed after an in-place update, a replacement, a conversion or
+    other arguments, never used while autograd records."""
+    from hiss_ros.models.cache import ParamCache
+
+    lin = torch.nn.Linear(3, 2)
+    calls = []
+    cache = ParamCache(lambda scale=1: calls.append(scale) or lin.weight.sum() * scale)
+
+    def get(*args):
+        return cache.get(list(lin.parameters()), *args)
+
+    with torch.no_grad():
+        first = get()
+        assert get() is first and len(calls) == 1
+        lin.bias.add_(1.0)  # in place, even of a parameter the value does not read
+        assert get() is not first and len(calls) == 2
+        assert get(2) is not get() and len(calls) == 4  # other arguments
+        lin.weight = torch.nn.Parameter(lin.weight * 2)  # replaced
+        torch.testing.assert_close(get(), lin.weight.sum())
+        lin.double()  # converted
+        value = get()
+        assert value.dtype == torch.float64 and len(calls) == 6 and get() is value
+    with torch.enable_grad():
+        assert get().requires_grad and len(calls) == 7  # computed, not cached, under autograd
+
+
 def test_compiled_step_equals_offline_without_recompiling():
     """Runner backend "compile": compiled ahead by compile, the same outputs as the offline
     forward, no compile while streaming (the state it returns, chunks sliced out of a longer
