@@ -4,14 +4,15 @@ What is measured, and why:
 - The model a deployed node runs: HiSS with a 6-layer S4D (d_model 256) low level over chunks of
   10 samples and a 6-layer Mamba (d_model 128) high level, 6 inputs and 6 outputs, eval mode,
   batch 1, float32, everything under ``torch.inference_mode``.
-- Streaming: the latency of one ``model.step_chunk(x_chunk, state)`` call (one output per chunk
+- Streaming: the latency of one ``runner.step(x_chunk, state)`` call (``StepRunner``, the contract
+  of ``model.step_chunk``; one output per chunk
   of 10 new samples, state carried across calls): median, p90 and p99 over many calls after a
   warm-up. This is the per-output cost of the node, independent of how long the stream ran.
 - The alternative without a recurrent state: for every new chunk, rerun ``model(x_window)`` over
   the last 10 s of input: 1,000 samples at 100 Hz, 10,000 at 1,000 Hz (median of a few calls).
   window / step is the saving of streaming.
 - Both with torch threads = 1 (a node sharing the CPU) and = os.cpu_count(), and for each step
-  backend: ``eager`` (the default) and ``compile`` (``model.set_step_backend("compile")``:
+  backend: ``eager`` (the default) and ``compile`` (``runner.set_backend("compile")``:
   torch.compile with Inductor's C++ wrapper; its compile time at the first step is reported).
 - Sanity: stepping through the 100 Hz window chunk by chunk must reproduce ``model(window)``
   (max abs diff <= 1e-4) with each backend, or the script exits 1.
@@ -45,7 +46,7 @@ from benchutil import (
     write_section,
 )
 
-from hiss_ros.models import STEP_BACKENDS, ChunkedModel, build_model
+from hiss_ros.models import STEP_BACKENDS, ChunkedModel, StepRunner, build_model
 
 SECTION = "bench_streaming"
 MODEL_CONFIG: dict[str, Any] = {
@@ -74,7 +75,7 @@ FULL, QUICK = Plan(step_calls=500, step_warmup=50, window_calls=5), Plan(step_ca
 class Row:
     backend: str
     threads: int
-    step_ms: list[float]  # one latency per step_chunk call
+    step_ms: list[float]  # one latency per runner.step call
     window_ms: dict[int, float]  # rate (Hz) -> median time of model(window)
 
     @property
@@ -90,15 +91,16 @@ def build() -> ChunkedModel:
     return build_model(MODEL_CONFIG).eval()
 
 
-def step_latencies(model: ChunkedModel, plan: Plan) -> list[float]:
-    """Milliseconds per step_chunk call, state carried across calls, after plan.step_warmup calls."""
+def step_latencies(runner: StepRunner, plan: Plan) -> list[float]:
+    """Milliseconds per runner.step call, state carried across calls, after plan.step_warmup calls."""
+    model = runner.model
     chunk, dim = model.config.chunk, model.config.input_dim
     inputs = torch.randn(plan.step_warmup + plan.step_calls, 1, chunk, dim)
     state = model.init_state(1)
     times = []
     for i, x in enumerate(inputs):
         t0 = time.perf_counter()
-        _, state = model.step_chunk(x, state)
+        _, state = runner.step(x, state)
         if i >= plan.step_warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     return times
@@ -115,24 +117,26 @@ def windows(model: ChunkedModel, threads: int, plan: Plan) -> dict[int, float]:
     return {rate: window_ms(model, rate, plan.window_calls) for rate in RATES_HZ}
 
 
-def compile_seconds(model: ChunkedModel) -> float:
+def compile_seconds(runner: StepRunner) -> float:
     """Seconds of the first step after switching to the compile backend (the compile itself)."""
-    model.set_step_backend("compile")
+    runner.set_backend("compile")
+    model = runner.model
     x = torch.zeros(1, model.config.chunk, model.config.input_dim)
     t0 = time.perf_counter()
-    model.step_chunk(x, model.init_state(1))
+    runner.step(x, model.init_state(1))
     return time.perf_counter() - t0
 
 
-def streaming_mismatch(model: ChunkedModel) -> float:
+def streaming_mismatch(runner: StepRunner) -> float:
     """Max abs difference between model(window) and stepping through the same window chunk by chunk."""
+    model = runner.model
     chunk = model.config.chunk
     x = torch.randn(1, WINDOW_SECONDS * RATES_HZ[0], model.config.input_dim)
     offline = model(x)  # (1, K, O)
     state = model.init_state(1)
     steps = []
     for k in range(x.shape[1] // chunk):
-        y, state = model.step_chunk(x[:, k * chunk : (k + 1) * chunk], state)
+        y, state = runner.step(x[:, k * chunk : (k + 1) * chunk], state)
         steps.append(y)
     return (torch.stack(steps, dim=1) - offline).abs().max().item()
 
@@ -190,12 +194,12 @@ def markdown(rows: list[Row], plan: Plan, n_params: int, mismatch: dict[str, flo
              load: str) -> str:
     cfg = MODEL_CONFIG
     return (
-        "## Streaming HiSS on CPU: step_chunk vs recomputing a window\n\n"
+        "## Streaming HiSS on CPU: one chunk step vs recomputing a window\n\n"
         f"HiSS, low {cfg['low']['n_layers']} x S4D d_model {cfg['low']['d_model']}, high "
         f"{cfg['high']['n_layers']} x Mamba d_model {cfg['high']['d_model']}, chunk {cfg['chunk']}, "
         f"{cfg['input_dim']} inputs, {cfg['output_dim']} outputs: {n_params:,} parameters. Eval mode, "
         "batch 1, float32, `torch.inference_mode`.\n"
-        f"Step: latency of one `step_chunk` call ({plan.step_calls} calls after {plan.step_warmup} warm-up). "
+        f"Step: latency of one `StepRunner.step` call ({plan.step_calls} calls after {plan.step_warmup} warm-up). "
         f"Window: `model(x)` over the last {WINDOW_SECONDS} s of input, recomputed for each new chunk "
         f"(median of {plan.window_calls} call(s) after one warm-up).\n\n"
         + markdown_table(HEADERS, table_rows(rows))
@@ -215,7 +219,7 @@ def markdown(rows: list[Row], plan: Plan, n_params: int, mismatch: dict[str, flo
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few calls (smoke test); writes no docs unless --out is given")
-    p.add_argument("--step-calls", type=int, default=None, help="timed step_chunk calls per thread count (500)")
+    p.add_argument("--step-calls", type=int, default=None, help="timed runner.step calls per thread count (500)")
     p.add_argument("--window-calls", type=int, default=None, help="timed model(window) calls per rate (5)")
     p.add_argument("--out", type=Path, default=None, help=f"markdown file to update (default {DEFAULT_DOC})")
     return p.parse_args()
@@ -228,6 +232,7 @@ def main() -> int:
     plan = Plan(args.step_calls or plan.step_calls, plan.step_warmup, args.window_calls or plan.window_calls)
     thread_counts = sorted({1, os.cpu_count() or 1})
     model = build()
+    runner = StepRunner(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"torch {torch.__version__}, os.cpu_count() = {os.cpu_count()}, threads measured: {thread_counts}")
     print(f"model: {n_params:,} parameters; config {MODEL_CONFIG}")
@@ -235,16 +240,16 @@ def main() -> int:
     with torch.inference_mode():
         window = {threads: windows(model, threads, plan) for threads in thread_counts}
         print("  windows measured", flush=True)
-        compile_s = compile_seconds(model)
+        compile_s = compile_seconds(runner)
         print(f"  compile backend: first step (compile) {compile_s:.1f} s", flush=True)
         rows, mismatch = [], {}
         for backend in STEP_BACKENDS:
-            model.set_step_backend(backend)
-            mismatch[backend] = streaming_mismatch(model)
+            runner.set_backend(backend)
+            mismatch[backend] = streaming_mismatch(runner)
             print(f"  {backend}: streaming vs offline, {RATES_HZ[0]} Hz window: max abs diff {mismatch[backend]:.2e}")
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                rows.append(Row(backend, threads, step_latencies(model, plan), window[threads]))
+                rows.append(Row(backend, threads, step_latencies(runner, plan), window[threads]))
                 print(f"  {backend}: measured with {threads} thread(s)", flush=True)
 
     print()

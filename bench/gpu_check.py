@@ -13,8 +13,8 @@ logged, and the others still run), in this order:
           per rank); DDP gradients must equal the single-process full-batch gradients
   bench   forward+backward of the paper-size HiSS (S4D 256x6 low, Mamba 128x6 high) and a flat
           Mamba 128x6 on batch 16 x 2000 samples, GPU against CPU; the selective scan alone
-          (chunked parallel vs sequential, on the GPU); the batch-1 ``step_chunk`` on the CPU,
-          on CUDA eagerly and replayed from a CUDA graph
+          (chunked parallel vs sequential, on the GPU); the batch-1 step as served
+          (``StepRunner.step``) on the CPU, on CUDA eagerly and replayed from a CUDA graph
 Everything lands in --out (8 files at most, what a device run sends back): NAME.log per part,
 gpu_check.json (every figure and each part's status) and benchmarks_gpu.md (a docs/BENCHMARKS.md
 section with the device and date; ``--merge FILE`` puts it into docs/BENCHMARKS.md).
@@ -50,7 +50,7 @@ import torch
 import yaml
 from benchutil import DEFAULT_DOC, REPO, cpu_model, markdown_table, time_calls, write_section
 
-from hiss_ros.models import ChunkedModel, build_model
+from hiss_ros.models import ChunkedModel, StepRunner, build_model
 
 SECTION = "gpu_check"
 # Seconds per part. Their sum stays under 8 minutes, so one device call (10 at most) holds them all.
@@ -365,20 +365,21 @@ def leaves(tree: Any) -> Iterator[torch.Tensor]:
 
 
 def graphed_step(model: ChunkedModel, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``step_chunk`` captured once in a CUDA graph on static input and state tensors; the returned
-    function copies a chunk in, replays, and copies the new state over the static one. Replaying
-    skips the ~hundreds of kernel launches of one step, which dominate at batch 1."""
+    """A step (``StepRunner.step``, as served) captured once in a CUDA graph on static input and
+    state tensors; the returned function copies a chunk in, replays, and copies the new state over
+    the static one. Replaying skips the ~hundreds of kernel launches of one step, which dominate at batch 1."""
+    runner = StepRunner(model)
     static_x = x.clone()
     static_state = model.init_state(x.shape[0])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
         for _ in range(3):
-            model.step_chunk(static_x, static_state)
+            runner.step(static_x, static_state)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y, new_state = model.step_chunk(static_x, static_state)
+        static_y, new_state = runner.step(static_x, static_state)
 
     def step(chunk: torch.Tensor) -> torch.Tensor:
         static_x.copy_(chunk)
@@ -391,12 +392,12 @@ def graphed_step(model: ChunkedModel, x: torch.Tensor) -> Callable[[torch.Tensor
 
 
 def eager_step(model: ChunkedModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``step_chunk`` at batch 1, the state carried from call to call."""
-    state = model.init_state(1)
+    """A step (``StepRunner.step``, as served) at batch 1, the state carried from call to call."""
+    runner, state = StepRunner(model), model.init_state(1)
 
     def step(chunk: torch.Tensor) -> torch.Tensor:
         nonlocal state
-        y, state = model.step_chunk(chunk, state)
+        y, state = runner.step(chunk, state)
         return y
 
     return step
@@ -497,8 +498,8 @@ def markdown(report: dict[str, Any]) -> str:
                                      [[k, fmt_ms(v), ratio(seq, v)] for k, v in scans.items()])]
         steps = {k.split("/", 1)[1]: v for k, v in bench.items() if k.startswith("step/") and isinstance(v, dict)}
         if steps:
-            lines += ["Batch-1 `step_chunk` of the paper-size HiSS, chunk in host memory to estimate in host memory "
-                      "(CPU: 1 torch thread):",
+            lines += ["Batch-1 step (`StepRunner.step`) of the paper-size HiSS, chunk in host memory to estimate in "
+                      "host memory (CPU: 1 torch thread):",
                       "", markdown_table(["step", "median ms", "p99 ms"],
                                          [[k, fmt_ms(v), fmt_ms(v, "p99_ms")] for k, v in steps.items()])]
         graph_err = bench.get("step/graph_vs_eager_max_abs")

@@ -10,12 +10,12 @@ The estimator node, ``hiss-eval``, the demo and the benchmarks all serve through
 the trainer writes what it reads (``ServingSpec``, stored in the checkpoint by ``save_model``):
 the streams, rates, chunk, filter and gap limit (a ``PipelineConfig``), the ``Normalization`` of
 inputs and outputs, and the validation error. ``push`` runs the trainer's own ``Pipeline`` (same
-sample hygiene, resampling, filter, chunking, normalisation), advances the model one
-``step_chunk`` per completed chunk with its state carried (O(chunk) per estimate however long it
-has run), restarts from a fresh state when the input breaks (gap, time jumping back), and
-de-normalises. A model with the variance head (``variance: true``) also gives each estimate's
-per-channel variance, de-normalised and scaled by the calibration fitted after training
-(``ServingSpec.variance_scale``). A non-finite model output (mean or variance) is never returned:
+sample hygiene, resampling, filter, chunking, normalisation), advances the model one step per
+completed chunk (through its ``StepRunner``: the fast or the compiled step) with its state carried
+(O(chunk) per estimate however long it has run), restarts from a fresh state when the input breaks
+(gap, time jumping back), and de-normalises. A model with the variance head (``variance: true``)
+also gives each estimate's per-channel variance, de-normalised and scaled by the calibration fitted
+after training (``ServingSpec.variance_scale``). A non-finite model output (mean or variance) is never returned:
 the state is reset and it is counted.
 """
 
@@ -36,7 +36,7 @@ import torch
 from hiss_ros.checkpoint import load_checkpoint, save_checkpoint
 from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import CheckpointError, ConfigError, HissError
-from hiss_ros.models import ChunkedModel
+from hiss_ros.models import ChunkedModel, StepRunner
 from hiss_ros.pipeline import Chunk, FilterConfig, Normalization, Pipeline, PipelineConfig
 from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.shipped import shipped_model
@@ -252,6 +252,7 @@ class StreamingEstimator:
                  max_gap_s: float | None = None) -> None:
         self.path, self.spec, self.device = path, spec, device
         self.model = model.to(device).eval()
+        self.runner = StepRunner(self.model)  # how it steps: eager, or compiled by ``compile``
         pipe_cfg = spec.pipeline if not max_gap_s else dataclasses.replace(spec.pipeline, max_gap_s=max_gap_s)
         self.pipeline = Pipeline(pipe_cfg, spec.normalization)
         self.counters: Counter[str] = self.pipeline.counters  # pipeline, resets, estimates, nonfinite_output
@@ -289,22 +290,22 @@ class StreamingEstimator:
         cfg = self.model.config
         with torch.inference_mode():
             x = torch.zeros(1, cfg.chunk, cfg.input_dim, device=self.device)
-            y, state = self.model.step_chunk(x, self.model.init_state(1))
-            y2, _ = self.model.step_chunk(x, state)
+            y, state = self.runner.step(x, self.model.init_state(1))
+            y2, _ = self.runner.step(x, state)
         if not (torch.isfinite(y).all() and torch.isfinite(y2).all()):
             raise CheckpointError(f"{self.path}: the model gives non-finite outputs on zero input (corrupt weights?)")
 
     def compile(self) -> str:
-        """Compile the streaming step (``step_backend`` compile) and switch to it; the outcome for
+        """Compile the streaming step (the runner's ``compile`` backend) and switch to it; the outcome for
         diagnostics, ``in use (...)`` or ``failed (...)``: a model the compiled step does not cover, or a
         compile that fails (no C++ compiler, ...), keeps the eager step. Safe in another thread
         while ``push`` steps eagerly (the switch is one attribute)."""
         began = time.monotonic()
         try:
-            self.model.compile_step()
+            self.runner.compile()
         except Exception as exc:  # ValueError (not covered); Inductor fails in many ways
             return f"failed ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]})"
-        self.model.set_step_backend("compile")
+        self.runner.set_backend("compile")
         return f"in use ({time.monotonic() - began:.1f} s to compile)"
 
     def push(self, stream: int, stamp_ns: int, values: Any) -> list[Estimate]:
@@ -324,7 +325,7 @@ class StreamingEstimator:
         x = torch.from_numpy(chunk.x)[None].to(self.device)
         began = time.perf_counter()
         with torch.inference_mode():
-            y, self.state = self.model.step_chunk(x, self.state)
+            y, self.state = self.runner.step(x, self.state)
         self.step_seconds.append(time.perf_counter() - began)
         return self.to_estimate(chunk.stamp_ns, y[0], chunk.x)
 

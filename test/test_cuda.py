@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import CHUNK
 
-from hiss_ros.models import ChunkedModel, build_model
+from hiss_ros.models import ChunkedModel, StepRunner, build_model
 
 DEVICE = os.environ.get("HISS_TEST_DEVICE", "cuda")
 TOLERANCE = 1e-4
@@ -75,8 +75,9 @@ def test_streaming_matches_offline_on_device(model_config):
     x = x.to(DEVICE)
     with torch.inference_mode():
         offline = dev(x)
-        state = dev.init_state(x.shape[0])
-        for k in range(K):
-            y, state = dev.step_chunk(x[:, k * CHUNK:(k + 1) * CHUNK], state)
-            assert y.device == x.device
-            assert_close(y, offline[:, k].cpu(), f"chunk {k}")
+        for step in (dev.step_chunk, StepRunner(dev).step):  # the module path, the served (fast) step
+            state = dev.init_state(x.shape[0])
+            for k in range(K):
+                y, state = step(x[:, k * CHUNK:(k + 1) * CHUNK], state)
+                assert y.device == x.device
+                assert_close(y, offline[:, k].cpu(), f"chunk {k}")

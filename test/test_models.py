@@ -12,17 +12,18 @@ import torch
 from conftest import CHUNK, MODEL_CONFIGS, flat_config, hiss_config
 
 from hiss_ros.errors import ConfigError
-from hiss_ros.models import FlatConfig, HiSSConfig, StackConfig, build_model, model_config_from_dict
+from hiss_ros.models import FlatConfig, HiSSConfig, StackConfig, StepRunner, build_model, model_config_from_dict
 
 N_CHUNKS = 50
 
 
-def stream(model, x: torch.Tensor) -> torch.Tensor:
-    """Outputs of step_chunk unrolled chunk by chunk: (B, K, O)."""
+def stream(model, x: torch.Tensor, step=None) -> torch.Tensor:
+    """Outputs of ``step`` (model.step_chunk unless given) unrolled chunk by chunk: (B, K, O)."""
+    step = step or model.step_chunk
     state = model.init_state(batch_size=x.shape[0])
     out = []
     for k in range(x.shape[1] // CHUNK):
-        y, state = model.step_chunk(x[:, k * CHUNK : (k + 1) * CHUNK], state)
+        y, state = step(x[:, k * CHUNK : (k + 1) * CHUNK], state)
         out.append(y)
     return torch.stack(out, dim=1)
 
@@ -34,8 +35,10 @@ def test_streaming_equals_offline(model_config, dtype, tol):
     with torch.no_grad():
         offline = model(x)
         online = stream(model, x)
+        served = stream(model, x, StepRunner(model).step)  # the fast step where it covers the model
     assert offline.shape == (2, N_CHUNKS, 3 * (2 if model.config.variance else 1))
     assert (online - offline).abs().max().item() < tol
+    assert (served - offline).abs().max().item() < tol
 
 
 def test_causal(model_config):
@@ -132,11 +135,16 @@ def test_bad_input_shape_is_a_clear_value_error(shape, expected):
         model(torch.randn(*shape))
 
 
-def test_bad_chunk_shape_in_step_chunk():
-    model = build_model(MODEL_CONFIGS["flat-mamba"])
+@pytest.mark.parametrize("name", ["flat-mamba", "hiss-s4d-mamba"])
+def test_bad_chunk_shape_in_step_chunk(name):
+    model = build_model(MODEL_CONFIGS[name]).eval()
     state = model.init_state(batch_size=1)
     with pytest.raises(ValueError, match=r"expected shape \(1, 10, 6\), got \(1, 9, 6\)"):
         model.step_chunk(torch.randn(1, 9, 6), state)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"step_chunk: expected shape \(1, 10, 6\), got \(2, 10, 6\)"):
+        StepRunner(model).step(torch.randn(2, 10, 6), state)  # the runner's fast step checks as step_chunk does
+    with torch.no_grad(), pytest.raises(ValueError, match=r"expected shape \(batch, length, 6\)"):
+        StepRunner(model).step(torch.randn(1, 10, 5), state)
 
 
 @pytest.mark.parametrize("patch, message", [
@@ -179,29 +187,39 @@ def test_paper_presets_build_and_stream():
 
 
 def test_fast_step_equals_module_path_and_follows_weight_changes():
-    """HiSS (S4D low, Mamba high) streams through the fast path in eval without autograd; it agrees
-    with the module path (autograd on) and re-gathers its weights after any parameter change."""
+    """A StepRunner over HiSS (S4D low, Mamba high) takes the fast step in eval without autograd; it
+    agrees with the module path (model.step_chunk) and re-gathers its weights after any parameter
+    change, one runner (one cache) throughout. The runner is no part of the model."""
     model = build_model(hiss_config("s4d", "mamba")).double().eval()
+    keys = list(model.state_dict())
+    runner = StepRunner(model)
     x = torch.randn(2, 8 * CHUNK, 6, dtype=torch.float64)
 
     def module_path():
+        with torch.no_grad():
+            plain = stream(model, x)
         with torch.enable_grad():
-            return stream(model, x).detach()
+            assert not runner.applies()
+            graded = stream(model, x, runner.step)
+        assert graded.requires_grad  # the module path, differentiable
+        assert (graded.detach() - plain).abs().max().item() < 1e-12
+        return plain
 
     def fast_path():
         with torch.no_grad():
-            assert model._fast_step.applies(model)
-            return stream(model, x), model(x)
+            assert runner.applies()
+            return stream(model, x, runner.step), model(x)
 
     online, offline = fast_path()
     assert (online - module_path()).abs().max().item() < 1e-12
     assert (online - offline).abs().max().item() < 1e-9
     with torch.inference_mode():  # weights gathered in inference mode, then used under no_grad
-        stream(model, x)
+        stream(model, x, runner.step)
     changes = [  # in place as an optimizer step does, then parameters replaced
         lambda: model.low.blocks[0].mixer.log_dt.add_(0.3),  # the S4D chunk operator
         lambda: model.high.blocks[1].mixer.A_log.add_(1.0),  # Mamba's -exp(A_log)
         lambda: model.high.blocks[0].mixer.in_proj.weight.mul_(1.5),
+        lambda: model.load_state_dict(build_model(hiss_config("s4d", "mamba")).double().state_dict()),
         lambda: model.load_state_dict(build_model(hiss_config("s4d", "mamba")).double().state_dict(), assign=True),
     ]
     for change in changes:
@@ -211,52 +229,93 @@ def test_fast_step_equals_module_path_and_follows_weight_changes():
         online, offline = fast_path()
         assert (online - before).abs().max().item() > 1e-6
         assert (online - offline).abs().max().item() < 1e-9
+        assert (online - module_path()).abs().max().item() < 1e-12
     model.float()  # converted: storage moved
     x = x.float()
     online, offline = fast_path()
     assert online.dtype == torch.float32
     assert (online - offline).abs().max().item() < 1e-4
+    assert (online - module_path()).abs().max().item() < 1e-4
+    # nothing of the runner on the model: same state dict, no attribute holding it
+    assert list(model.state_dict()) == keys
+    assert not [(name, k) for name, m in model.named_modules() for k, v in vars(m).items()
+                if isinstance(v, StepRunner) or (isinstance(v, dict) and any(isinstance(u, StepRunner)
+                                                                             for u in v.values()))]
+    assert not hasattr(model, "_fast_step") and not hasattr(model, "set_step_backend")
+
+
+def test_param_cache_recomputes_only_when_a_parameter_changed():
+    """The one cache of derived values (runner weights, S4D operator, Mamba's A): kept while the
+    parameters are unchanged, recomputed after an in-place update, a replacement, a conversion or
+    other arguments, never used while autograd records."""
+    from hiss_ros.models.cache import ParamCache
+
+    lin = torch.nn.Linear(3, 2)
+    calls = []
+    cache = ParamCache(lambda scale=1: calls.append(scale) or lin.weight.sum() * scale)
+
+    def get(*args):
+        return cache.get(list(lin.parameters()), *args)
+
+    with torch.no_grad():
+        first = get()
+        assert get() is first and len(calls) == 1
+        lin.bias.add_(1.0)  # in place, even of a parameter the value does not read
+        assert get() is not first and len(calls) == 2
+        assert get(2) is not get() and len(calls) == 4  # other arguments
+        lin.weight = torch.nn.Parameter(lin.weight * 2)  # replaced
+        torch.testing.assert_close(get(), lin.weight.sum())
+        lin.double()  # converted
+        value = get()
+        assert value.dtype == torch.float64 and len(calls) == 6 and get() is value
+    with torch.enable_grad():
+        assert get().requires_grad and len(calls) == 7  # computed, not cached, under autograd
 
 
 def test_compiled_step_equals_offline_without_recompiling():
-    """step_backend "compile": compiled ahead by compile_step, the same outputs as the offline
+    """Runner backend "compile": compiled ahead by compile, the same outputs as the offline
     forward, no compile while streaming (the state it returns, chunks sliced out of a longer
     tensor and a weight update do not compile it again), and the eager path back on request."""
     if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
         pytest.skip("torch.compile needs a C++ compiler (g++), none on PATH")
     model = build_model(hiss_config("s4d", "mamba")).eval()
-    model.compile_step()  # compiled ahead, not yet used
-    assert model.step_backend == "eager"
-    model.set_step_backend("compile")
-    assert model.step_backend == "compile"
+    runner = StepRunner(model)
+    runner.compile()  # compiled ahead, not yet used
+    assert runner.backend == "eager"
+    runner.set_backend("compile")
+    assert runner.backend == "compile"
     x = torch.randn(1, 12 * CHUNK, 6)
+    other = build_model(hiss_config("s4d", "mamba")).eval()
     with torch.inference_mode():
         state = model.init_state(1)
         with torch.compiler.set_stance("fail_on_recompile"):
             steps = []
             for k in range(x.shape[1] // CHUNK):
-                y, state = model.step_chunk(x[:, k * CHUNK : (k + 1) * CHUNK], state)
+                y, state = runner.step(x[:, k * CHUNK : (k + 1) * CHUNK], state)
                 steps.append(y)
             first = steps[0]
             online = torch.stack(steps, dim=1)
             torch.testing.assert_close(online, model(x), atol=1e-4, rtol=0)
             with torch.no_grad():
                 model.high.blocks[0].mixer.D.add_(1.0)  # weights are inputs of the compiled step
-            changed, _ = model.step_chunk(x[:, :CHUNK], model.init_state(1))
+            changed, _ = runner.step(x[:, :CHUNK], model.init_state(1))
+            # another runner over another model of the same architecture: no new compile either
+            torch.testing.assert_close(stream(other, x, StepRunner(other, "compile").step), other(x),
+                                       atol=1e-4, rtol=0)
         torch.testing.assert_close(changed, model(x[:, :CHUNK])[:, 0], atol=1e-4, rtol=0)
         assert (changed - first).abs().max().item() > 1e-4
     with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):  # outside inference mode: eager
-        torch.testing.assert_close(stream(model, x), model(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(stream(model, x, runner.step), model(x), atol=1e-4, rtol=0)
     # Past torch's recompile limit (a batch of 2 needs a new variant): eager from then on, with a warning.
     x2 = torch.randn(2, 3 * CHUNK, 6)
     with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=1):
         with pytest.warns(RuntimeWarning, match="compiled step given up"):
-            online = stream(model, x2)
+            online = stream(model, x2, runner.step)
         torch.testing.assert_close(online, model(x2), atol=1e-4, rtol=0)
-    assert model.step_backend == "eager"
-    model.set_step_backend("compile")
-    model.set_step_backend("eager")
-    assert model.step_backend == "eager" and not model._fast_step.compile
+    assert runner.backend == "eager"
+    runner.set_backend("compile")
+    runner.set_backend("eager")
+    assert runner.backend == "eager"
 
 
 @pytest.mark.parametrize("config, backend, message", [
@@ -266,7 +325,10 @@ def test_compiled_step_equals_offline_without_recompiling():
 ])
 def test_step_backend_errors_say_why(config, backend, message):
     with pytest.raises(ValueError, match=message):
-        build_model(config).set_step_backend(backend)
+        StepRunner(build_model(config)).set_backend(backend)
+    with pytest.raises(ValueError, match=message):
+        StepRunner(build_model(config), backend)
     if backend == "compile":
         with pytest.raises(ValueError, match=message):
-            build_model(config).compile_step()
+            StepRunner(build_model(config)).compile()
+        assert message in StepRunner.uncovered(build_model(config).config)

@@ -14,8 +14,7 @@ from safetensors import safe_open
 
 from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.errors import ConfigError
-from hiss_ros.models import build_model
-from hiss_ros.models.streaming import FastStep
+from hiss_ros.models import StepRunner, build_model
 from hiss_ros.pipeline import Normalization
 from hiss_ros.train.config import TrainConfig, TrainSettings
 from hiss_ros.train.dataset import Dataset, Split, delta_std
@@ -150,10 +149,18 @@ def test_mean_pooling_averages_the_chunk_and_is_outside_the_fast_step():
         x2 = x.clone()
         x2[:, 0] += 3.0  # the first sample of chunk 0: read by the mean, not by the last sample alone
         assert (mean(x2)[:, 0] - mean(x)[:, 0]).abs().max() > 1e-6
-    assert FastStep.uncovered(mean.config) == "it covers pool 'last' only; this model has pool 'mean'"
-    assert not FastStep.applies(mean)
+    assert StepRunner.uncovered(mean.config) == "it covers pool 'last' only; this model has pool 'mean'"
+    assert StepRunner.uncovered(last.config) is None
+    runner = StepRunner(mean)
+    with torch.no_grad():
+        assert not runner.applies() and StepRunner(last).applies()
+        state, online = mean.init_state(1), []
+        for k in range(3):  # the module path, through the runner
+            y, state = runner.step(x[:, k * CHUNK:(k + 1) * CHUNK], state)
+            online.append(y)
+        torch.testing.assert_close(torch.stack(online, 1), mean(x), atol=1e-9, rtol=0)
     with pytest.raises(ValueError, match="pool 'last' only"):
-        mean.set_step_backend("compile")
+        runner.set_backend("compile")
 
 
 @pytest.mark.parametrize("kw, message", [

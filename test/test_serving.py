@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hiss_ros.errors import CheckpointError, HissError
+from hiss_ros.models import StepRunner, build_model
 from hiss_ros.serving import ServingSpec, StreamingEstimator, load_model, resolve_device
 
 MS = 1_000_000
@@ -44,6 +45,20 @@ def test_a_shipped_model_by_name_streams_physical_estimates():
     assert np.diff([e.stamp_ns for e in got]).tolist() == [round(chunk * 1e9 / est.spec.pipeline.input_rate_hz)] * (
         len(got) - 1)
     assert est.counters["estimates"] == len(got) and len(est.step_seconds) == len(got)
+
+
+def test_the_estimator_steps_through_its_runner_and_compile_says_why_not():
+    est = StreamingEstimator.from_checkpoint("contact")
+    assert isinstance(est.runner, StepRunner) and est.runner.model is est.model and est.runner.backend == "eager"
+    with torch.inference_mode():
+        assert est.runner.applies()  # the shipped model takes the fast step
+    cfg = est.model.config
+    layers = {"kind": "lstm", "d_model": 8, "n_layers": 1}
+    flat = StreamingEstimator(build_model({"kind": "flat", "input_dim": cfg.input_dim, "output_dim": cfg.output_dim,
+                                           "chunk": cfg.chunk, "layers": layers}), est.spec)
+    assert flat.compile() == ("failed (ValueError: step backend 'compile' does not apply to this model: it covers "
+                              "HiSS models only; this is a Flat model)")
+    assert flat.runner.backend == "eager" and len(stream(flat, 0.2)) > 0
 
 
 def test_a_burst_of_absurd_samples_is_rejected_and_never_poisons_the_state():

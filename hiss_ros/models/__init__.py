@@ -4,6 +4,7 @@
     model = build_model({"kind": "hiss", "input_dim": 6, "output_dim": 3, "chunk": 10,
                          "low": {"kind": "s4d", "d_model": 64, "n_layers": 2},
                          "high": {"kind": "mamba", "d_model": 32, "n_layers": 2}})
+    runner = StepRunner(model.eval())   # serving: model.step_chunk's contract, fast (or compiled)
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from hiss_ros.models.config import (
     config_to_dict,
     model_config_from_dict,
 )
-from hiss_ros.models.hiss import STEP_BACKENDS, ChunkedModel, Flat, HiSS, StreamState
+from hiss_ros.models.hiss import ChunkedModel, Flat, HiSS, StreamState
 from hiss_ros.models.mamba import cuda_kernels_available
+from hiss_ros.models.runner import STEP_BACKENDS, StepRunner
 
 # Registry: model kind -> class. Each takes its config dataclass. Layer kinds: MIXERS.
 MODELS: dict[str, type[ChunkedModel]] = {"hiss": HiSS, "flat": Flat}
@@ -49,6 +51,7 @@ __all__ = [
     "ModelConfig",
     "Stack",
     "StackConfig",
+    "StepRunner",
     "StreamState",
     "build_model",
     "config_to_dict",

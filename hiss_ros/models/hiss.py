@@ -10,12 +10,15 @@ Streaming contract, shared by both:
     mean, log_var = model.split_output(y)         (..., O) each; log_var None without ``variance``
 Output k is the estimate at the time of chunk k's LAST sample and depends only on inputs
 0 .. (k+1)*chunk - 1 (no look-ahead, unlike the reference code; see docs).
+
+The modules hold the math only: ``step_chunk`` is the module path, the same in training and
+inference. Serving steps through ``hiss_ros.models.runner.StepRunner`` (same contract, faster in
+inference: the fast or the compiled step), which lives outside the module and its state dict.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -25,10 +28,7 @@ from hiss_ros.errors import ShapeError
 from hiss_ros.models.blocks import Stack, StackState
 from hiss_ros.models.config import FlatConfig, HiSSConfig, ModelConfig
 from hiss_ros.models.linear import linear
-from hiss_ros.models.streaming import FastStep, Weights
-from hiss_ros.models.streaming import step as fast_step
 
-STEP_BACKENDS = ("eager", "compile")
 # Range of a predicted log-variance (normalised units), applied wherever one is read (the training
 # loss, calibration, serving), so they all see the same variance: 1e-4 .. 1e4 times the training
 # variance of the channel keeps exp() and the NLL's 1/variance finite in float32.
@@ -47,9 +47,11 @@ class ChunkedModel(nn.Module):
     config: ModelConfig
 
     def _check(self, x: Tensor, what: str) -> None:
+        """ShapeError unless x is (B, L, I); ``what``: the method, named in the message."""
         cfg = self.config
         if x.dim() != 3 or x.shape[-1] != cfg.input_dim:
-            raise ShapeError(f"{what}: expected shape (batch, length, {cfg.input_dim}), got {tuple(x.shape)}")
+            raise ShapeError(f"{type(self).__name__}.{what}: expected shape (batch, length, {cfg.input_dim}), "
+                             f"got {tuple(x.shape)}")
 
     def _features(self, x: Tensor, prev: Tensor) -> Tensor:
         """x (B, L, I) -> (B, L, I') with one-step differences appended when configured;
@@ -94,7 +96,7 @@ class ChunkedModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, L, I) -> (B, L // chunk, W), from zero state."""
-        self._check(x, f"{type(self).__name__}.forward")
+        self._check(x, "forward")
         if x.shape[1] % self.config.chunk:
             raise ShapeError(
                 f"{type(self).__name__}.forward: length {x.shape[1]} is not a multiple of chunk={self.config.chunk}"
@@ -109,50 +111,21 @@ class ChunkedModel(nn.Module):
             self.stack_for_state.init_state(batch_size, p.device, p.dtype),
         )
 
-    @property
-    def step_backend(self) -> str:
-        """How ``step_chunk`` runs in eval without autograd: ``"eager"`` or ``"compile"``."""
-        return "eager"
-
-    def set_step_backend(self, backend: str) -> None:
-        """``"eager"`` (default) or ``"compile"``: ``step_chunk`` through torch.compile under
-        ``torch.inference_mode``, ~1.4x faster for the paper-size HiSS; needs a C++ compiler and
-        compiles at the first step (see ``hiss_ros.models.streaming``). ``ValueError`` for an
-        unknown backend, or for ``"compile"`` on a model it does not cover, saying why."""
-        if backend not in STEP_BACKENDS:
-            raise ValueError(f"step backend {backend!r}: expected one of {', '.join(STEP_BACKENDS)}")
-        if backend == "compile":
-            self._require_compile()
-        self._use_backend(backend)
-
-    def compile_step(self, batch_size: int = 1) -> None:
-        """Compile the ``"compile"`` backend's step now (otherwise it compiles at its first step)
-        without switching to it; ``set_step_backend("compile")`` then takes it at once. Safe in
-        another thread while this model streams with the eager step. ``ValueError`` as
-        ``set_step_backend``; Inductor's own errors when compiling fails (no C++ compiler, ...)."""
-        self._require_compile()  # a Flat model: always raises
-
-    def _require_compile(self) -> None:
-        """ValueError saying why the compile backend does not cover this model, if it does not."""
-        reason = self._compile_unsupported()
-        if reason:
-            raise ValueError(f"step backend 'compile' does not apply to this model: {reason}")
-
-    def _compile_unsupported(self) -> str | None:
-        return f"it covers HiSS models only; this is a {type(self).__name__} model"
-
-    def _use_backend(self, backend: str) -> None:
-        pass
-
     def step_chunk(self, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
-        """x (B, chunk, I) -> (y (B, W), new state); O(chunk) work however long the stream ran."""
-        self._check(x, f"{type(self).__name__}.step_chunk")
+        """x (B, chunk, I) -> (y (B, W), new state); O(chunk) work however long the stream ran.
+        The module path, the same in training and inference; ``StepRunner`` steps faster in
+        inference."""
+        self.check_chunk(x, state)
+        return self._advance(x, state)
+
+    def check_chunk(self, x: Tensor, state: StreamState, what: str = "step_chunk") -> None:
+        """ShapeError unless x is one chunk (B, chunk, I) of the batch of ``state``."""
+        self._check(x, what)
         if x.shape[1] != self.config.chunk or x.shape[0] != state.primed.shape[0]:
             raise ShapeError(
-                f"{type(self).__name__}.step_chunk: expected shape ({state.primed.shape[0]}, "
+                f"{type(self).__name__}.{what}: expected shape ({state.primed.shape[0]}, "
                 f"{self.config.chunk}, {self.config.input_dim}), got {tuple(x.shape)}"
             )
-        return self._advance(x, state)
 
     def _advance(self, x: Tensor, state: StreamState, step: Callable | None = None) -> tuple[Tensor, StreamState]:
         """One checked chunk, the state carried; ``step`` (features, stack state) -> (y, stack
@@ -170,30 +143,10 @@ class HiSS(ChunkedModel):
         self.high = Stack(config.low.d_model, config.high)
         self.head = linear(config.high.d_model, self.output_width)
         self._init_deltas()
-        self._fast_step = FastStep()
 
     @property
     def stack_for_state(self) -> Stack:
         return self.high
-
-    @property
-    def step_backend(self) -> str:
-        return "compile" if self._fast_step.compile else "eager"
-
-    def _compile_unsupported(self) -> str | None:
-        return FastStep.uncovered(self.config)
-
-    def _use_backend(self, backend: str) -> None:
-        self._fast_step.compile = backend == "compile"
-
-    def compile_step(self, batch_size: int = 1) -> None:
-        self._require_compile()
-        fast, p = self._fast_step, next(self.parameters())
-        with torch.inference_mode():
-            x = torch.zeros(batch_size, self.config.chunk, self.config.input_dim, device=p.device, dtype=p.dtype)
-            step = fast.compiled(self._advance_fast)
-            _, state = step(fast.weights(self), x, self.init_state(batch_size))
-            step(fast.weights(self), x, state)  # from a carried state too: nothing left to compile
 
     def _chunk_features(self, x: Tensor) -> Tensor:
         """x (B, K*chunk, I') -> (B, K, D_low): low stack over each chunk from zero state, read
@@ -206,19 +159,6 @@ class HiSS(ChunkedModel):
 
     def _forward(self, x: Tensor) -> Tensor:
         return self.head(self.high(self._chunk_features(x)))
-
-    def _advance(self, x: Tensor, state: StreamState, step: Callable | None = None) -> tuple[Tensor, StreamState]:
-        fast = self._fast_step
-        if step is not None or not fast.applies(self):
-            return super()._advance(x, state, step)
-        if fast.compile and torch.is_inference_mode_enabled():  # the mode the compiled graph is made for
-            out = fast.run_compiled(self._advance_fast, fast.weights(self), x, state)
-            if out is not None:
-                return out
-        return self._advance_fast(fast.weights(self), x, state)
-
-    def _advance_fast(self, w: Weights, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
-        return super()._advance(x, state, partial(fast_step, w))
 
     def _step(self, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
         h, state = self.high.step(self._chunk_features(x)[:, 0], state)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiss_ros.models.cache import DerivedTensor
+from hiss_ros.models.cache import ParamCache
 from hiss_ros.models.config import StackConfig
 from hiss_ros.models.linear import linear
 from hiss_ros.models.scan import scan_impl, selective_scan_step
@@ -83,7 +83,7 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32).repeat(e, 1)))  # (E, N)
         self.D = nn.Parameter(torch.ones(e))  # (E,)
         self.out_proj = linear(e, d, bias=False)
-        self._A = DerivedTensor(lambda: -torch.exp(self.A_log))  # (E, N), cached while streaming
+        self._A = ParamCache(lambda: -torch.exp(self.A_log))  # (E, N), cached while streaming
 
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (..., E) -> delta (..., E), B (..., N), C (..., N)."""

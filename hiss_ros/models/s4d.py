@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiss_ros.models.cache import DerivedTensor
+from hiss_ros.models.cache import ParamCache
 from hiss_ros.models.config import StackConfig
 from hiss_ros.models.linear import linear
 
@@ -56,8 +56,8 @@ class S4D(nn.Module):
         self.C = nn.Parameter(torch.randn(h, n, 2) * math.sqrt(0.5))  # (H, N, 2) complex as pairs
         self.D = nn.Parameter(torch.randn(h))  # (H,)
         self.out = linear(h, 2 * h)  # GLU halves it back to H
-        self._chunk_operator = DerivedTensor(self._toeplitz)  # streaming: one (L, L, H) per chunk length
-        self._step_terms = DerivedTensor(self._discrete)
+        self._chunk_operator = ParamCache(self._toeplitz)  # streaming: one (L, L, H) per chunk length
+        self._step_terms = ParamCache(self._discrete)
 
     def _discrete(self) -> tuple[Tensor, Tensor]:
         """(dt A, C * (exp(dt A) - 1) / A), each (H, N) complex."""

@@ -1,35 +1,30 @@
-"""Inference fast path for ``HiSS.step_chunk``: the same arithmetic with the overhead taken out.
+"""The fast step of a HiSS model: the arithmetic of ``HiSS.step_chunk`` with the overhead taken out.
+``hiss_ros.models.runner.StepRunner`` decides when it runs, keeps its gathered weights and compiles it.
 
 Shapes: B batch, L chunk, I' feature width, D width of a stack, H low width, E Mamba inner width.
 
 At batch 1 a step is a few hundred tiny tensor operations (~16 MFLOP in all), so its cost is
 per-operation overhead, Python's (module calls, attribute lookups) as much as the dispatcher's
-(~2-4 us an operation on the benchmark CPU; the module path took ~2x longer). In eval mode
-with autograd off, for an S4D low stack and a Mamba high stack, ``FastStep`` computes what the
-modules compute, up to summation order, with:
-- every weight gathered once into plain tuples, in the layout the products read (the S4D chunk
-  operator, Mamba's ``-exp(A_log)`` and transposed matrices included); gathered again whenever
-  a parameter is replaced, updated in place, moved or converted (checked each call);
+(~2-4 us an operation on the benchmark CPU; the module path took ~2x longer). For an S4D low
+stack and a Mamba high stack, ``step`` computes what the modules compute, up to summation order, with:
+- every weight gathered once (``gather``) into plain tuples, in the layout the products read (the
+  S4D chunk operator, Mamba's ``-exp(A_log)`` and transposed matrices included);
 - the residual adds fused into the output products (``addmm``) and dropout (identity) dropped;
 - the low stack's last block evaluated at the chunk's last sample only, the one HiSS reads.
-Anything else (training, autograd, other layer kinds, chunks too long for the chunk operator)
-takes the module path.
+It is for inference only (eval mode, autograd off); the runner takes the module path otherwise,
+and for what the fast step does not cover (``StepRunner.uncovered``).
 
-Compiled (``HiSS.set_step_backend("compile")``): the same function through ``torch.compile``
-(Inductor, C++ wrapper), which fuses the element-wise work into generated C++ loops and drops the
-per-operation dispatch: ~0.7 ms instead of ~1.1 ms for the paper-size model on the benchmark CPU.
-It runs under ``torch.inference_mode`` only (elsewhere the eager fast step runs: the compiled
-graph is specialised on that mode). It needs a C++ compiler and compiles once per architecture,
-batch size, dtype and device (not per weight values): ~20 s on 2 cores, a few seconds when
-Inductor's on-disk cache already holds the graph. Torch allows 8 such variants in a process
-(``torch._dynamo.config.recompile_limit``); past it a model steps eagerly, with a warning.
+Compiled (``compile_fast``, the runner's ``"compile"`` backend): the same function through
+``torch.compile`` (Inductor, C++ wrapper), which fuses the element-wise work into generated C++ loops
+and drops the per-operation dispatch: ~0.7 ms instead of ~1.1 ms for the paper-size model on the
+benchmark CPU. It needs a C++ compiler and compiles once per architecture, batch size, dtype and
+device (not per weight values): ~20 s on 2 cores, a few seconds when Inductor's on-disk cache already
+holds the graph. Torch allows 8 such variants in a process (``torch._dynamo.config.recompile_limit``).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from operator import attrgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -38,9 +33,7 @@ from torch import Tensor, nn
 
 from hiss_ros.models.blocks import Stack, StackState
 from hiss_ros.models.mamba import StepWeights, inner_step
-from hiss_ros.models.s4d import TOEPLITZ_MAX_LEN, apply_chunk_operator
-
-_VERSION = attrgetter("_version")
+from hiss_ros.models.s4d import apply_chunk_operator
 
 
 class Norm(NamedTuple):
@@ -133,79 +126,15 @@ def _canonical(tree: Any) -> Any:
     return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
 
 
-def compile_step(fn: Callable) -> Callable:
-    """``fn(w, x, state) -> (y, state)`` through torch.compile, compiled at its first call for each
-    input shape. The weights are inputs, not constants: new values need no new compile. x and the
-    state are passed as fresh contiguous copies: torch.compile specialises on strides (even of
+def compile_fast(fn: Callable) -> Callable:
+    """``fn(model, w, x, state) -> (y, state)`` through torch.compile, compiled at its first call for
+    each input shape. The weights are inputs, not constants: new values need no new compile. x and
+    the state are passed as fresh contiguous copies: torch.compile specialises on strides (even of
     size-1 dimensions) and on whether a tensor was made in inference mode, and the outputs of one
     call would otherwise compile the function again at the next (~30 us for the copies)."""
     compiled = torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
-    def call(w: Weights, x: Tensor, state: Any) -> Any:
-        return compiled(w, *_canonical((x, state)))
+    def call(model: nn.Module, w: Weights, x: Tensor, state: Any) -> Any:
+        return compiled(model, w, *_canonical((x, state)))
 
     return call
-
-
-class FastStep:
-    """The fast ``_step`` of one HiSS model, with its gathered weights.
-
-    The weights are gathered again when a parameter's version counter (in-place update: optimizer
-    step, ``load_state_dict``) or storage address (replaced, moved, converted) changed since; a
-    submodule swapped for another after the first step is not seen."""
-
-    def __init__(self) -> None:
-        self._slots: list[tuple[dict, str]] = []  # (module._parameters, name) of every parameter
-        self._key: tuple[list[int], list[int]] | None = None
-        self._weights: Weights | None = None
-        self.compile = False  # through torch.compile (``compile_step``) instead of eagerly
-        self._compiled: Callable | None = None
-
-    @staticmethod
-    def uncovered(cfg: Any) -> str | None:
-        """Why a HiSS config is outside the fast (and compiled) step, or None when it is covered."""
-        if cfg.low.kind != "s4d" or cfg.high.kind != "mamba" or cfg.chunk > TOEPLITZ_MAX_LEN:
-            return (f"it covers HiSS with an S4D low level, a Mamba high level and chunk <= {TOEPLITZ_MAX_LEN}; "
-                    f"this model has low {cfg.low.kind!r}, high {cfg.high.kind!r}, chunk {cfg.chunk}")
-        if cfg.pool != "last":  # low_last evaluates the last block at the chunk's last sample only
-            return f"it covers pool 'last' only; this model has pool {cfg.pool!r}"
-        return None
-
-    @staticmethod
-    def applies(model: nn.Module) -> bool:
-        return not model.training and not torch.is_grad_enabled() and FastStep.uncovered(model.config) is None
-
-    def _current_key(self) -> tuple[list[int], list[int]]:
-        params = [d[name] for d, name in self._slots]  # ~130 for the paper model: ~15 us a call
-        return list(map(_VERSION, params)), list(map(Tensor.data_ptr, params))
-
-    def weights(self, model: nn.Module) -> Weights:
-        if self._key is None or self._current_key() != self._key:
-            self._slots = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
-                           if p is not None]
-            self._weights = gather(model)
-            self._key = self._current_key()
-        return self._weights
-
-    def compiled(self, fn: Callable) -> Callable:
-        """``fn(w, x, state)`` through ``compile_step``, wrapped once for this model (torch keeps
-        the compiled variants on fn's code, shared by every model of the process)."""
-        if self._compiled is None:
-            self._compiled = compile_step(fn)
-        return self._compiled
-
-    def run_compiled(self, fn: Callable, w: Weights, x: Tensor, state: Any) -> Any | None:
-        """``self.compiled(fn)(w, x, state)``; None once torch's recompile limit is reached (a
-        variant per architecture, batch size, dtype and device, 8 by default in a process):
-        this model then steps eagerly from now on, with a warning."""
-        from torch._dynamo.exc import FailOnRecompileLimitHit  # loaded with the compiler already
-
-        try:
-            return self.compiled(fn)(w, x, state)
-        except FailOnRecompileLimitHit as exc:
-            self.compile = False
-            reason = (str(exc).strip().splitlines() or [""])[0]
-            warnings.warn(f"compiled step given up for this model ({reason}); it steps eagerly from now on "
-                          "(raise torch._dynamo.config.recompile_limit for more compiled variants)",
-                          RuntimeWarning, stacklevel=3)
-            return None

@@ -105,7 +105,7 @@ class Diagnostics:
                 "estimates": counters["estimates"],
                 "estimate_rate_hz": f"{(counters['estimates'] - est_then) / span:.1f}",
                 "resets": counters["resets"], "nonfinite_outputs": counters["nonfinite_output"],
-                "device": node.device, "step_backend": est.model.step_backend, "compile": node.compile_status,
+                "device": node.device, "step_backend": est.runner.backend, "compile": node.compile_status,
                 "model_path": est.path, "reloads": node.reloads,
                 "inference_ms_p50": _ms(node.latencies, 50), "inference_ms_p99": _ms(node.latencies, 99),
                 "step_ms_p50": _ms(est.step_seconds, 50),

@@ -32,7 +32,7 @@ import torch
 
 from hiss_ros.checkpoint import atomic_write, load_checkpoint
 from hiss_ros.errors import ConfigError
-from hiss_ros.models import MODEL_CHOICES, ChunkedModel, build_model
+from hiss_ros.models import MODEL_CHOICES, ChunkedModel, StepRunner, build_model
 from hiss_ros.serving import load_model
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import collect_segments, load_dataset, normalised
@@ -81,9 +81,10 @@ def matched_flat(base: dict[str, Any], kind: str, target: int) -> dict[str, Any]
 
 
 def step_cost_ms(model: ChunkedModel, calls: int = 200) -> float:
-    """Median milliseconds of one ``step_chunk`` (batch 1, CPU, one torch thread as in the node's
-    default deployment, inference mode)."""
+    """Median milliseconds of one streaming step as served (``StepRunner``, eager: batch 1, CPU, one
+    torch thread as in the node's default deployment, inference mode)."""
     model = model.cpu().eval()
+    runner = StepRunner(model)
     x = torch.randn(calls + 20, 1, model.config.chunk, model.config.input_dim)
     times = []
     threads = torch.get_num_threads()
@@ -93,7 +94,7 @@ def step_cost_ms(model: ChunkedModel, calls: int = 200) -> float:
             state = model.init_state(1)
             for i, xc in enumerate(x):
                 t0 = time.perf_counter()
-                _, state = model.step_chunk(xc, state)
+                _, state = runner.step(xc, state)
                 if i >= 20:
                     times.append(1e3 * (time.perf_counter() - t0))
     finally:
