@@ -257,6 +257,7 @@ class StreamingEstimator:
         self.pipeline = Pipeline(pipe_cfg, spec.normalization)
         self.counters: Counter[str] = self.pipeline.counters  # pipeline, resets, estimates, nonfinite_output
         self.step_seconds: deque[float] = deque(maxlen=1000)  # the model step alone, last 1,000 estimates
+        self.step_cpu_ns = 0  # this thread's CPU time in the last step (preemption not counted)
         self.reset()
 
     @classmethod
@@ -323,9 +324,10 @@ class StreamingEstimator:
         """Advance the model over one pipeline chunk; None (counted) if its output is not finite."""
         self.follow_episode(chunk)
         x = torch.from_numpy(chunk.x)[None].to(self.device)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.thread_time_ns()
         with torch.inference_mode():
             y, self.state = self.runner.step(x, self.state)
+        self.step_cpu_ns = time.thread_time_ns() - cpu
         self.step_seconds.append(time.perf_counter() - began)
         return self.to_estimate(chunk.stamp_ns, y[0], chunk.x)
 

@@ -190,9 +190,13 @@ def test_live_estimates_equal_offline(imu_model, monkeypatch, step_backend):
         last = max(expected)
         d.spin_until(lambda: last in d.arrow_stamps(), 10)
         backend = d.diagnostics.get("step_backend")
+        assert d.spin_until(lambda: float(d.diagnostics.get("step_ms_p50", 0)) > 0, 10), d.diagnostics
+        timing = {k: float(d.diagnostics[k]) for k in ("inference_ms_p50", "step_ms_p50", "glue_cpu_ms_p50")}
     finally:
         out = d.close()
     assert backend == step_backend, out[-3000:]  # not fallen back to eager
+    # the node's own work per estimate: the step within it, the CPU time beyond the step positive and smaller
+    assert 0 < timing["step_ms_p50"] <= timing["inference_ms_p50"] and 0 < timing["glue_cpu_ms_p50"] < 5, timing
     assert sorted(d.got) == sorted(expected), f"{len(d.got)} estimates, {len(expected)} expected\n{out[-2000:]}"
     diff = max(np.abs(d.got[t] - expected[t]).max() for t in expected)
     assert diff <= 1e-4, diff

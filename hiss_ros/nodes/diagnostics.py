@@ -108,7 +108,7 @@ class Diagnostics:
                 "device": node.device, "step_backend": est.runner.backend, "compile": node.compile_status,
                 "model_path": est.path, "reloads": node.reloads,
                 "inference_ms_p50": _ms(node.latencies, 50), "inference_ms_p99": _ms(node.latencies, 99),
-                "step_ms_p50": _ms(est.step_seconds, 50),
+                "step_ms_p50": _ms(est.step_seconds, 50), "glue_cpu_ms_p50": _ms(node.glue_cpu, 50),
                 **({"predicted_std_over_validation_rmse_median": f"{np.median(self.std_ratio):.2f}"}
                    if self.std_ratio else {}),
                 **({"input_novelty_median": f"{np.median(self.novelty):.2f}",

@@ -65,7 +65,8 @@ class Estimator(ModelSwap, LifecycleNode):
         self.subscriptions_: list[Any] = []
         self._outputs: dict[tuple[str, str], Any] = {}  # (topic, type) -> lifecycle publisher, across reloads
         self._compile_lock, self.compile_status, self.reloads = threading.Lock(), "off", 0
-        self.latencies: deque[float] = deque(maxlen=1000)
+        self.latencies: deque[float] = deque(maxlen=1000)  # estimate and publish, wall time
+        self.glue_cpu: deque[float] = deque(maxlen=1000)  # the same beyond the model step, thread CPU time
         self.diagnostics = Diagnostics(self)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.add_on_set_parameters_callback(self._on_parameters)
@@ -197,7 +198,7 @@ class Estimator(ModelSwap, LifecycleNode):
         diag.sample(i, stamp)
         est = self.est
         for chunk in est.pipeline.push(i, stamp, values):
-            t0 = time.perf_counter()
+            t0, cpu = time.perf_counter(), time.thread_time_ns()
             estimate = est.estimate(chunk)
             if estimate is not None:
                 stamp_msg = self.messages.publish(estimate.values, estimate.stamp_ns, estimate.variance)
@@ -205,6 +206,7 @@ class Estimator(ModelSwap, LifecycleNode):
                 if self.markers is not None:
                     self.markers.publish(self.messages.arrows(estimate.values, stamp_msg))
             self.latencies.append(time.perf_counter() - t0)
+            self.glue_cpu.append((time.thread_time_ns() - cpu - est.step_cpu_ns) * 1e-9)
 
 
 def main(args: list[str] | None = None, node_class: type[Estimator] = Estimator) -> int:
