@@ -1,10 +1,12 @@
 """The estimator feeding robot_localization's EKF (example; needs ros-jazzy-robot-localization).
 
-ros2 launch hiss_ros ekf_velocity.launch.py [model_path:=contact|broad_velocity|PATH] [namespace:=NS]
+ros2 launch hiss_ros ekf_velocity.launch.py [model_path:=broad_velocity_uncertainty|PATH] [namespace:=NS]
     [use_sim_time:=true]
 
 The estimator comes from estimator.launch.py with config/ekf_velocity.yaml as its parameters file,
-which sets velocity_covariance:=true (the EKF rejects a twist without covariance); the EKF
+which picks the shipped broad_velocity_uncertainty model (each estimate's own predicted variance
+on the twist's covariance diagonal) and sets velocity_covariance:=true (for a model without the
+variance head: the EKF rejects a twist without covariance); the EKF
 (ekf_filter_node) reads the same file and fuses hiss_estimator/twist (twist0) with imu/data (imu0),
 both relative so namespace:= moves the pair together.
 """
@@ -41,8 +43,8 @@ def generate_launch_description() -> LaunchDescription:
                            {"use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)}])
     return LaunchDescription([
         DeclareLaunchArgument("model_path", default_value="",
-                              description="a shipped model (contact, broad_velocity) or a checkpoint; "
-                                          "empty: the node's default (contact)"),
+                              description="a shipped model or a checkpoint; empty: config/ekf_velocity.yaml's "
+                                          "(broad_velocity_uncertainty)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of both nodes and their topics"),
         DeclareLaunchArgument("use_sim_time", default_value="false",
                               description="true when replaying a bag that publishes /clock"),

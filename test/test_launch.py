@@ -107,12 +107,18 @@ def ros_parameters(path: Path) -> dict[str, dict[str, Any]]:
 
 
 @cache
-def checkpoint_data(model: str) -> dict[str, Any]:
-    """A shipped model's streams from its safetensors header, read without torch."""
+def checkpoint_metadata(model: str) -> dict[str, Any]:
+    """A shipped model's hiss_ros metadata (model config, data spec) from its safetensors header,
+    read without torch."""
     with open(ROOT / "models" / f"{model}.safetensors", "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-    return json.loads(header["__metadata__"]["hiss_ros"])["data"]
+    return json.loads(header["__metadata__"]["hiss_ros"])
+
+
+def checkpoint_data(model: str) -> dict[str, Any]:
+    """A shipped model's data spec (streams, rates, ...)."""
+    return checkpoint_metadata(model)["data"]
 
 
 def shipped_models() -> list[str]:
@@ -209,6 +215,9 @@ def test_ekf_example_fuses_the_estimators_twist_with_covariance():
     estimator, ekf = params["/**/hiss_estimator"], params["/**/ekf_filter_node"]
     assert set(estimator) <= set(node_parameters())
     assert estimator["velocity_covariance"] is True  # robot_localization rejects a twist without covariance
+    # a shipped model with the variance head: each estimate's own covariance, not one constant
+    assert estimator["model_path"] in shipped_models()
+    assert checkpoint_metadata(estimator["model_path"])["model"]["variance"] is True
     assert ekf["twist0"] == "hiss_estimator/twist"  # relative: the node's ~/twist in the same namespace
     imu_topics = {s["topic"].lstrip("/") for m in shipped_models() for s in checkpoint_data(m)["inputs"]
                   if s["type"] == "sensor_msgs/msg/Imu"}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from hiss_ros.checkpoint import load_checkpoint
+from hiss_ros.serving import load_model
 from hiss_ros.train.evaluate import evaluate_bags
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ["contact", "broad_velocity"]
+SHIPPED = ["contact", "broad_velocity", "contact_uncertainty", "broad_velocity_uncertainty"]
 
 
 def folder_mb(path: Path) -> float:
@@ -41,7 +43,15 @@ def test_shipped_model_reproduces_its_card(name):
         assert ev.metrics["rmse"][channel] == pytest.approx(rmse, rel=1e-3, abs=1e-6), channel
     # The card's numbers are in the card that people read.
     readme = (REPO / "models" / "README.md").read_text()
-    assert f"## {name}" in readme and f"{card['mse_normalised']:.4g}" in readme
+    assert f"## {name}\n" in readme and f"{card['mse_normalised']:.4g}" in readme
+    uncertain = name.endswith("_uncertainty")
+    assert ckpt.config.variance is uncertain and (ev.std is not None) is uncertain
+    if uncertain:  # its variance: calibrated, raised on novel input, and a calibration table in its card
+        spec = load_model(path).spec
+        assert spec.variance_scale is not None and spec.novelty is not None and spec.novelty.inflate
+        section = readme.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
+        assert "### Calibration on the held-out test data" in section and "| within 2 sigma |" in section
+        assert np.isfinite(ev.std).all() and (ev.std > 0).all()
 
 
 def test_estimator_defaults_to_the_shipped_contact_model():

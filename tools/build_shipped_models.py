@@ -7,7 +7,10 @@ Steps (each is skipped when its output exists, so an interrupted build continues
    (seeds 5-6, 60 s); ``hiss-import broad`` of every BROAD trial in ``../shared/data/broad``;
    the sample bags in ``data/sample/`` (sim seed 0, 60 s; a 20 s excerpt of BROAD trial 21).
 2. ``hiss-train --compare hiss,flat-mamba,flat-s4d,flat-lstm[,flat-transformer] --resume`` for each model,
-   with ``config/train_contact.yaml`` and ``config/train_broad_velocity.yaml``.
+   with ``config/train_contact.yaml`` and ``config/train_broad_velocity.yaml``; the ``*_uncertainty``
+   models (variance head) train HiSS alone with ``config/train_contact_nll.yaml`` and
+   ``config/train_broad_velocity_nll.yaml`` (BROAD with independent validation trials 01 and 10,
+   where the variance is calibrated).
 3. every compared model evaluated on the held-out test data (``hiss-eval --split all``); the
    HiSS model copied to ``models/<name>.safetensors`` with its sample-bag metrics in
    ``models/<name>.metrics.json`` (what ``test/test_shipped.py`` reproduces);
@@ -35,6 +38,8 @@ BROAD_COMPARE = [m for m in COMPARE if m != "flat-transformer"]
 BROAD_TRAIN = ["01", "04", "06", "08", "10", "14", "15", "18", "24"]
 BROAD_TEST = ["02", "07", "09", "11", "16", "21", "25"]  # one of each trial group (trials.json) and all of 21
 
+BROAD_W_TRAIN = ["04", "06", "08", "14", "15", "18", "24"]  # protocol W of docs/ACCURACY.md:
+BROAD_W_VAL = ["01", "10"]  # independent validation recordings, where the variance is calibrated
 SHIPPED = {
     "contact": {
         "config": REPO / "config" / "train_contact.yaml",
@@ -49,6 +54,22 @@ SHIPPED = {
         "test": [WORK / "broad" / t for t in BROAD_TEST],
         "sample": SAMPLE / "broad_excerpt",
         "compare": BROAD_COMPARE,
+    },
+    # The same tasks with the variance head (beta-NLL, novelty inflation): HiSS alone, no comparison.
+    "contact_uncertainty": {
+        "config": REPO / "config" / "train_contact_nll.yaml",
+        "train": [WORK / f"contact_train_{s}" for s in (1, 2, 3, 4)],
+        "test": [WORK / f"contact_test_{s}" for s in (5, 6)],
+        "sample": SAMPLE / "contact_sim",
+        "compare": ["hiss"],
+    },
+    "broad_velocity_uncertainty": {
+        "config": REPO / "config" / "train_broad_velocity_nll.yaml",
+        "train": [WORK / "broad" / t for t in BROAD_W_TRAIN],
+        "val": [WORK / "broad" / t for t in BROAD_W_VAL],
+        "test": [WORK / "broad" / t for t in BROAD_TEST],
+        "sample": SAMPLE / "broad_excerpt",
+        "compare": ["hiss"],
     },
 }
 
@@ -90,7 +111,9 @@ def train(name: str, spec: dict) -> Path:
     out = WORK / name
     if not (out / "comparison.json").exists():
         bags = [str(b if b.exists() else broad_bag(b.name)) for b in spec["train"]]
-        run(train_main, ["--config", str(spec["config"]), *(a for b in bags for a in ("--bag", b)), "--out", str(out),
+        val = [str(b if b.exists() else broad_bag(b.name)) for b in spec.get("val", [])]
+        run(train_main, ["--config", str(spec["config"]), *(a for b in bags for a in ("--bag", b)),
+                         *(a for b in val for a in ("--val-bag", b)), "--out", str(out),
                          "--compare", ",".join(spec["compare"]), "--cache-dir", str(WORK / "cache"), "--quiet",
                          "--resume"])
     return out
@@ -115,6 +138,8 @@ def evaluate(name: str, spec: dict, out: Path) -> dict:
         row["test_chunks"] = ev.metrics["chunks"]
         if row["name"] == "hiss":
             baseline_test = mean_baseline_mse(ev, out / "hiss" / "model.safetensors")
+            calibration = ev.metrics.get("calibration")  # the variance head's, held out
+            novelty = ev.metrics.get("novelty")
     shipped = REPO / "models" / f"{name}.safetensors"
     shutil.copyfile(out / "hiss" / "model.safetensors", shipped)
     ev = evaluate_bags(shipped, [spec["sample"]], "all", None, progress=False)
@@ -125,7 +150,8 @@ def evaluate(name: str, spec: dict, out: Path) -> dict:
     sample["mean_baseline_mse"] = mean_baseline_mse(ev, shipped)
     train_metrics = json.loads((out / "hiss" / "metrics.json").read_text())
     return {"rows": rows, "sample": sample, "train": train_metrics, "size_mb": shipped.stat().st_size / 1e6,
-            "mean_baseline_test_mse": baseline_test, "compare": spec["compare"]}
+            "mean_baseline_test_mse": baseline_test, "compare": spec["compare"], "calibration": calibration,
+            "novelty": novelty}
 
 
 def mean_baseline_mse(ev, model: Path) -> float:

@@ -20,7 +20,20 @@ reproduces on every CI run.
 |---|---|---|---|
 | [`contact`](#contact) | IMU + magnetic tactile skin | wrench, body twist | `contact.safetensors` (default) |
 | [`broad_velocity`](#broad_velocity) | IMU | body linear velocity | `broad_velocity.safetensors` |
-"""
+{contact_uncertainty}
+{broad_velocity_uncertainty}
+
+The `*_uncertainty` models have the variance head (`docs/UNCERTAINTY.md`): every estimate comes
+with its own predicted variance, calibrated on validation data and raised on input unlike the
+training data. The twist then goes out as `TwistWithCovarianceStamped` (the per-estimate variances
+on the diagonal, what robot_localization fuses: `ros2 launch hiss_ros ekf_velocity.launch.py` uses
+`broad_velocity_uncertainty`), the wrench's variances on `hiss_estimator/wrench_variance`.
+""".format(
+    contact_uncertainty="| [`contact_uncertainty`](#contact_uncertainty) | as `contact` | as `contact`, each with its "
+                        "variance | `contact_uncertainty.safetensors` |",
+    broad_velocity_uncertainty="| [`broad_velocity_uncertainty`](#broad_velocity_uncertainty) | IMU | body linear "
+                               "velocity with its covariance | `broad_velocity_uncertainty.safetensors` |",
+)
 
 TEXT = {
     "contact": {
@@ -82,14 +95,96 @@ TEXT = {
         ),
     },
 }
+TEXT["contact_uncertainty"] = {
+    **TEXT["contact"], "title": "contact_uncertainty", "config": "config/train_contact_nll.yaml",
+    "what": TEXT["contact"]["what"] + " Each estimate with its predicted variance: the twist as "
+    "`TwistWithCovarianceStamped`, the wrench's variances on `hiss_estimator/wrench_variance`.",
+    "train_cmd": (
+        "for s in 1 2 3 4; do hiss-sim --out out/shipped/contact_train_$s --seconds 150 --seed $s --zstd; done\n"
+        "hiss-train --config config/train_contact_nll.yaml --bag out/shipped/contact_train_{1,2,3,4} \\\n"
+        "    --out out/shipped/contact_uncertainty --compare hiss"
+    ),
+    "against": "contact",
+}
+TEXT["broad_velocity_uncertainty"] = {
+    **TEXT["broad_velocity"], "title": "broad_velocity_uncertainty", "config": "config/train_broad_velocity_nll.yaml",
+    "what": (
+        "IMU (`/imu/data`, 285.7 Hz) -> body-frame linear velocity with its covariance (`hiss_estimator/twist`, "
+        "`TwistWithCovarianceStamped`: the predicted variance of each estimate on the diagonal, 1e6 where not "
+        "estimated), 28.6 estimates per second. Real data. The model of `ekf_velocity.launch.py`."
+    ),
+    "data": (
+        "BROAD, imported as for `broad_velocity`, split as protocol W of "
+        "[docs/ACCURACY.md](../docs/ACCURACY.md): training trials 04 06 08 14 15 18 24, **independent** "
+        "validation trials 01 and 10 (early stopping, and where the variance is calibrated: the last 20% of "
+        "a training trial, at rest, would make it far too confident), held-out test trials 02 07 09 11 16 21 25."
+    ),
+    "train_cmd": (
+        "hiss-import broad ../shared/data/broad --out out/shipped/broad --zstd --no-mag\n"
+        "hiss-train --config config/train_broad_velocity_nll.yaml --bag out/shipped/broad/04_* ... (trials 04 06 "
+        "08 14 15 18 24) \\\n    --val-bag out/shipped/broad/01_* --val-bag out/shipped/broad/10_* \\\n"
+        "    --out out/shipped/broad_velocity_uncertainty --compare hiss"
+    ),
+    "against": "broad_velocity",
+}
 
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def uncertainty_card(name: str, r: dict[str, Any]) -> str:
+    """A model with the variance head: its accuracy, and its calibration on the held-out data."""
+    t = TEXT[name]
+    hiss = r["rows"][0]
+    cal, tr = r["calibration"], r["train"]
+    cover = "\n".join(
+        f"| `{c}` | {cal['within_1_sigma'][c]:.3f} | {cal['within_2_sigma'][c]:.3f} | {cal['within_3_sigma'][c]:.3f} "
+        f"| {cal['mean_z2'][c]:.2f} | {_fmt(hiss['test_rmse'][c])} |" for c in cal["within_2_sigma"])
+    lo, hi = min(cal["within_2_sigma"].values()), max(cal["within_2_sigma"].values())
+    nov = r["novelty"]
+    return f"""
+## {t['title']}
+
+{t['what']}
+
+- **File**: `models/{name}.safetensors`, {r['size_mb']:.2f} MB, {tr['parameters']:,} parameters.
+- **Data**: {t['data']}
+- **Config**: [`{t['config']}`](../{t['config']}) (the `{t['against']}` model with the variance head, beta-NLL).
+- **Training**: {tr['epochs_run']} epochs (best: epoch {tr['best_epoch'] + 1}), {tr['seconds']:.0f} s on a 2-core
+  CPU, {tr['train_chunks']} training and {tr['val_chunks']} validation chunks. Command (from the repository root,
+  tools in `.venv/bin/`):
+
+  ```bash
+{chr(10).join('  ' + line for line in t['train_cmd'].splitlines())}
+  ```
+- **Limits**: {t['limits']} The variance is raised on novel input by a heuristic (`docs/UNCERTAINTY.md`,
+  "Novelty inflation"), not derived; errors are heavier-tailed than a Gaussian (3-sigma coverage below 99.7 %).
+
+### Calibration on the held-out test data
+
+Held-out normalised MSE of the mean {_fmt(hiss['test_mse'])} (predicting the training mean:
+{_fmt(r['mean_baseline_test_mse'])}; the MSE-trained `{t['against']}`: see its card, and
+`docs/UNCERTAINTY.md` for the multi-seed comparison). Fraction of the errors within 1, 2, 3 predicted
+standard deviations (ideal 0.683 / 0.954 / 0.997), mean z^2 (1 when calibrated), RMSE in physical units;
+2-sigma coverage {lo:.3f} - {hi:.3f} over the channels. Mean NLL (normalised units, per channel)
+{cal['nll_mean']:.3f}. Input novelty on the test data: median {nov['median']:.2f}, 99th percentile
+{nov['p99']:.1f} (warn level {nov['warn_level']:.1f}, exceeded by {100 * nov['fraction_above_warn_level']:.1f} % of
+the chunks).
+
+| channel | within 1 sigma | within 2 sigma | within 3 sigma | mean z^2 | RMSE |
+|---|---|---|---|---|---|
+{cover}
+
+On the sample bag: normalised MSE {_fmt(r['sample']['mse_normalised'])} over {r['sample']['chunks']} estimates
+(`models/{name}.metrics.json`, reproduced by `test/test_shipped.py`).
+{chr(10) + t['attribution'] + chr(10) if t['attribution'] else ''}"""
+
+
 def card(name: str, r: dict[str, Any]) -> str:
     t = TEXT[name]
+    if r.get("calibration"):
+        return uncertainty_card(name, r)
     rows = sorted(r["rows"], key=lambda row: row["test_mse"])
     hiss = next(row for row in r["rows"] if row["name"] == "hiss")
     best = rows[0]
@@ -161,5 +256,12 @@ On the sample bag: normalised MSE {_fmt(r['sample']['mse_normalised'])} over {r[
 
 
 def write_cards(results: dict[str, dict[str, Any]], path: Path) -> None:
-    path.write_text(INTRO + "".join(card(n, results[n]) for n in TEXT if n in results))
+    """Rewrite ``path``: a new card for each model in ``results``; the others keep the card they
+    have there (a build with ``--only`` rewrites only its models')."""
+    old = path.read_text() if path.exists() else ""
+    kept = {}
+    for section in old.split("\n## ")[1:]:
+        kept[section.split("\n", 1)[0].strip()] = "\n## " + section.rstrip("\n") + "\n"
+    cards = [card(n, results[n]) if n in results else kept.get(n, "") for n in TEXT]
+    path.write_text(INTRO + "".join(cards))
     print(f"wrote {path}")
