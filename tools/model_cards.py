@@ -133,11 +133,34 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+UNCERTAINTY_LIMITS = (" The variance is raised on novel input by a heuristic (`docs/UNCERTAINTY.md`, \"Novelty "
+                      "inflation\"), not derived; errors are heavier-tailed than a Gaussian (3-sigma coverage below "
+                      "99.7 %).")
+
+
+def _facts(name: str, r: dict[str, Any], about_config: str, more_limits: str = "") -> str:
+    """The card's list: file, data, config, training (with its command), limits."""
+    t, tr = TEXT[name], r["train"]
+    command = "\n".join("  " + line for line in t["train_cmd"].splitlines())
+    return f"""- **File**: `models/{name}.safetensors`, {r['size_mb']:.2f} MB, {tr['parameters']:,} parameters.
+- **Data**: {t['data']}
+- **Config**: [`{t['config']}`](../{t['config']}) ({about_config}).
+- **Training**: {tr['epochs_run']} epochs (best: epoch {tr['best_epoch'] + 1}), {tr['seconds']:.0f} s on a 2-core
+  CPU, {tr['train_chunks']} training and {tr['val_chunks']} validation chunks. Command (from the repository root,
+  tools in `.venv/bin/`):
+
+  ```bash
+{command}
+  ```
+- **Limits**: {t['limits']}{more_limits}
+"""
+
+
 def uncertainty_card(name: str, r: dict[str, Any]) -> str:
     """A model with the variance head: its accuracy, and its calibration on the held-out data."""
     t = TEXT[name]
     hiss = r["rows"][0]
-    cal, tr = r["calibration"], r["train"]
+    cal = r["calibration"]
     cover = "\n".join(
         f"| `{c}` | {cal['within_1_sigma'][c]:.3f} | {cal['within_2_sigma'][c]:.3f} | {cal['within_3_sigma'][c]:.3f} "
         f"| {cal['mean_z2'][c]:.2f} | {_fmt(hiss['test_rmse'][c])} |" for c in cal["within_2_sigma"])
@@ -148,19 +171,7 @@ def uncertainty_card(name: str, r: dict[str, Any]) -> str:
 
 {t['what']}
 
-- **File**: `models/{name}.safetensors`, {r['size_mb']:.2f} MB, {tr['parameters']:,} parameters.
-- **Data**: {t['data']}
-- **Config**: [`{t['config']}`](../{t['config']}) (the `{t['against']}` model with the variance head, beta-NLL).
-- **Training**: {tr['epochs_run']} epochs (best: epoch {tr['best_epoch'] + 1}), {tr['seconds']:.0f} s on a 2-core
-  CPU, {tr['train_chunks']} training and {tr['val_chunks']} validation chunks. Command (from the repository root,
-  tools in `.venv/bin/`):
-
-  ```bash
-{chr(10).join('  ' + line for line in t['train_cmd'].splitlines())}
-  ```
-- **Limits**: {t['limits']} The variance is raised on novel input by a heuristic (`docs/UNCERTAINTY.md`,
-  "Novelty inflation"), not derived; errors are heavier-tailed than a Gaussian (3-sigma coverage below 99.7 %).
-
+{_facts(name, r, f"the `{t['against']}` model with the variance head, beta-NLL", UNCERTAINTY_LIMITS)}
 ### Calibration on the held-out test data
 
 Held-out normalised MSE of the mean {_fmt(hiss['test_mse'])} (predicting the training mean:
@@ -210,24 +221,12 @@ def card(name: str, r: dict[str, Any]) -> str:
         verdict += (f" Not compared: {', '.join(left_out)} (one epoch took about 4 minutes on this 2-core CPU; the "
                     "whole build had to fit in about an hour).")
     rmse = "\n".join(f"| `{c}` | {_fmt(v)} | {_fmt(r['sample']['rmse'][c])} |" for c, v in hiss["test_rmse"].items())
-    tr = r["train"]
     return f"""
 ## {t['title']}
 
 {t['what']}
 
-- **File**: `models/{name}.safetensors`, {r['size_mb']:.2f} MB, {tr['parameters']:,} parameters.
-- **Data**: {t['data']}
-- **Config**: [`{t['config']}`](../{t['config']}) (HiSS: S4D low level, Mamba high level).
-- **Training**: {tr['epochs_run']} epochs (best: epoch {tr['best_epoch'] + 1}), {tr['seconds']:.0f} s on a 2-core
-  CPU, {tr['train_chunks']} training and {tr['val_chunks']} validation chunks. Command (from the repository root,
-  tools in `.venv/bin/`):
-
-  ```bash
-{chr(10).join('  ' + line for line in t['train_cmd'].splitlines())}
-  ```
-- **Limits**: {t['limits']}
-
+{_facts(name, r, "HiSS: S4D low level, Mamba high level")}
 ### HiSS against flat baselines at the same parameter budget (`hiss-train --compare`)
 
 MSE in normalised units (each output channel scaled by its training standard deviation), so the
