@@ -29,7 +29,9 @@ DEFAULT_MODEL = "contact"  # the node's own default model_path
 # One RViz config per shipped model, showing what that model publishes. Any other model (your own
 # checkpoint) gets the contact one: wrench + twist covers every output kind a model can publish, and
 # a display whose topic stays silent costs nothing.
-RVIZ_CONFIGS = {"contact": "config/hiss_contact.rviz", "broad_velocity": "config/hiss_broad_velocity.rviz"}
+RVIZ_CONFIGS = {"contact": "config/hiss_contact.rviz", "broad_velocity": "config/hiss_broad_velocity.rviz",
+                "contact_uncertainty": "config/hiss_contact_uncertainty.rviz",
+                "broad_velocity_uncertainty": "config/hiss_broad_velocity_uncertainty.rviz"}
 # The estimator's private outputs, which the RViz configs name without a namespace.
 OUTPUTS = ("wrench", "twist", "markers")
 
