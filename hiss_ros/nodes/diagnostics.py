@@ -144,6 +144,12 @@ class Diagnostics:
                 return WARN, f"waiting for data on {topic}"
             if now - self.last_receipt[i] > timeout_ns:
                 return WARN, f"no data on {topic} for {(now - self.last_receipt[i]) / 1e9:.1f} s (stale)"
+        for s, live, expected in zip(self.spec.inputs, self.rates, self.expected, strict=True):
+            if live is not None and expected and abs(live / expected - 1) > RATE_TOLERANCE:
+                message = f"{s.topic.lstrip('/')} at {live:.4g} Hz, trained at {expected:.4g} Hz"
+                node.get_logger().warn(f"{message}: the model was trained on another time scale",
+                                       throttle_duration_sec=10.0)
+                return WARN, message
         recent = np.median(list(self.std_ratio)[-20:]) if len(self.std_ratio) >= 20 else 0.0
         if recent > OOD_STD_RATIO:
             return WARN, (f"predicted uncertainty {recent:.1f}x the validation error: "
@@ -152,11 +158,5 @@ class Diagnostics:
         if self._novelty_warn is not None and novel > self._novelty_warn:
             return WARN, (f"input novelty {novel:.1f} (typical training input 1, 99.9 % of it below "
                           f"{self._novelty_warn:.1f}): input unlike the training data (sensor fault, unseen motion?)")
-        for s, live, expected in zip(self.spec.inputs, self.rates, self.expected, strict=True):
-            if live is not None and expected and abs(live / expected - 1) > RATE_TOLERANCE:
-                message = f"{s.topic.lstrip('/')} at {live:.4g} Hz, trained at {expected:.4g} Hz"
-                node.get_logger().warn(f"{message}: the model was trained on another time scale",
-                                       throttle_duration_sec=10.0)
-                return WARN, message
         return OK, f"{est.counters['estimates']} estimates"
 
