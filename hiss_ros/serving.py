@@ -14,9 +14,10 @@ sample hygiene, resampling, filter, chunking, normalisation), advances the model
 completed chunk (through its ``StepRunner``: the fast or the compiled step) with its state carried
 (O(chunk) per estimate however long it has run), restarts from a fresh state when the input breaks
 (gap, time jumping back), and de-normalises. A model with the variance head (``variance: true``)
-also gives each estimate's per-channel variance, de-normalised and scaled by the calibration fitted
-after training (``ServingSpec.variance_scale``). A non-finite model output (mean or variance) is never returned:
-the state is reset and it is counted.
+also gives each estimate's per-channel variance, de-normalised, scaled by the calibration fitted
+after training (``ServingSpec.variance_scale``) and raised on input unlike the training data
+(``ServingSpec.novelty``, whose score every estimate of every model carries). A non-finite model
+output (mean or variance) is never returned: the state is reset and it is counted.
 """
 
 from __future__ import annotations
