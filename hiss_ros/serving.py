@@ -98,14 +98,17 @@ class ServingSpec:
         """``topic:channel`` per output channel, in model order."""
         return [f"{s.topic}:{c}" for s in self.outputs for c in s.channel_names]
 
-    def physical_variance(self, log_var: np.ndarray, x: np.ndarray) -> np.ndarray:
+    def physical_variance(self, log_var: np.ndarray, x: np.ndarray, score: np.ndarray | None = None) -> np.ndarray:
         """The variance head's output (..., O), a log-variance in normalised units, for the chunks
         x (..., chunk, C) it was predicted from -> float64 variance in physical units squared,
-        calibrated by ``variance_scale`` and raised on novel input (``novelty.inflate``)."""
+        calibrated by ``variance_scale`` and raised on novel input (``novelty.inflate``); ``score``:
+        the chunks' novelty scores, where the caller has them already."""
         scale = np.asarray(self.variance_scale or 1.0)
         with np.errstate(over="ignore"):  # an overflow is an inf: serving refuses it as non-finite
             variance = np.exp(log_var.astype(np.float64)) * self.normalization.output_std ** 2 * scale
-        return variance if self.novelty is None else variance * self.novelty.inflation(x)[..., None]
+        if self.novelty is None:
+            return variance
+        return variance * self.novelty.factor(self.novelty.score(x) if score is None else score)[..., None]
 
     def expected_rates_hz(self) -> list[float | None]:
         """Per input, the rate its samples should come at: measured in the training bags, else the
@@ -337,8 +340,9 @@ class StreamingEstimator:
         None (counted, the state reset) if its mean or variance is not finite."""
         mean, log_var = self.model.split_output(y)  # (O,) each, log_var None without the variance head
         values = self.spec.normalization.physical(mean.cpu().numpy())
-        variance = None if log_var is None else self.spec.physical_variance(log_var.cpu().numpy(), x)
-        novelty = None if self.spec.novelty is None else float(self.spec.novelty.score(x))
+        score = None if self.spec.novelty is None else self.spec.novelty.score(x)
+        variance = None if log_var is None else self.spec.physical_variance(log_var.cpu().numpy(), x, score)
+        novelty = None if score is None else float(score)
         if not np.isfinite(values).all() or (variance is not None and not np.isfinite(variance).all()):
             self.counters["nonfinite_output"] += 1
             self.reset()

@@ -108,7 +108,7 @@ class StepRunner:
     def step(self, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
         """x (B, chunk, I) -> (y (B, W), new state), as ``model.step_chunk`` (its shape checks too)."""
         model = self.model
-        if not (self._covered and not model.training and not torch.is_grad_enabled()):
+        if not self.applies():
             return model.step_chunk(x, state)
         model.check_chunk(x, state)
         w = self.weights()

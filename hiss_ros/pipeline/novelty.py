@@ -85,10 +85,13 @@ class Novelty:
         return (((features(x) - self.mean) / self.std) ** 2).mean(-1) / self.reference
 
     def inflation(self, x: np.ndarray) -> np.ndarray:
-        """(...) factor on the predicted variance of the chunks x: max(1, score) (at most
-        ``MAX_INFLATION``) with ``inflate``, else 1."""
-        s = self.score(x)
-        return np.clip(s, 1.0, MAX_INFLATION) if self.inflate else np.ones_like(s)
+        """(...) factor on the predicted variance of the chunks x (``factor`` of their score)."""
+        return self.factor(self.score(x))
+
+    def factor(self, score: np.ndarray) -> np.ndarray:
+        """The factor on the predicted variance for novelty scores ``score``: max(1, score) (at
+        most ``MAX_INFLATION``) with ``inflate``, else 1."""
+        return np.clip(score, 1.0, MAX_INFLATION) if self.inflate else np.ones_like(score)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "reference": self.reference, "warn": self.warn,

@@ -64,7 +64,9 @@ def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_
     truth_n = np.concatenate(data.y)
     pred, truth = norm.physical(pred_n), np.concatenate(raw.y)
     chunks = np.concatenate(data.x)  # (K, chunk, C): what each estimate was made from
-    variance = None if log_var is None else served.spec.physical_variance(log_var, chunks)  # (K, O) as served
+    novelty = served.spec.novelty
+    score = None if novelty is None else novelty.score(chunks)  # (K,)
+    variance = None if log_var is None else served.spec.physical_variance(log_var, chunks, score)  # (K, O) as served
     channels = served.spec.output_channels
     mse = ((pred - truth) ** 2).mean(0)
     metrics = {
@@ -76,12 +78,11 @@ def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_
         "model": served.path,
         "bags": [str(b) for b in bags],
     }
-    if served.spec.novelty is not None:  # how unlike the training chunks these are (1: typical)
-        score = served.spec.novelty.score(chunks)
+    if novelty is not None:  # how unlike the training chunks these are (1: typical)
         metrics["novelty"] = {"median": float(np.median(score)), "p99": float(np.percentile(score, 99)),
-                              "warn_level": served.spec.novelty.warn,
-                              "fraction_above_warn_level": float((score > served.spec.novelty.warn).mean()),
-                              "variance_inflation": served.spec.novelty.inflate and variance is not None}
+                              "warn_level": novelty.warn,
+                              "fraction_above_warn_level": float((score > novelty.warn).mean()),
+                              "variance_inflation": novelty.inflate and variance is not None}
     if variance is not None:  # normalised units: the NLL of each channel on the same scale
         metrics["calibration"] = calibration_metrics(pred_n - truth_n, variance / norm.output_std ** 2, channels)
     return Evaluation(metrics, np.concatenate(raw.stamps), pred, truth, channels,
