@@ -22,7 +22,11 @@ What is measured, and why:
   estimates that never arrived (expected = one per chunk of the published stream-0 stamps).
 - The same run with ``bench/naive_estimator.py``: the same node, except that every estimate
   reruns ``model(window)`` over the last 10 s of chunks instead of one carried-state step.
-Targets (streaming node): p99 <= 5 ms, zero dropped, CPU < 50 % of one core.
+Targets (streaming node, issue #10): p99 <= 3 ms, zero dropped, CPU <= 15 % of one core, its own CPU
+time per estimate beyond the model step <= 0.3 ms p50.
+- The rclpy floor: the node's subscriptions (raw, as the node's) with callbacks that only count,
+  under the same publisher; and the model step timed back to back offline, against the same step
+  in the node, where it runs on a core that has been idle (cold caches).
 
 Usage (from the repository root):
     .venv/bin/python bench/bench_latency.py                  # 60 s each, writes docs/BENCHMARKS.md
@@ -57,7 +61,7 @@ from benchutil import (
 
 SECTION = "bench_latency"
 DEFAULT_MODEL = REPO / "models" / "contact.safetensors"
-TARGET_P99_MS, TARGET_CPU_PCT, TARGET_GLUE_MS = 5.0, 50.0, 0.3
+TARGET_P99_MS, TARGET_CPU_PCT, TARGET_GLUE_MS = 3.0, 15.0, 0.3  # issue #10
 NS = "/bench"  # every topic of a run, and the namespace of the node
 ENV = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
 STREAMING = "streaming (step_chunk, state carried)"
@@ -143,7 +147,7 @@ def publish(model: Path, seconds: float, clock_rate: float, other_rate: float, o
 
 
 def floor_subscriber(model: Path) -> int:
-    """The rclpy floor: the node's input subscriptions (same QoS depth, events executor) with
+    """The rclpy floor: the node's input subscriptions (raw, same QoS, events executor) with
     callbacks that only count. Says MATCHED once every input has a publisher, then spins until
     the publisher has been gone for 2 s, and prints what it received."""
     import rclpy
@@ -164,7 +168,7 @@ def floor_subscriber(model: Path) -> int:
             counts[i] += 1
         return count
 
-    subs = [node.create_subscription(message_class(s.type), f"{NS}{s.topic}", counter(i), qos)
+    subs = [node.create_subscription(message_class(s.type), f"{NS}{s.topic}", counter(i), qos, raw=True)
             for i, s in enumerate(cfg.inputs)]
     executor = EventsExecutor()
     executor.add_node(node)
@@ -262,7 +266,8 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     if not hasattr(message_class(cfg.inputs[0].type)(), "header"):
         raise SystemExit(f"stream 0 ({cfg.inputs[0].topic}) has no header: its publish times cannot be matched")
     out = cfg.outputs[0]
-    if source is None:  # this node: relative inputs and private outputs, all under the namespace
+    before_13 = source is not None and "output_prefix" in (source / "hiss_ros/nodes/estimator.py").read_text()
+    if not before_13:  # relative inputs and private outputs, all under the namespace
         names = ["-r", f"__ns:={NS}"]
         status, estimates = f"{NS[1:]}/hiss_estimator: estimator", f"{NS}/hiss_estimator/"
         estimates += output_names([estimate_type(out, covariance=False)], [out])[0].removeprefix("~/")
@@ -408,7 +413,7 @@ def rows(runs: list[Run]) -> list[list[str]]:
 
 
 def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
-           floor: tuple[float, int, int] | None = None) -> str:
+           floor: tuple[float, int, int] | None = None, step_ms: float | None = None) -> str:
     cfg, dims = checkpoint_streams(model)
     s = runs[0]
     p99 = percentile(list(s.latencies_ms), 99)
@@ -416,8 +421,8 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
         f"p99 {p99:.2f} ms (target <= {TARGET_P99_MS:g} ms: {'met' if p99 <= TARGET_P99_MS else 'NOT met'})",
         f"dropped {s.dropped_inputs} inputs, {s.expected - s.received} estimates (target 0: "
         f"{'met' if s.dropped_inputs == 0 and s.received == s.expected else 'NOT met'})",
-        f"CPU {s.cpu_pct:.1f} % of one core (target < {TARGET_CPU_PCT:g} %: "
-        f"{'met' if s.cpu_pct < TARGET_CPU_PCT else 'NOT met'})",
+        f"CPU {s.cpu_pct:.1f} % of one core (target <= {TARGET_CPU_PCT:g} %: "
+        f"{'met' if s.cpu_pct <= TARGET_CPU_PCT else 'NOT met'})",
     ]
     if s.step_ms != "-":
         glue = float(s.node_ms[0]) - float(s.step_ms)
@@ -445,10 +450,15 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
     )
     if floor is not None:
         per_s = args.clock_rate + args.other_rate * (len(cfg.inputs) - 1)  # input messages a second
-        body += (f"\nThe rclpy floor, the same subscriptions with callbacks that only count (events executor, one "
-                 f"process, same publisher): CPU {floor[0]:.1f} % of one core ({floor[1]} of {floor[2]} messages "
+        body += (f"\nThe rclpy floor, the same subscriptions (raw) with callbacks that only count (events executor, "
+                 f"one process, same publisher): CPU {floor[0]:.1f} % of one core ({floor[1]} of {floor[2]} messages "
                  f"received). The streaming node's own work beyond it: {s.cpu_pct - floor[0]:.1f} % of one core, "
                  f"{1e4 * (s.cpu_pct - floor[0]) / per_s:.0f} us per input message (its model steps included).\n")
+    if step_ms is not None and s.step_ms != "-":
+        body += (f"\nThe model step back to back (offline, one torch thread, `compare.step_cost_ms`): {step_ms:.3f} ms "
+                 f"p50, against {float(s.step_ms):.3f} ms in the node, where each step follows about a millisecond "
+                 "idle: the same work on cold caches. At one estimate per chunk that difference alone is "
+                 f"{(float(s.step_ms) - step_ms) * cfg.pipeline.output_rate_hz / 10:.1f} % of a core.\n")
     by_name = {r.node: r for r in runs}
     c, d, n = (by_name.get(name) for name in list(NODES)[1:])
     for peer in (r for r in runs if r.node.endswith("(peer)")):
@@ -520,7 +530,12 @@ def main() -> int:
             floor = run_floor(args.model, args.seconds, args.clock_rate, args.other_rate, Path(work))
         print(f"rclpy floor: CPU {floor[0]:.1f} % ({floor[1]} of {floor[2]} messages received)")
     if not args.quick:
-        write_section(args.doc, SECTION, report(runs, args.model, args, load, floor))
+        from hiss_ros.checkpoint import load_checkpoint
+        from hiss_ros.train.compare import step_cost_ms
+
+        step_ms = step_cost_ms(load_checkpoint(args.model).model)
+        print(f"model step back to back: {step_ms:.3f} ms p50")
+        write_section(args.doc, SECTION, report(runs, args.model, args, load, floor, step_ms))
     return 0
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROS_ENV, Listener
+from rclpy.serialization import serialize_message
 from test_train import config
 
 from hiss_ros.checkpoint import load_checkpoint
@@ -192,9 +193,11 @@ def test_live_estimates_equal_offline(imu_model, monkeypatch, step_backend):
         backend = d.diagnostics.get("step_backend")
         assert d.spin_until(lambda: float(d.diagnostics.get("step_ms_p50", 0)) > 0, 10), d.diagnostics
         timing = {k: float(d.diagnostics[k]) for k in ("inference_ms_p50", "step_ms_p50", "glue_cpu_ms_p50")}
+        decoded_by = d.diagnostics.get("decoded_by imu/data")
     finally:
         out = d.close()
     assert backend == step_backend, out[-3000:]  # not fallen back to eager
+    assert decoded_by == "rosbags", decoded_by  # raw bytes, read by the bag reader's deserializer, checked equal
     # the node's own work per estimate: the step within it, the CPU time beyond the step positive and smaller
     assert 0 < timing["step_ms_p50"] <= timing["inference_ms_p50"] and 0 < timing["glue_cpu_ms_p50"] < 5, timing
     assert sorted(d.got) == sorted(expected), f"{len(d.got)} estimates, {len(expected)} expected\n{out[-2000:]}"
@@ -207,7 +210,7 @@ def test_live_estimates_equal_offline(imu_model, monkeypatch, step_backend):
 
 
 def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):
-    """NaN, a duplicated stamp, time jumping back and a long gap: the node survives, counts each,
+    """NaN, a duplicated stamp, truncated bytes, time jumping back and a long gap: the node survives, counts each,
     resets its state, and estimates later good data."""
     _, model_path = imu_model
     for k, v in ROS_ENV.items():
@@ -228,6 +231,7 @@ def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):
         assert d.spin_until(lambda: len(d.got) >= 5, 20), d.diagnostics
         d.publish(t0 + 60 * period, [np.nan, 0, 0], [0, 0, 0])  # non-finite
         d.publish(t0 + 59 * period, [0, 0, 0], [0, 0, 0])  # duplicate of the last good stamp
+        d.pub.publish(serialize_message(d.Imu())[:40])  # truncated bytes: the node decodes raw messages itself
         burst(t0 - 5_000_000_000)  # time jumps back 5 s (a bag loop)
         burst(t0 + 20_000_000_000)  # then a 25 s gap
         assert d.spin_until(lambda: sum(t > t0 + 20_000_000_000 for t in d.got) >= 5, 20), "no estimates after gap"
@@ -238,6 +242,7 @@ def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):
     assert d.proc.returncode is not None and "Traceback" not in out, out[-3000:]
     assert int(diag["pipeline nonfinite"]) >= 1
     assert int(diag["pipeline duplicate"]) >= 1
+    assert int(diag["unreadable imu/data"]) == 1 and "do not decode as sensor_msgs/msg/Imu" in out, out[-3000:]
     assert int(diag["pipeline time_backwards"]) >= 1
     assert int(diag["pipeline gap"]) >= 1
 

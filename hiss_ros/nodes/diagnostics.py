@@ -120,6 +120,7 @@ class Diagnostics:
                                       (f"received {t}", n), (f"rate_hz {t}", f"{(n - m) / span:.1f}"),
                                       (f"sample_rate_hz {t}", "n/a" if r is None else f"{r:.1f}"),
                                       (f"unreadable {t}", bad), (f"lost {t}", lost if lost >= 0 else "n/a"))},
+                **{f"decoded_by {t}": d.backend for t, d in zip(topics, node.decoders, strict=False)},
                 **{f"pipeline {k}": v for k, v in counters.items() if k not in SERVING_COUNTERS},
             }
         status = DiagnosticStatus(level=level, name=self.name, message=message,

@@ -36,6 +36,7 @@ from hiss_ros.nodes.diagnostics import Diagnostics
 from hiss_ros.nodes.messages import TWIST, TWIST_COV, WRENCH, EstimateMessages
 from hiss_ros.nodes.reload import ModelSwap
 from hiss_ros.nodes.stamping import Stamps
+from hiss_ros.nodes.wire import Decoder
 from hiss_ros.serving import StreamingEstimator, resolve_device
 
 # name -> default; every one but model_path (hot reload) is fixed at start-up.
@@ -63,6 +64,7 @@ class Estimator(ModelSwap, LifecycleNode):
         self.messages: EstimateMessages | None = None
         self.markers: Any = None
         self.subscriptions_: list[Any] = []
+        self.decoders: list[Decoder] = []  # per input while active: rosbags' or rclpy's (/diagnostics says)
         self._outputs: dict[tuple[str, str], Any] = {}  # (topic, type) -> lifecycle publisher, across reloads
         self._compile_lock, self.compile_status, self.reloads = threading.Lock(), "off", 0
         self.latencies: deque[float] = deque(maxlen=1000)  # estimate and publish, wall time
@@ -106,6 +108,8 @@ class Estimator(ModelSwap, LifecycleNode):
         qos = QoSProfile(depth=self.p["qos_depth"], reliability=sensor.reliability, durability=sensor.durability,
                          history=sensor.history)
         self._readers: list[Any] = [None] * len(self._inputs)
+        warn = self.get_logger().warn
+        self.decoders = [Decoder(s, c, warn) for s, c in zip(self._inputs, self._classes, strict=True)]
         self._stamps = Stamps(self._inputs, self.est.spec.input_stamps, int(self.est.pipeline.config.max_gap_s * 1e9),
                               lambda: self.get_clock().now().nanoseconds, self.get_logger().warn)
         self.subscriptions_ = [self._subscribe(i, s, qos) for i, s in enumerate(self._inputs)]
@@ -119,17 +123,17 @@ class Estimator(ModelSwap, LifecycleNode):
             self.diagnostics.lost[i] += info.total_count_change
 
         args = (self._classes[i], self._topic(stream), lambda m: self._on_sample(i, m), qos)
-        try:
-            return self.create_subscription(*args, event_callbacks=SubscriptionEventCallbacks(
+        try:  # raw: serialized bytes, decoded by the stream's Decoder (rclpy's objects cost more)
+            return self.create_subscription(*args, raw=True, event_callbacks=SubscriptionEventCallbacks(
                 message_lost=lost, use_default_callbacks=False))
         except UnsupportedEventTypeError:  # an rmw without the event: subscribe without it
             self.diagnostics.lost[i] = -1
-            return self.create_subscription(*args)
+            return self.create_subscription(*args, raw=True)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         for sub in self.subscriptions_:
             self.destroy_subscription(sub)
-        self.subscriptions_ = []
+        self.subscriptions_, self.decoders = [], []
         self.est.restart("deactivated")
         return super().on_deactivate(state)
 
@@ -180,9 +184,10 @@ class Estimator(ModelSwap, LifecycleNode):
 
     # --- data path ----------------------------------------------------------------------------
 
-    def _on_sample(self, i: int, msg: Any) -> None:
+    def _on_sample(self, i: int, data: bytes) -> None:
         spec, diag = self._inputs[i], self.diagnostics
         try:
+            msg = self.decoders[i](data)
             if self._readers[i] is None:
                 self._readers[i] = value_reader(spec, msg)
             values = self._readers[i](msg)
@@ -201,10 +206,10 @@ class Estimator(ModelSwap, LifecycleNode):
             t0, cpu = time.perf_counter(), time.thread_time_ns()
             estimate = est.estimate(chunk)
             if estimate is not None:
-                stamp_msg = self.messages.publish(estimate.values, estimate.stamp_ns, estimate.variance)
+                self.messages.publish(estimate.values, estimate.stamp_ns, estimate.variance)
                 self.diagnostics.observe(estimate)
                 if self.markers is not None:
-                    self.markers.publish(self.messages.arrows(estimate.values, stamp_msg))
+                    self.markers.publish(self.messages.arrows(estimate.values, estimate.stamp_ns))
             self.latencies.append(time.perf_counter() - t0)
             self.glue_cpu.append((time.thread_time_ns() - cpu - est.step_cpu_ns) * 1e-9)
 

@@ -1,8 +1,9 @@
 """Estimates -> ROS messages: which message type each output is published as, where each
 estimated channel goes in it, its frame and covariance, and RViz arrows.
 
-Messages are built once per model and refilled at every estimate (building them anew cost
-more than the model step); each is serialised at ``publish``, so reusing it is safe.
+Messages are built and serialized once per model; each estimate is packed into a copy of the
+bytes and published serialized (``hiss_ros.nodes.wire``): building and converting message
+objects at every estimate cost more than the model step.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Point
 from visualization_msgs.msg import Marker, MarkerArray
 
 from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import HissError
+from hiss_ros.nodes.wire import Filler, Template, outgoing
 from hiss_ros.serving import ServingSpec
 
 # What an estimate of each ground-truth type is published as, and where its channels go.
@@ -71,24 +74,13 @@ def output_names(types: list[str], streams: list[StreamSpec]) -> list[str]:
 
 @dataclass
 class _Outgoing:
-    """One output stream's publisher and the message refilled at every estimate."""
+    """One output stream: its publisher and message (a serialized template), and the variances'."""
 
     publisher: Any
-    msg: Any
-    fields: list[tuple[Any, str]]  # where each channel goes: (parent object, attribute)
-    covariance: list[int]  # TwistWithCovariance: each channel's diagonal slot, for per-estimate variances
-    variance: tuple[Any, Any, list[tuple[Any, str]]] | None  # other types: a companion of variances
-
-
-def _slots(msg: Any, paths: list[str]) -> list[tuple[Any, str]]:
-    fields = []
-    for path in paths:
-        *parents, leaf = path.split(".")
-        obj = msg
-        for name in parents:
-            obj = getattr(obj, name)
-        fields.append((obj, leaf))
-    return fields
+    message: Template | Filler  # the channels, then (a twist with covariance) their variances' diagonal slots
+    size: int
+    covariance: bool  # per-estimate variances go into the message's covariance diagonal
+    variance: tuple[Any, Template | Filler] | None  # other types: a companion message of variances
 
 
 class EstimateMessages:
@@ -113,46 +105,40 @@ class EstimateMessages:
             msg = pub.msg_type()
             msg.header.frame_id = frame
             paths = channel_paths(stream, msg_type)
-            slots, companion = [], None
+            slots, companion = list(paths), None
             if msg_type == TWIST_COV:
                 msg.twist.covariance = twist_covariance(paths, None if mse is None else mse[first:first + len(paths)])
-                slots = [7 * _COV_ROW[".".join(p.split(".")[-2:])] for p in paths]
+                if per_estimate:
+                    slots += [f"twist.covariance[{7 * _COV_ROW['.'.join(p.split('.')[-2:])]}]" for p in paths]
             elif per_estimate:
                 var_pub = publisher_of(f"{topic}_variance", msg_type)
                 var_msg = var_pub.msg_type()
                 var_msg.header.frame_id = frame
-                companion = (var_pub, var_msg, _slots(var_msg, paths))
-            self.outgoing.append(_Outgoing(pub, msg, _slots(msg, paths), slots, companion))
+                companion = (var_pub, outgoing(var_msg, paths))
+            self.outgoing.append(_Outgoing(pub, outgoing(msg, slots), len(paths), len(slots) > len(paths), companion))
             first += len(paths)
         self.sizes = [len(s.channel_names) for s in spec.outputs]
 
-    def publish(self, values: np.ndarray, stamp_ns: int, variance: np.ndarray | None = None) -> Any:
+    def publish(self, values: np.ndarray, stamp_ns: int, variance: np.ndarray | None = None) -> None:
         """Publish the physical-unit estimate (O,) of the chunk ending at ``stamp_ns`` (and its
-        per-channel variance (O,), when the model predicts one); returns its stamp."""
+        per-channel variance (O,), when the model predicts one)."""
         flat = values.tolist()
         var = variance.tolist() if variance is not None else None
-        sec, nanosec = divmod(stamp_ns, 1_000_000_000)
         k = 0
         for out in self.outgoing:
-            msg = out.msg
-            msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
-            for j, (obj, leaf) in enumerate(out.fields):
-                setattr(obj, leaf, flat[k + j])
-                if var is not None and out.covariance:
-                    msg.twist.covariance[out.covariance[j]] = var[k + j]
-            out.publisher.publish(msg)  # serialised now: the message is reused for the next estimate
+            own = flat[k:k + out.size]
+            if out.covariance:
+                own += var[k:k + out.size]
+            out.publisher.publish(out.message.fill(own, stamp_ns))
             if var is not None and out.variance is not None:
-                var_pub, var_msg, var_fields = out.variance
-                var_msg.header.stamp.sec, var_msg.header.stamp.nanosec = sec, nanosec
-                for j, (obj, leaf) in enumerate(var_fields):
-                    setattr(obj, leaf, var[k + j])
-                var_pub.publish(var_msg)
-            k += len(out.fields)
-        return self.outgoing[0].msg.header.stamp
+                out.variance[0].publish(out.variance[1].fill(var[k:k + out.size], stamp_ns))
+            k += out.size
 
-    def arrows(self, values: np.ndarray, stamp: Any) -> MarkerArray:
+    def arrows(self, values: np.ndarray, stamp_ns: int) -> MarkerArray:
         """One arrow from its frame's origin per output stream, along its first three channels."""
         arrows, k = MarkerArray(), 0
+        sec, nanosec = divmod(stamp_ns, 1_000_000_000)
+        stamp = Time(sec=sec, nanosec=nanosec)
         for i, (n, frame) in enumerate(zip(self.sizes, self.frames, strict=True)):
             if n >= 3:
                 m = Marker(type=Marker.ARROW, action=Marker.ADD, id=i, ns="hiss_estimates")
