@@ -1,5 +1,5 @@
 """Messages as bytes (hiss_ros.nodes.wire): inputs decoded by rosbags equal rclpy's decoding, or
-give way to it; estimates packed into serialized templates equal rclpy's serialization."""
+give way to it; estimates packed into serialized templates decode with rclpy to the same messages."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_truncated_bytes_are_a_value_error_naming_the_type(empty):
         decode(data[:40])
 
 
-def test_a_template_fills_to_rclpys_bytes_for_every_estimate():
+def test_a_filled_template_decodes_with_rclpy_to_the_estimate():
     msg = TwistWithCovarianceStamped()
     msg.header.frame_id = "base_link"
     msg.twist.covariance = np.arange(36, dtype=float) + 1e6
