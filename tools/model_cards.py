@@ -220,6 +220,10 @@ def card(name: str, r: dict[str, Any]) -> str:
     if left_out:
         verdict += (f" Not compared: {', '.join(left_out)} (one epoch took about 4 minutes on this 2-core CPU; the "
                     "whole build had to fit in about an hour).")
+    verdict += (" One seed per model: [docs/ACCURACY.md](../docs/ACCURACY.md) repeats the comparison over three "
+                "seeds, where the seed-to-seed spread is as large as most of these gaps (there, HiSS has the lowest "
+                "mean held-out MSE of the models compared on both tasks, tied within the spread with the best flat "
+                "ones).")
     rmse = "\n".join(f"| `{c}` | {_fmt(v)} | {_fmt(r['sample']['rmse'][c])} |" for c, v in hiss["test_rmse"].items())
     return f"""
 ## {t['title']}
