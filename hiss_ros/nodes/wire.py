@@ -1,16 +1,16 @@
 """Messages as bytes: inputs decoded from their serialized form, estimates written into it.
 
 rclpy turns every message it takes into Python objects inside its executor, and every message it
-publishes back into C structures: at IMU 1 kHz that was most of the estimator's CPU beyond the
-bare middleware (docs/BENCHMARKS.md). The estimator subscribes ``raw`` instead and decodes with
-rosbags' CDR deserializer, the one that reads the training bags, so live samples are read by the
-same code as the samples the model was trained on. It publishes serialized bytes: each outgoing
-message is serialized once, and each estimate is packed into a copy at the byte offsets of its
-stamp and values.
+publishes back into C structures: at IMU 1 kHz + tactile 100 Hz, a subscriber that only counts its
+messages took 12-15 % of a core that way and 7-9 % raw (docs/BENCHMARKS.md, the rclpy floor).
+The estimator subscribes ``raw`` instead and decodes with rosbags' CDR deserializer, the one that
+reads the training bags, so live samples are read by the same code as the samples the model was
+trained on. It publishes serialized bytes: each outgoing message is serialized once, and each
+estimate is packed into a copy at the byte offsets of its stamp and values.
 
 Both check themselves against rclpy's own serialization, and give way to it where they cannot
 be sure: a type rosbags does not know, or whose installed definition differs from ROS 2 Jazzy's
-(found on the first message, said once); a field that is not a float; a layout that moves.
+(found on the first message, said once); an outgoing field that is not a float.
 """
 
 from __future__ import annotations
