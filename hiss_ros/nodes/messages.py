@@ -46,6 +46,12 @@ def channel_paths(spec: StreamSpec, msg_type: str) -> list[str]:
     return paths
 
 
+def diagonal_index(path: str) -> int:
+    """The flat index, in a row-major 6 x 6 twist covariance, of the diagonal entry of the channel
+    at ``path`` ((twist.)twist.linear.x -> linear.x -> 0)."""
+    return 7 * _COV_ROW[".".join(path.split(".")[-2:])]
+
+
 def twist_covariance(paths: list[str], variances: np.ndarray | None) -> np.ndarray:
     """A diagonal 6 x 6 covariance (row-major) holding ``variances`` of the estimated channels at
     ``paths`` and a large variance for the components the model does not estimate."""
@@ -53,7 +59,7 @@ def twist_covariance(paths: list[str], variances: np.ndarray | None) -> np.ndarr
     cov[[7 * i for i in range(6)]] = UNKNOWN_VARIANCE
     if variances is not None:
         for path, v in zip(paths, variances, strict=True):
-            cov[7 * _COV_ROW[".".join(path.split(".")[-2:])]] = v  # (twist.)twist.linear.x -> linear.x
+            cov[diagonal_index(path)] = v
     return cov
 
 
@@ -109,7 +115,7 @@ class EstimateMessages:
             if msg_type == TWIST_COV:
                 msg.twist.covariance = twist_covariance(paths, None if mse is None else mse[first:first + len(paths)])
                 if per_estimate:
-                    slots += [f"twist.covariance[{7 * _COV_ROW['.'.join(p.split('.')[-2:])]}]" for p in paths]
+                    slots += [f"twist.covariance[{diagonal_index(p)}]" for p in paths]
             elif per_estimate:
                 var_pub = publisher_of(f"{topic}_variance", msg_type)
                 var_msg = var_pub.msg_type()

@@ -36,7 +36,7 @@ class Decoder:
         self.type = canonical_type(spec.type)
         store = typestore() if store is None else store
         self.rosbags = store.deserialize_cdr if self.type in store.fielddefs else None
-        self.checked = False  # the first readable message decoded the same both ways
+        self.checked = False  # rosbags decoded a readable message as rclpy does: rosbags alone from now on
 
     @property
     def backend(self) -> str:
@@ -44,20 +44,16 @@ class Decoder:
 
     def __call__(self, data: bytes) -> Any:
         try:
-            if self.rosbags is None:
-                return deserialize_message(data, self.cls)
             if self.checked:
                 return self.rosbags(data, self.type)
+            own = deserialize_message(data, self.cls)
         except Exception as exc:  # truncated or foreign bytes: each library fails in its own way
             raise ValueError(f"{len(data)} bytes do not decode as {self.type} ({type(exc).__name__})") from None
-        return self._first(data)
+        return own if self.rosbags is None else self._first(data, own)
 
-    def _first(self, data: bytes) -> Any:
-        """Decode both ways and compare what the stream reads (its values, its header stamp)."""
-        try:
-            own = deserialize_message(data, self.cls)
-        except Exception as exc:
-            raise ValueError(f"{len(data)} bytes do not decode as {self.type} ({type(exc).__name__})") from None
+    def _first(self, data: bytes, own: Any) -> Any:
+        """Decode with rosbags too and compare what the stream reads (its values, its header stamp)
+        with rclpy's decoding ``own``; the first that agree settle it (``checked``)."""
         expected = message_values(self.spec, own), header_stamp_ns(own)  # unreadable fields: the caller counts
         try:
             ours = self.rosbags(data, self.type)
@@ -87,10 +83,10 @@ class Template:
 
     def __init__(self, msg: Any, paths: list[str]) -> None:
         fields = [_field(msg, p) for p in paths]
-        self.endian = "<" if serialize_message(msg)[1] & 1 else ">"  # the CDR encapsulation header
         stamp = msg.header.stamp
         stamp.sec, stamp.nanosec = _SEC, _NANOSEC
         data = serialize_message(msg)
+        self.endian = "<" if data[1] & 1 else ">"  # the CDR encapsulation header
         self.sec, self.nanosec = self._find(data, "i", _SEC, "sec"), self._find(data, "I", _NANOSEC, "nanosec")
         self.slots: list[tuple[struct.Struct, int]] = []
         for k, (path, (code, put)) in enumerate(zip(paths, fields, strict=True)):
