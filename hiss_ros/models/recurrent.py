@@ -82,7 +82,7 @@ class CausalTransformer(nn.Module):
         dist = (t.view(-1, 1) - t.view(1, -1)).to(x.dtype)  # (L, L) t - s
         bias = -self.slopes.to(x.dtype).view(-1, 1, 1) * dist  # (H, L, L)
         visible = (dist >= 0) & (dist < self.window)
-        bias = bias.masked_fill(~visible, -math.inf)
+        bias = bias.masked_fill(~visible, -math.inf).unsqueeze(0)  # (1, H, L, L): 4-D lets the fused CPU kernel run
         return self._mix(x, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
