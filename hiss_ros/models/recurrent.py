@@ -76,14 +76,21 @@ class CausalTransformer(nn.Module):
         return y + self.mlp(self.mlp_norm(y))
 
     def forward(self, x: Tensor) -> Tensor:
-        L = x.shape[1]
+        """Queries in blocks of W: block [s, e) attends to keys [s - W + 1, e), all that its window
+        can see, so time and memory grow as L * W, not L^2 (a whole 30 s recording at 400 Hz is
+        L = 12,000: a dense (H, L, L) bias alone would take 2.3 GB)."""
+        L, W = x.shape[1], self.window
         q, k, v = self._heads(x)
-        t = torch.arange(L, device=x.device)
-        dist = (t.view(-1, 1) - t.view(1, -1)).to(x.dtype)  # (L, L) t - s
-        bias = -self.slopes.to(x.dtype).view(-1, 1, 1) * dist  # (H, L, L)
-        visible = (dist >= 0) & (dist < self.window)
-        bias = bias.masked_fill(~visible, -math.inf).unsqueeze(0)  # (1, H, L, L): 4-D lets the fused CPU kernel run
-        return self._mix(x, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+        slopes = -self.slopes.to(x.dtype).view(1, -1, 1, 1)
+        out = []
+        for s in range(0, L, W):
+            e, k0 = min(s + W, L), max(0, s - W + 1)
+            dist = (torch.arange(s, e, device=x.device).view(-1, 1)
+                    - torch.arange(k0, e, device=x.device).view(1, -1)).to(x.dtype)  # (e - s, e - k0) t - u
+            # (1, H, e - s, e - k0); 4-D so that PyTorch's fused CPU attention kernel takes it
+            bias = (slopes * dist).masked_fill((dist < 0) | (dist >= W), -math.inf)
+            out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, k0:e], v[:, :, k0:e], attn_mask=bias))
+        return self._mix(x, torch.cat(out, dim=2))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
         empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
