@@ -6,7 +6,7 @@ Steps (each is skipped when its output exists, so an interrupted build continues
 1. data: ``hiss-sim`` training recordings (seeds 1-4, 150 s each) and held-out test recordings
    (seeds 5-6, 60 s); ``hiss-import broad`` of every BROAD trial in ``../shared/data/broad``;
    the sample bags in ``data/sample/`` (sim seed 0, 60 s; a 20 s excerpt of BROAD trial 21).
-2. ``hiss-train --compare hiss,flat-mamba,flat-s4d,flat-lstm[,flat-transformer] --resume`` for each model,
+2. ``hiss-train --compare hiss,flat-s4d,flat-mamba,flat-lstm,flat-transformer --resume`` for each model,
    with ``config/train_contact.yaml`` and ``config/train_broad_velocity.yaml``; the ``*_uncertainty``
    models (variance head) train HiSS alone with ``config/train_contact_nll.yaml`` and
    ``config/train_broad_velocity_nll.yaml`` (BROAD with independent validation trials 01 and 10,
@@ -33,8 +33,6 @@ WORK = REPO / "out" / "shipped"
 SAMPLE = REPO / "data" / "sample"
 BROAD = REPO.parent / "shared" / "data" / "broad"
 COMPARE = list(MODEL_CHOICES)  # every registered model
-# BROAD's flat Transformer would take about an hour on 2 CPU cores (~4 min an epoch): left out.
-BROAD_COMPARE = [m for m in COMPARE if m != "flat-transformer"]
 BROAD_TRAIN = ["01", "04", "06", "08", "10", "14", "15", "18", "24"]
 BROAD_TEST = ["02", "07", "09", "11", "16", "21", "25"]  # one of each trial group (trials.json) and all of 21
 
@@ -53,7 +51,7 @@ SHIPPED = {
         "train": [WORK / "broad" / t for t in BROAD_TRAIN],
         "test": [WORK / "broad" / t for t in BROAD_TEST],
         "sample": SAMPLE / "broad_excerpt",
-        "compare": BROAD_COMPARE,
+        "compare": COMPARE,
     },
     # The same tasks with the variance head (beta-NLL, novelty inflation): HiSS alone, no comparison.
     "contact_uncertainty": {

@@ -205,11 +205,9 @@ def card(name: str, r: dict[str, Any]) -> str:
                    f"{_fmt(rows[1]['test_mse'])} for the best flat baseline ({rows[1]['name']}).")
     else:
         verdict = (f"HiSS does **not** win here: it ranks {rank} of {len(rows)} on held-out test MSE "
-                   f"({_fmt(hiss['test_mse'])}; best: {best['name']}, {_fmt(best['test_mse'])}). All models had the "
-                   "same data, epochs, optimiser and parameter budget (within 10%); no per-model tuning was done. "
-                   "Tried: this one configuration (S4D 64 x 2 low, Mamba 64 x 2 high, chunk 10, 12 epochs), which "
-                   "already costs a fraction of the flat models per estimate. Not tried, for CPU time: longer "
-                   "training, a chunk-size sweep (`hiss-train --sweep chunk=5,10,20`), wider high levels.")
+                   f"({_fmt(hiss['test_mse'])}; best: {best['name']}, {_fmt(best['test_mse'])}).")
+    verdict += (" All models had the same data, training recipe (the config's epochs, optimiser, learning rate and "
+                "weight decay) and parameter budget (within 10%); no per-model tuning in this build.")
     table = ["| model | parameters | validation MSE | held-out test MSE | streaming cost per estimate (ms) | "
              "training time (s) |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -218,12 +216,10 @@ def card(name: str, r: dict[str, Any]) -> str:
     table.append(f"| (no model: the training mean) | 0 | | {_fmt(r['mean_baseline_test_mse'])} | | |")
     left_out = [m for m in MODEL_CHOICES if m not in r["compare"]]
     if left_out:
-        verdict += (f" Not compared: {', '.join(left_out)} (one epoch took about 4 minutes on this 2-core CPU; the "
-                    "whole build had to fit in about an hour).")
-    verdict += (" One seed per model: [docs/ACCURACY.md](../docs/ACCURACY.md) repeats the comparison over three "
-                "seeds, where the seed-to-seed spread is as large as most of these gaps (there, HiSS has the lowest "
-                "mean held-out MSE of the models compared on both tasks, tied within the spread with the best flat "
-                "ones).")
+        verdict += f" Not compared in this build: {', '.join(left_out)}."
+    verdict += (" One seed per model: [docs/ACCURACY.md](../docs/ACCURACY.md) repeats the comparisons over three "
+                "seeds, where the seed-to-seed spread is as large as most of these gaps; read its verdicts before "
+                "these rankings.")
     rmse = "\n".join(f"| `{c}` | {_fmt(v)} | {_fmt(r['sample']['rmse'][c])} |" for c, v in hiss["test_rmse"].items())
     return f"""
 ## {t['title']}

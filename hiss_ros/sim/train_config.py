@@ -33,7 +33,8 @@ output_rate_hz: 40        # one estimate per chunk of 10 IMU samples
 max_gap_s: 0.5
 filter: null
 model: {kind: hiss, low: {kind: s4d, d_model: 64, n_layers: 2}, high: {kind: mamba, d_model: 64, n_layers: 2}}
-train: {epochs: 50, batch_size: 16, lr: 1.0e-3, seq_chunks: 64, val_fraction: 0.2, seed: 0, patience: 10}
+train: {epochs: 50, batch_size: 16, lr: 5.52e-3, weight_decay: 0.0328, seq_chunks: 64, val_fraction: 0.2, seed: 0,
+       patience: 10}
 """
 
 
