@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_streaming.py
 	$(PY) bench/bench_bag.py
 	$(PY) bench/bench_latency.py
+	$(PY) bench/bench_cold_cache.py
 
 # The GPU check (docs/GPU.md): for a GPU machine, so it uses that machine's python3 and torch and
 # no venv. Its logs and report go to $OUT (a device run's folder), else out/gpu_check. Here:

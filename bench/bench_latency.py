@@ -457,7 +457,8 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
     if step_ms is not None and s.step_ms != "-":
         body += (f"\nThe model step back to back (offline, one torch thread, `compare.step_cost_ms`): {step_ms:.3f} ms "
                  f"p50, against {float(s.step_ms):.3f} ms in the node, where each step follows about a millisecond "
-                 "idle: the same work on cold caches. At one estimate per chunk that difference alone is "
+                 "idle: the same work on cold caches (section 'Cold caches', `bench/bench_cold_cache.py`). At "
+                 "one estimate per chunk that difference alone is "
                  f"{(float(s.step_ms) - step_ms) * args.clock_rate / cfg.pipeline.chunk / 10:.1f} % of a core.\n")
     by_name = {r.node: r for r in runs}
     c, d, n = (by_name.get(name) for name in list(NODES)[1:])
