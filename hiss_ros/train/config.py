@@ -21,7 +21,7 @@ LOSSES = ("mse", "nll")  # train.loss: MSE of the mean, or Gaussian NLL through 
 class TrainSettings:
     epochs: int = 50
     batch_size: int = 16
-    # lr and weight decay: the best of the tuning candidates on both tasks of docs/ACCURACY.md (on
+    # lr and weight decay: the tuning candidate HiSS chose on both tasks of docs/ACCURACY.md (on
     # contact at 50 epochs, validation MSE 0.118 against 0.146 for the former 1e-3 / 0.01)
     lr: float = 5.52e-3
     weight_decay: float = 0.0328
