@@ -1,6 +1,6 @@
 """Rebuild the shipped sample bags, the shipped models and their model cards, from scratch.
 
-    .venv/bin/python tools/build_shipped_models.py            # about three hours on 2 CPU cores (contact alone: ~1 h)
+    .venv/bin/python tools/build_shipped_models.py            # 2-3 hours on 2 CPU cores (estimated; contact about 1 h)
 
 Steps (each is skipped when its output exists, so an interrupted build continues):
 1. data: ``hiss-sim`` training recordings (seeds 1-4, 150 s each) and held-out test recordings
