@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.errors import ConfigError
 from hiss_ros.models import StepRunner, build_model
 from hiss_ros.pipeline import Normalization
+from hiss_ros.sim import TRAIN_YAML
 from hiss_ros.train.config import TrainConfig, TrainSettings
 from hiss_ros.train.dataset import Dataset, Split, delta_std
 from hiss_ros.train.loop import STATE_FILE, param_groups, train
@@ -183,3 +185,14 @@ def test_recipe_settings_are_validated(kw, message):
 def test_recipe_model_options_are_validated(patch, message):
     with pytest.raises(ConfigError, match=message):
         build_model({**hiss_config("s4d", "mamba"), **patch})
+
+
+def test_the_config_templates_state_the_default_recipe():
+    """config/train.yaml and hiss-sim's config (what users copy) set exactly the TrainSettings
+    defaults for every train key they write, so a changed default cannot leave them behind."""
+    defaults = TrainSettings()
+    template = (Path(__file__).resolve().parents[1] / "config" / "train.yaml").read_text()
+    for text in (template, TRAIN_YAML):
+        train = yaml.safe_load(text)["train"]
+        assert {"lr", "weight_decay", "epochs"} <= set(train)
+        assert {k: getattr(defaults, k) for k in train} == train
