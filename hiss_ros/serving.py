@@ -327,7 +327,9 @@ class StreamingEstimator:
     def estimate(self, chunk: Chunk) -> Estimate | None:
         """Advance the model over one pipeline chunk; None (counted) if its output is not finite."""
         self.follow_episode(chunk)
-        x = torch.from_numpy(chunk.x)[None].to(self.device)
+        x = torch.from_numpy(chunk.x)[None]
+        if self.device != "cpu":
+            x = x.to(self.device)
         began, cpu = time.perf_counter(), time.thread_time_ns()
         with torch.inference_mode():
             y, self.state = self.runner.step(x, self.state)

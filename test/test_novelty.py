@@ -14,7 +14,7 @@ from conftest import CHUNK
 
 from hiss_ros.errors import CheckpointError, ConfigError
 from hiss_ros.pipeline import Chunk, Normalization
-from hiss_ros.pipeline.novelty import MAX_INFLATION, Novelty
+from hiss_ros.pipeline.novelty import FLOOR, MAX_INFLATION, Novelty, features
 from hiss_ros.serving import StreamingEstimator, load_model, save_model
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import Dataset, Split
@@ -52,6 +52,17 @@ def test_typical_chunks_score_about_one_and_faults_score_far_above_the_warn_leve
         assert np.median(nov.score(fault)) > 3 * nov.warn
         assert (nov.inflation(fault) > 3 * nov.warn).all()
     assert np.median(nov.score(frozen)) > 10 * np.median(score)
+
+
+def test_features_and_score_are_the_documented_statistics_bit_for_bit(fitted):
+    """The per-estimate fast path (one pass of ufunc reductions) is exactly the chunk mean and
+    log(std + FLOOR) the trainer's statistics were fitted on, for one chunk and for a batch."""
+    novelty, rng = fitted
+    for x in (chunks(rng, 1)[0], chunks(rng, 50), chunks(rng, 6).astype(np.float64) * 40.0):
+        plain = np.concatenate([x.astype(np.float64).mean(-2), np.log(x.astype(np.float64).std(-2) + FLOOR)], -1)
+        assert np.array_equal(features(x), plain)
+        assert np.array_equal(novelty.score(x), (((plain - novelty.mean) / novelty.std) ** 2).mean(-1)
+                              / novelty.reference)
 
 
 def test_inflation_is_never_below_one_bounded_and_off_without_inflate(fitted):

@@ -38,7 +38,10 @@ def features(x: np.ndarray) -> np.ndarray:
     """Chunks x (..., chunk, C), normalised inputs -> (..., 2C): per channel the mean and
     log(std + FLOOR) over the chunk, in float64."""
     x = np.asarray(x, dtype=np.float64)
-    return np.concatenate([x.mean(-2), np.log(x.std(-2) + FLOOR)], -1)
+    n = x.shape[-2]
+    mean = np.add.reduce(x, -2) / n  # x.mean(-2) and x.std(-2), bit for bit, at half the cost (every estimate)
+    d = x - mean[..., None, :]
+    return np.concatenate([mean, np.log(np.sqrt(np.add.reduce(d * d, -2) / n) + FLOOR)], -1)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ class Novelty:
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """Chunks x (..., chunk, C) -> (...) scores (1: a typical training chunk)."""
-        return (((features(x) - self.mean) / self.std) ** 2).mean(-1) / self.reference
+        z = (features(x) - self.mean) / self.std
+        return np.add.reduce(z * z, -1) / z.shape[-1] / self.reference  # (z ** 2).mean(-1), bit for bit
 
     def inflation(self, x: np.ndarray) -> np.ndarray:
         """(...) factor on the predicted variance of the chunks x (``factor`` of their score)."""
