@@ -9,6 +9,7 @@ from geometry_msgs.msg import TwistWithCovarianceStamped, Vector3, WrenchStamped
 from rclpy.serialization import deserialize_message, serialize_message
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from sensor_msgs.msg import Imu, Range
+from std_msgs.msg import Float32MultiArray
 
 from hiss_ros.data import StreamSpec
 from hiss_ros.data.streams import message_values
@@ -101,3 +102,48 @@ def test_fields_a_template_cannot_hold_are_published_as_objects():
     got = deserialize_message(template.fill([1.5, -0.25], 42), WrenchStamped)
     assert (got.wrench.force.x, got.wrench.torque.z, got.header.stamp.nanosec) == (1.5, -0.25, 42)
     assert isinstance(outgoing(Range(), ["range", "field_of_view"]), Template)  # float32 fields
+
+
+def test_fixed_layout_inputs_are_read_from_their_bytes_as_rosbags_reads_them():
+    """Once a stream is checked, an Imu (fixed size but for its header's frame_id) is read from its
+    bytes: the values (one field before the others in the bytes, to reorder) and the header stamp
+    equal the decoded message's, for every frame_id length; bytes that do not fit (truncated)
+    are left to the decoder, and the layout survives them."""
+    decode = Decoder(IMU, Imu, print)
+    first, _ = imu_bytes(0)
+    assert decode.fixed and decode.read(first) is None  # not before the first message has been checked
+    decode(first)
+    for k, frame in enumerate(["imu_link", "imu_link", "", "a_much_longer_frame_name", "imu_link"]):
+        data, msg = imu_bytes(k + 1, frame)
+        values, stamp = decode.read(data)
+        assert np.array_equal(values, message_values(IMU, msg)) and values.dtype == np.float64
+        assert stamp == (101 + k) * 10**9 + 1000 * (k + 1)
+    layout = decode.layout
+    assert decode.read(data[:-8]) is None and decode.layout is layout
+    with pytest.raises(ValueError, match="do not decode"):
+        decode(data[:-8])
+
+
+def test_float32_and_headerless_fixed_types_read_alike_and_variable_ones_are_decoded():
+    """A float32 field (Range) is read exactly; a type without a header (Vector3) has no stamp and
+    its layout holds whatever its values; a type with a sequence (Float32MultiArray), a field that is
+    a slice, and a type rosbags does not know are never read from the bytes."""
+    spec = StreamSpec("/range", "sensor_msgs/msg/Range", ("range", "field_of_view"))
+    decode = Decoder(spec, Range, print)
+    msgs = [Range(range=1.5 + k / 8, field_of_view=0.1 * k) for k in range(3)]  # 0.1: not exact in float32
+    for k, m in enumerate(msgs):
+        m.header.stamp.sec = 7 + k
+        if k == 0:
+            decode(serialize_message(m))
+        values, stamp = decode.read(serialize_message(m))
+        assert values.tolist() == [1.5 + k / 8, float(np.float32(0.1 * k))] and stamp == (7 + k) * 10**9
+    vec = StreamSpec("/v", "geometry_msgs/msg/Vector3", ("z", "x"))
+    decode = Decoder(vec, Vector3, print)
+    decode(serialize_message(Vector3(x=1.0, y=2.0, z=3.0)))
+    for k in range(3):
+        assert decode.read(serialize_message(Vector3(x=-1.0 * k, y=5.0, z=0.5 + k)))[0].tolist() == [0.5 + k, -1.0 * k]
+    assert decode.read(serialize_message(Vector3()))[1] is None
+    array = StreamSpec("/tactile", "std_msgs/msg/Float32MultiArray", ("data",))
+    sliced = StreamSpec("/imu/data", "sensor_msgs/msg/Imu", ("orientation_covariance[0:3]",))
+    assert not Decoder(array, Float32MultiArray, print).fixed and not Decoder(sliced, Imu, print).fixed
+    assert not Decoder(IMU, Imu, print, get_typestore(Stores.EMPTY)).fixed

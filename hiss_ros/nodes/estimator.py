@@ -28,7 +28,7 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from hiss_ros.data.streams import StreamSpec, value_reader
+from hiss_ros.data.streams import StreamSpec, header_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import STEP_BACKENDS
 from hiss_ros.nodes.common import freeze_heap, input_class, message_class, running, spin
@@ -186,20 +186,25 @@ class Estimator(ModelSwap, LifecycleNode):
 
     def _on_sample(self, i: int, data: bytes) -> None:
         spec, diag = self._inputs[i], self.diagnostics
-        try:
-            msg = self.decoders[i](data)
-            if self._readers[i] is None:
-                self._readers[i] = value_reader(spec, msg)
-            values = self._readers[i](msg)
-        except (AttributeError, TypeError, ValueError, LookupError) as exc:  # a message the fields do not fit
-            diag.unreadable[i] += 1
-            self.get_logger().warn(f"{self._topic(spec)}: cannot read {list(spec.fields)} ({exc}); sample dropped",
-                                   throttle_duration_sec=5.0)
-            return
+        # Straight from the bytes where the type allows (wire.Layout), once the stamp source is known.
+        read = self.decoders[i].read(data) if self._stamps.header[i] is not None else None
+        if read is not None:
+            (values, header_ns), msg = read, None
+        else:
+            try:
+                msg = self.decoders[i](data)
+                if self._readers[i] is None:
+                    self._readers[i] = value_reader(spec, msg)
+                values, header_ns = self._readers[i](msg), header_stamp_ns(msg)
+            except (AttributeError, TypeError, ValueError, LookupError) as exc:  # a message the fields do not fit
+                diag.unreadable[i] += 1
+                self.get_logger().warn(f"{self._topic(spec)}: cannot read {list(spec.fields)} ({exc}); "
+                                       "sample dropped", throttle_duration_sec=5.0)
+                return
         steady = time.monotonic_ns()
         diag.received[i] += 1
         diag.last_receipt[i] = steady
-        stamp = self._stamps(i, msg, steady)
+        stamp = self._stamps(i, header_ns, steady, msg)
         diag.sample(i, stamp)
         est = self.est
         for chunk in est.pipeline.push(i, stamp, values):

@@ -42,12 +42,14 @@ class Stamps:
         self.header[i] = use
         return use
 
-    def __call__(self, i: int, msg: Any, steady: int) -> int:
+    def __call__(self, i: int, header_ns: int | None, steady: int, msg: Any = None) -> int:
+        """Input ``i``'s sample stamp: its header stamp ``header_ns`` or its receipt ``steady`` (the
+        first message of each input, ``msg``, decides which)."""
         use = self.header[i]
         if use is None:
             use = self.source(i, msg)
         if use:
-            stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+            stamp = header_ns
             if i == 0:
                 self.steady_offset = stamp - steady
             return stamp

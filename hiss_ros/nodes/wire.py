@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from rclpy.serialization import deserialize_message, serialize_message
+from rosbags.interfaces import Nodetype
 
 from hiss_ros.data.streams import StreamSpec, canonical_type, header_stamp_ns, message_values
 from hiss_ros.data.types import typestore
@@ -37,10 +38,14 @@ class Decoder:
         store = typestore() if store is None else store
         self.rosbags = store.deserialize_cdr if self.type in store.fielddefs else None
         self.checked = False  # rosbags decoded a readable message as rclpy does: rosbags alone from now on
+        self.store, self._derived = store, 0
+        self.fixed = self.rosbags is not None and Layout.applies(spec, self.type, store)
+        self.layout: Layout | None = None  # values and stamp read from the bytes, once checked
 
     @property
     def backend(self) -> str:
-        return "rosbags" if self.rosbags else "rclpy"
+        """What reads this stream now: ``bytes`` (its ``Layout``), ``rosbags`` or ``rclpy``."""
+        return "bytes" if self.layout is not None else "rosbags" if self.rosbags else "rclpy"
 
     def __call__(self, data: bytes) -> Any:
         try:
@@ -50,6 +55,23 @@ class Decoder:
         except Exception as exc:  # truncated or foreign bytes: each library fails in its own way
             raise ValueError(f"{len(data)} bytes do not decode as {self.type} ({type(exc).__name__})") from None
         return own if self.rosbags is None else self._first(data, own)
+
+    def read(self, data: bytes) -> tuple[np.ndarray, int | None] | None:
+        """(values, header stamp in ns or None) of a message straight from its bytes, with no message
+        objects, once rosbags is checked for this stream and where its type has a fixed layout
+        (``Layout``); None: decode it (``__call__``) and read the object instead. A message whose
+        frame_id changed length gets its layout derived again (a few times, then the objects)."""
+        layout = self.layout
+        if layout is not None and layout.fits(data):
+            return layout(data)
+        if not (self.checked and self.fixed) or self._derived >= 8:
+            return None
+        self._derived += 1
+        layout = Layout.derive(data, self.spec, self.type, self.store)
+        if layout is None:
+            return None
+        self.layout = layout
+        return layout(data)
 
     def _first(self, data: bytes, own: Any) -> Any:
         """Decode with rosbags too and compare what the stream reads (its values, its header stamp)
@@ -74,6 +96,129 @@ _FLOATS = {"double": "d", "float64": "d", "float": "f", "float32": "f"}
 _SEC, _NANOSEC = 0x5EC0DE01, 0x0A11CE55  # stamp sentinels, unlikely elsewhere in a message
 
 
+class Layout:
+    """Where one stream's values and header stamp sit in the bytes of its messages, for a type
+    whose size is fixed but for its header's frame_id (a ``std_msgs/Header`` first, every other
+    field of fixed size: Imu, WrenchStamped, Vector3Stamped, ...): every message of the same length
+    and frame_id length has them at the same offsets, read with one ``struct`` unpack. Derived
+    from a message by writing sentinels into the fields with rosbags and finding their bytes, as
+    ``Template`` does for estimates, then checked against rosbags' decoding of that message."""
+
+    def __init__(self, data: bytes, unpack: struct.Struct, order: np.ndarray | None, stamped: bool) -> None:
+        # what must match: the size, the encapsulation (endianness) and, after the stamp, the frame_id's length
+        self.size, self.head = len(data), data[:16] if stamped else data[:4]
+        self.unpack, self.order, self.stamped = unpack, order, stamped
+
+    def fits(self, data: bytes) -> bool:
+        return len(data) == self.size and data[:4] == self.head[:4] and data[12:len(self.head)] == self.head[12:]
+
+    def __call__(self, data: bytes) -> tuple[np.ndarray, int | None]:
+        got = self.unpack.unpack_from(data)
+        values = np.array(got[2:] if self.stamped else got, dtype=np.float64)
+        if self.order is not None:
+            values = values[self.order]
+        return values, (got[0] * 1_000_000_000 + got[1] if self.stamped else None)
+
+    @staticmethod
+    def _stamped(fields: list[Any]) -> bool:
+        return bool(fields) and fields[0][0] == "header" and fields[0][1] == (Nodetype.NAME, "std_msgs/msg/Header")
+
+    @classmethod
+    def applies(cls, spec: StreamSpec, msg_type: str, store: Any) -> bool:
+        """Whether ``spec``'s messages have a layout: a fixed size but for a first header's frame_id,
+        and every field of the stream one value (no slice)."""
+        fields = store.fielddefs[msg_type][1]
+        return _fixed_size(store, fields[1:] if cls._stamped(fields) else fields) and not any(
+            isinstance(step.index, slice) for steps in spec.steps for step in steps)
+
+    @classmethod
+    def derive(cls, data: bytes, spec: StreamSpec, msg_type: str, store: Any) -> Layout | None:
+        """The layout of messages like ``data`` (a type it ``applies`` to), checked on it; None where
+        that fails (bytes that do not decode, a field that is not a float)."""
+        stamped = cls._stamped(store.fielddefs[msg_type][1])
+        try:
+            msg = store.deserialize_cdr(data, msg_type)
+            expected = message_values(spec, msg), header_stamp_ns(msg)
+            endian, slots = "<" if data[1] & 1 else ">", []
+            if stamped:
+                msg.header.stamp.sec, msg.header.stamp.nanosec = _SEC, _NANOSEC
+            for k, steps in enumerate(spec.steps):
+                slots.append(_sentinel_slot(msg, steps, -1.2345678e-7 * (k + 3.5), endian, store, msg_type))
+            if stamped:
+                sentinels = bytes(store.serialize_cdr(msg, msg_type))
+                stamp = [("i", _find(sentinels, endian, "i", _SEC, "sec")),
+                         ("I", _find(sentinels, endian, "I", _NANOSEC, "nanosec"))]
+                slots = stamp + slots
+            at = sorted(range(len(slots)), key=lambda j: slots[j][1])
+            fmt, end = endian, 0
+            for j in at:
+                code, offset = slots[j]
+                if offset < end:
+                    return None
+                fmt += f"{offset - end}x{code}" if offset > end else code
+                end = offset + struct.calcsize(code)
+            n = 2 if stamped else 0
+            if stamped and (slots[0][1], slots[1][1]) != (4, 8):  # the stamp first, right after the encapsulation
+                return None
+            value_at = [j - n for j in at[n:]]
+            order = None if value_at == sorted(value_at) else np.argsort(value_at)
+            layout = cls(data, struct.Struct(fmt), order, stamped)
+            values, stamp = layout(data)
+        except Exception:  # a field rosbags cannot hold a sentinel in, bytes it does not decode: no layout
+            return None
+        if not (np.array_equal(values, expected[0], equal_nan=True) and stamp == expected[1]):
+            return None
+        return layout
+
+
+def _fixed_size(store: Any, fields: list[Any]) -> bool:
+    """Whether ``fields`` (rosbags field definitions) serialize to the same size whatever their values."""
+    for _, (node, detail) in fields:
+        if node == Nodetype.ARRAY:
+            node, detail = detail[0]
+        if node == Nodetype.SEQUENCE or (node == Nodetype.BASE and detail[0] in ("string", "wstring")):
+            return False
+        if node == Nodetype.NAME and not _fixed_size(store, store.fielddefs[detail][1]):
+            return False
+    return True
+
+
+def _sentinel_slot(msg: Any, steps: tuple[Any, ...], value: float, endian: str, store: Any,
+                   msg_type: str) -> tuple[str, int]:
+    """Write ``value`` into the float field at ``steps`` of the rosbags message ``msg`` and find it in
+    its bytes: (struct code, offset); ValueError for a field that is not a float or not found once."""
+    obj = msg
+    for step in steps[:-1]:
+        obj = getattr(obj, step.name)
+        obj = obj if step.index is None else obj[step.index]
+    last = steps[-1]
+    old = getattr(obj, last.name) if last.index is None else getattr(obj, last.name)[last.index]
+    if not isinstance(old, (float, np.floating)):
+        raise ValueError(f"{last.name} is not a float")
+    if last.index is None:
+        setattr(obj, last.name, value)
+    else:  # rosbags' arrays are read-only views of the bytes: write into a copy
+        array = np.array(getattr(obj, last.name))
+        array[last.index] = value
+        setattr(obj, last.name, array)
+    data = bytes(store.serialize_cdr(msg, msg_type))
+    for code in ("d", "f"):
+        try:
+            return code, _find(data, endian, code, value, last.name)
+        except ValueError:
+            continue
+    raise ValueError(f"{last.name}: not found in the bytes")
+
+
+def _find(data: bytes, endian: str, code: str, value: float, what: str) -> int:
+    """The offset of ``value`` packed as ``code`` in ``data``; ValueError where it is not there once."""
+    needle = struct.pack(endian + code, value)
+    at = data.find(needle)
+    if at < 0 or data.find(needle, at + 1) >= 0:
+        raise ValueError(f"{what}: its bytes are {'not found' if at < 0 else 'ambiguous'} in the message")
+    return at
+
+
 class Template:
     """One outgoing message, serialized once with its fixed fields (frame, constant covariance),
     and the byte offsets of its stamp and of each value slot (``paths``: ``wrench.force.x``,
@@ -87,14 +232,15 @@ class Template:
         stamp.sec, stamp.nanosec = _SEC, _NANOSEC
         data = serialize_message(msg)
         self.endian = "<" if data[1] & 1 else ">"  # the CDR encapsulation header
-        self.sec, self.nanosec = self._find(data, "i", _SEC, "sec"), self._find(data, "I", _NANOSEC, "nanosec")
+        self.sec = _find(data, self.endian, "i", _SEC, "sec")
+        self.nanosec = _find(data, self.endian, "I", _NANOSEC, "nanosec")
         self.slots: list[tuple[struct.Struct, int]] = []
         for k, (path, (code, put)) in enumerate(zip(paths, fields, strict=True)):
             if code is None:
                 raise ValueError(f"{path} is not a float field")
             put(sentinel := -1.2345678e-7 * (k + 3.5))
-            self.slots.append((struct.Struct(self.endian + code), self._find(serialize_message(msg), code, sentinel,
-                                                                             path)))
+            at = _find(serialize_message(msg), self.endian, code, sentinel, path)
+            self.slots.append((struct.Struct(self.endian + code), at))
         self.bytes = bytearray(serialize_message(msg))
         values = np.random.default_rng(0).standard_normal(len(paths)).astype(np.float32).tolist()  # exact in both
         made = self.fill(values, 1_234_567_890_123_456_789)
@@ -103,13 +249,6 @@ class Template:
         stamp.sec, stamp.nanosec = 1_234_567_890, 123_456_789
         if deserialize_message(made, type(msg)) != msg:  # not the bytes: CDR padding is left uninitialised
             raise ValueError("the filled template does not decode to the message filled alike")
-
-    def _find(self, data: bytes, code: str, value: float, path: str) -> int:
-        needle = struct.pack(self.endian + code, value)
-        at = data.find(needle)
-        if at < 0 or data.find(needle, at + 1) >= 0:
-            raise ValueError(f"{path}: its bytes are {'not found' if at < 0 else 'ambiguous'} in the message")
-        return at
 
     def fill(self, values: list[float], stamp_ns: int) -> bytes:
         """The serialized message with ``values`` (one per path) at ``stamp_ns``."""
