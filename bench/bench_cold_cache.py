@@ -9,7 +9,8 @@ samples). This script times the same work in five conditions, in one process pin
 - ``sleep, then data read``: the call's data (matrix, or the model's weights) read once before it
   (if lost data caches were the cause, this would be fast again);
 - ``64 MB read, no sleep``: no idle at all, but the caches (L2 and the 32 MB L3) flushed by reading
-  64 MB first: what lost caches alone cost.
+  64 MB first, then 0.5 ms busy (as in the 2 ms condition, touching none of the call's data): what
+  lost caches alone cost.
 Work timed: a 330 x 330 float32 matrix-vector product (436 KB of data, memory bound) and one step
 of the shipped ``contact`` model (``StepRunner``, eager, one torch thread).
 
