@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -196,3 +197,17 @@ def test_the_config_templates_state_the_default_recipe():
         train = yaml.safe_load(text)["train"]
         assert {"lr", "weight_decay", "epochs"} <= set(train)
         assert {k: getattr(defaults, k) for k in train} == train
+
+
+def test_the_shipped_models_configs_state_their_whole_optimiser_recipe():
+    """Each config that builds a shipped model (tools/build_shipped_models.py) writes its lr, weight
+    decay, epochs and patience out, so a changed TrainSettings default cannot change a shipped
+    model's recipe unseen (the default weight decay moved from 0.01 to 0.0328 once)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "build_shipped_models.py"
+    spec = importlib.util.spec_from_file_location("build_shipped_models", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert len(build.SHIPPED) == 4
+    for name, shipped in build.SHIPPED.items():
+        train = yaml.safe_load(shipped["config"].read_text())["train"]
+        assert {"lr", "weight_decay", "epochs", "patience", "batch_size", "seq_chunks"} <= set(train), name
