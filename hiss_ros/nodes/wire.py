@@ -5,8 +5,11 @@ publishes back into C structures: at IMU 1 kHz + tactile 100 Hz, a subscriber th
 messages took 12-15 % of a core that way and 7-9 % raw (docs/BENCHMARKS.md, the rclpy floor).
 The estimator subscribes ``raw`` instead and decodes with rosbags' CDR deserializer, the one that
 reads the training bags, so live samples are read by the same code as the samples the model was
-trained on. It publishes serialized bytes: each outgoing message is serialized once, and each
-estimate is packed into a copy at the byte offsets of its stamp and values.
+trained on; once that decoding is checked, a type whose size is fixed but for its header's
+frame_id (Imu, WrenchStamped, ...) is read straight from the bytes at the offsets of its values
+and stamp (``Layout``), with no message objects per sample. It publishes serialized bytes: each
+outgoing message is serialized once, and each estimate is packed into a copy at the byte offsets
+of its stamp and values.
 
 Both check themselves against rclpy's own serialization, and give way to it where they cannot
 be sure: a type rosbags does not know, or whose installed definition differs from ROS 2 Jazzy's
