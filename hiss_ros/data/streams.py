@@ -79,7 +79,8 @@ def _public_fields(msg: Any) -> list[str]:
     return [n.lstrip("_") for n in names if not n.startswith("__")]
 
 
-def _resolve(msg: Any, steps: tuple[_Step, ...]) -> Any:
+def resolve(msg: Any, steps: tuple[_Step, ...]) -> Any:
+    """What the parsed field path ``steps`` (``StreamSpec.steps``) reaches in ``msg``."""
     obj = msg
     for step in steps:
         obj = getattr(obj, step.name)
@@ -216,7 +217,7 @@ def check_fields(spec: StreamSpec, msg: Any, values: bool = True) -> None:
 
 def message_values(spec: StreamSpec, msg: Any) -> np.ndarray:
     """The channels of one message as a float64 vector (scalars and arrays concatenated)."""
-    return np.concatenate([np.atleast_1d(np.asarray(_resolve(msg, s), dtype=np.float64)).ravel()
+    return np.concatenate([np.atleast_1d(np.asarray(resolve(msg, s), dtype=np.float64)).ravel()
                            for s in spec.steps])
 
 
@@ -224,7 +225,7 @@ def value_reader(spec: StreamSpec, example: Any) -> Callable[[Any], np.ndarray]:
     """A faster ``message_values`` for messages shaped like ``example``: when every field is a
     plain dotted path to a scalar, one attrgetter call and one array construction per message."""
     plain = all(s.index is None for steps in spec.steps for s in steps)
-    if plain and all(np.ndim(_resolve(example, s)) == 0 for s in spec.steps):
+    if plain and all(np.ndim(resolve(example, s)) == 0 for s in spec.steps):
         get = attrgetter(*spec.fields)
         if len(spec.fields) == 1:
             return lambda msg: np.array([get(msg)], dtype=np.float64)

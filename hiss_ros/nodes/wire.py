@@ -26,7 +26,7 @@ import numpy as np
 from rclpy.serialization import deserialize_message, serialize_message
 from rosbags.interfaces import Nodetype
 
-from hiss_ros.data.streams import StreamSpec, canonical_type, header_stamp_ns, message_values
+from hiss_ros.data.streams import StreamSpec, canonical_type, header_stamp_ns, message_values, resolve
 from hiss_ros.data.types import typestore
 
 
@@ -190,13 +190,8 @@ def _sentinel_slot(msg: Any, steps: tuple[Any, ...], value: float, endian: str, 
                    msg_type: str) -> tuple[str, int]:
     """Write ``value`` into the float field at ``steps`` of the rosbags message ``msg`` and find it in
     its bytes: (struct code, offset); ValueError for a field that is not a float or not found once."""
-    obj = msg
-    for step in steps[:-1]:
-        obj = getattr(obj, step.name)
-        obj = obj if step.index is None else obj[step.index]
-    last = steps[-1]
-    old = getattr(obj, last.name) if last.index is None else getattr(obj, last.name)[last.index]
-    if not isinstance(old, (float, np.floating)):
+    obj, last = resolve(msg, steps[:-1]), steps[-1]
+    if not isinstance(resolve(msg, steps), (float, np.floating)):
         raise ValueError(f"{last.name} is not a float")
     if last.index is None:
         setattr(obj, last.name, value)
