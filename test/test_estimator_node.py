@@ -194,10 +194,12 @@ def test_live_estimates_equal_offline(imu_model, monkeypatch, step_backend):
         assert d.spin_until(lambda: float(d.diagnostics.get("step_ms_p50", 0)) > 0, 10), d.diagnostics
         timing = {k: float(d.diagnostics[k]) for k in ("inference_ms_p50", "step_ms_p50", "glue_cpu_ms_p50")}
         decoded_by = d.diagnostics.get("decoded_by imu/data")
+        batched = int(d.diagnostics.get("samples_batched", 0))
     finally:
         out = d.close()
     assert backend == step_backend, out[-3000:]  # not fallen back to eager
     assert decoded_by == "bytes", decoded_by  # raw bytes, read at the offsets checked with the bag reader's decoding
+    assert batched > len(stamps) // 2, batched  # most samples waited for their chunk (nodes.deferral)
     # the node's own work per estimate: the step within it, the CPU time beyond the step positive and smaller
     assert 0 < timing["step_ms_p50"] <= timing["inference_ms_p50"] and 0 < timing["glue_cpu_ms_p50"] < 5, timing
     assert sorted(d.got) == sorted(expected), f"{len(d.got)} estimates, {len(expected)} expected\n{out[-2000:]}"

@@ -88,7 +88,9 @@ class Diagnostics:
             self.std_ratio.append(float(np.sqrt(estimate.variance / self._typical_var).mean()))
 
     def report(self) -> None:
-        node, est = self.node, self.node.est
+        node = self.node
+        node.flush()  # the samples it holds back count as received
+        est = node.est
         if est is not None:
             level, message = self._assess()
         else:  # a failed configure is an error; not configured yet is waiting for a lifecycle manager
@@ -109,6 +111,7 @@ class Diagnostics:
                 "model_path": est.path, "reloads": node.reloads,
                 "inference_ms_p50": _ms(node.latencies, 50), "inference_ms_p99": _ms(node.latencies, 99),
                 "step_ms_p50": _ms(est.step_seconds, 50), "glue_cpu_ms_p50": _ms(node.glue_cpu, 50),
+                "samples_batched": node.batching.batched if node.batching is not None else 0,
                 **({"predicted_std_over_validation_rmse_median": f"{np.median(self.std_ratio):.2f}"}
                    if self.std_ratio else {}),
                 **({"input_novelty_median": f"{np.median(self.novelty):.2f}",

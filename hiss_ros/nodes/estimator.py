@@ -32,8 +32,9 @@ from hiss_ros.data.streams import StreamSpec, header_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import STEP_BACKENDS
 from hiss_ros.nodes.common import freeze_heap, input_class, message_class, running, spin
+from hiss_ros.nodes.deferral import Deferral
 from hiss_ros.nodes.diagnostics import Diagnostics
-from hiss_ros.nodes.messages import TWIST, TWIST_COV, WRENCH, EstimateMessages
+from hiss_ros.nodes.messages import EstimateMessages, frames
 from hiss_ros.nodes.reload import ModelSwap
 from hiss_ros.nodes.stamping import Stamps
 from hiss_ros.nodes.wire import Decoder
@@ -57,14 +58,16 @@ class Estimator(ModelSwap, LifecycleNode):
         self.p = {name: self.get_parameter(name).value for name in PARAMETERS}
         if self.p["num_threads"] > 0:
             torch.set_num_threads(self.p["num_threads"])
-        if self.p["step_backend"] not in STEP_BACKENDS:
-            raise HissError(f"step_backend:={self.p['step_backend']}: expected one of {', '.join(STEP_BACKENDS)}")
+        for name, choices in (("step_backend", STEP_BACKENDS), ("executor", ("events", "single_threaded"))):
+            if self.p[name] not in choices:
+                raise HissError(f"{name}:={self.p[name]!r}: expected one of {', '.join(choices)}")
         self.device = resolve_device(self.p["device"])
         self.est: StreamingEstimator | None = None
         self.messages: EstimateMessages | None = None
         self.markers: Any = None
         self.subscriptions_: list[Any] = []
         self.decoders: list[Decoder] = []  # per input while active: rosbags' or rclpy's (/diagnostics says)
+        self.batching: Deferral[tuple[int, bytes, int]] | None = None  # samples waiting for a chunk while active
         self._outputs: dict[tuple[str, str], Any] = {}  # (topic, type) -> lifecycle publisher, across reloads
         self._compile_lock, self.compile_status, self.reloads = threading.Lock(), "off", 0
         self.latencies: deque[float] = deque(maxlen=1000)  # estimate and publish, wall time
@@ -112,6 +115,8 @@ class Estimator(ModelSwap, LifecycleNode):
         self.decoders = [Decoder(s, c, warn) for s, c in zip(self._inputs, self._classes, strict=True)]
         self._stamps = Stamps(self._inputs, self.est.spec.input_stamps, int(self.est.pipeline.config.max_gap_s * 1e9),
                               lambda: self.get_clock().now().nanoseconds, self.get_logger().warn)
+        rate = self.est.spec.expected_rates_hz()[0] or self.est.pipeline.config.input_rate_hz
+        self.batching = Deferral(self.est.pipeline, margin_ns=int(2e9 / rate))  # two clock-stream samples ahead
         self.subscriptions_ = [self._subscribe(i, s, qos) for i, s in enumerate(self._inputs)]
         freeze_heap()  # no 100 ms garbage collection in the middle of the stream
         return super().on_activate(state)
@@ -133,7 +138,8 @@ class Estimator(ModelSwap, LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         for sub in self.subscriptions_:
             self.destroy_subscription(sub)
-        self.subscriptions_, self.decoders = [], []
+        self.flush()
+        self.subscriptions_, self.decoders, self.batching = [], [], None
         self.est.restart("deactivated")
         return super().on_deactivate(state)
 
@@ -156,7 +162,7 @@ class Estimator(ModelSwap, LifecycleNode):
         return StreamingEstimator.from_checkpoint(path, self.device, self.p["max_gap_s"] or None)
 
     def _messages(self, est: StreamingEstimator) -> EstimateMessages:
-        return EstimateMessages(est.spec, self.p["velocity_covariance"], self._frame_id, self._publisher,
+        return EstimateMessages(est.spec, self.p["velocity_covariance"], frames(self.p), self._publisher,
                                 per_estimate=est.predicts_variance)
 
     def _publisher(self, topic: str, msg_type: str) -> Any:
@@ -167,17 +173,11 @@ class Estimator(ModelSwap, LifecycleNode):
             self._outputs[topic, msg_type] = pub
         return self._outputs[topic, msg_type]
 
-    def _frame_id(self, stream: StreamSpec, msg_type: str) -> str:
-        """A world-frame velocity is in the world frame; the rest in the tool (or their kind's) frame."""
-        if stream.derive == "world_velocity":
-            return self.p["world_frame_id"]
-        own = {WRENCH: "wrench_frame_id", TWIST: "twist_frame_id", TWIST_COV: "twist_frame_id"}.get(msg_type)
-        return (own and self.p[own]) or self.p["frame_id"]
-
     def _on_reset(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         if self.est is None:
             response.success, response.message = False, "not configured: no model to reset"
         else:
+            self.flush()
             self.est.restart("reset_service")
             response.success, response.message = True, "stream forgotten: the next estimate starts from a fresh state"
         return response
@@ -185,6 +185,19 @@ class Estimator(ModelSwap, LifecycleNode):
     # --- data path ----------------------------------------------------------------------------
 
     def _on_sample(self, i: int, data: bytes) -> None:
+        """Held (``Deferral``) while no chunk can be due, where stream 0 is stamped by its header
+        and read from its bytes and input ``i``'s stamp source is known; processed in arrival order."""
+        steady, stamps = time.monotonic_ns(), self._stamps.header
+        stamp = (self.decoders[0].stamp_ns(data) if i == 0 else 0) if stamps[0] and stamps[i] is not None else None
+        for item in self.batching.offer(i, stamp, steady, (i, data, steady)):
+            self._process(*item)
+
+    def flush(self) -> None:
+        """Process the samples held back (before anything reads or resets the stream's state)."""
+        for item in self.batching.flush() if self.batching is not None else ():
+            self._process(*item)
+
+    def _process(self, i: int, data: bytes, steady: int) -> None:
         spec, diag = self._inputs[i], self.diagnostics
         # Straight from the bytes where the type allows (wire.Layout), once the stamp source is known.
         read = self.decoders[i].read(data) if self._stamps.header[i] is not None else None
@@ -201,7 +214,6 @@ class Estimator(ModelSwap, LifecycleNode):
                 self.get_logger().warn(f"{self._topic(spec)}: cannot read {list(spec.fields)} ({exc}); "
                                        "sample dropped", throttle_duration_sec=5.0)
                 return
-        steady = time.monotonic_ns()
         diag.received[i] += 1
         diag.last_receipt[i] = steady
         stamp = self._stamps(i, header_ns, steady, msg)
@@ -227,14 +239,8 @@ def main(args: list[str] | None = None, node_class: type[Estimator] = Estimator)
         print(f"hiss_estimator: error: {exc}")
         rclpy.try_shutdown()
         return 2
-    executor = node.get_parameter("executor").value
-    if executor not in ("events", "single_threaded"):
-        node.get_logger().error(f"executor:={executor!r}: expected events or single_threaded")
-        node.destroy_node()
-        rclpy.try_shutdown()
-        return 2
     with running(node):
-        spin(node, executor)
+        spin(node, node.p["executor"])
     return 0
 
 

@@ -31,6 +31,19 @@ _COV_ROW = {f"{part}.{a}": 3 * j + i for j, part in enumerate(("linear", "angula
 UNKNOWN_VARIANCE = 1.0e6  # a twist component the model does not estimate (robot_localization's convention)
 
 
+def frames(params: dict[str, Any]) -> Callable[[StreamSpec, str], str]:
+    """The frame of each estimate, from the node's parameters: a world-frame velocity in
+    ``world_frame_id``; the rest in their kind's frame (``wrench_frame_id``, ``twist_frame_id``), or
+    ``frame_id`` where that is empty."""
+    def frame_of(stream: StreamSpec, msg_type: str) -> str:
+        if stream.derive == "world_velocity":
+            return params["world_frame_id"]
+        own = {WRENCH: "wrench_frame_id", TWIST: "twist_frame_id", TWIST_COV: "twist_frame_id"}.get(msg_type)
+        return (own and params[own]) or params["frame_id"]
+
+    return frame_of
+
+
 def estimate_type(spec: StreamSpec, covariance: bool) -> str:
     """The ground truth's own type; velocity derived from a pose is a twist, and twists carry a
     covariance (the validation error) when ``covariance`` is set."""

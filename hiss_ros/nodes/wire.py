@@ -76,6 +76,12 @@ class Decoder:
         self.layout = layout
         return layout(data)
 
+    def stamp_ns(self, data: bytes) -> int | None:
+        """The header stamp of a message straight from its bytes (its ``Layout``); None where it
+        has no layout yet, or one these bytes do not fit."""
+        layout = self.layout
+        return layout.stamp_ns(data) if layout is not None and layout.stamped and layout.fits(data) else None
+
     def _first(self, data: bytes, own: Any) -> Any:
         """Decode with rosbags too and compare what the stream reads (its values, its header stamp)
         with rclpy's decoding ``own``; the first that agree settle it (``checked``)."""
@@ -111,6 +117,7 @@ class Layout:
         # what must match: the size, the encapsulation (endianness) and, after the stamp, the frame_id's length
         self.size, self.head = len(data), data[:16] if stamped else data[:4]
         self.unpack, self.order, self.stamped = unpack, order, stamped
+        self.stamp = struct.Struct(unpack.format[0] + "iI")
 
     def fits(self, data: bytes) -> bool:
         return len(data) == self.size and data[:4] == self.head[:4] and data[12:len(self.head)] == self.head[12:]
@@ -121,6 +128,11 @@ class Layout:
         if self.order is not None:
             values = values[self.order]
         return values, (got[0] * 1_000_000_000 + got[1] if self.stamped else None)
+
+    def stamp_ns(self, data: bytes) -> int:
+        """The header stamp alone (a stamped layout: sec and nanosec right after the encapsulation)."""
+        sec, nanosec = self.stamp.unpack_from(data, 4)
+        return sec * 1_000_000_000 + nanosec
 
     @staticmethod
     def _stamped(fields: list[Any]) -> bool:

@@ -239,6 +239,14 @@ class Pipeline:
     def _tick_ns(self, k: int) -> int:
         return self._clock0 + round(k * self._period_ns)
 
+    def next_chunk_ns(self) -> int | None:
+        """The time of the next chunk's last tick: until a clock-stream sample stamped at or after
+        it arrives, no sample completes a chunk (unless the clock restarts, which then starts at
+        one of those samples' stamps); None before the clock starts."""
+        if self._clock0 is None:
+            return None
+        return self._tick_ns(self._tick + self.config.chunk - len(self._rows) - 1)
+
     def push(self, stream: int, stamp_ns: int, values: Sequence[float] | np.ndarray) -> list[Chunk]:
         """Feed one sample; returns the chunks it completed (usually none or one)."""
         v = np.asarray(values, dtype=np.float64).reshape(-1)
