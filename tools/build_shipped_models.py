@@ -7,10 +7,10 @@ Steps (each is skipped when its output exists, so an interrupted build continues
    (seeds 5-6, 60 s); ``hiss-import broad`` of every BROAD trial in ``../shared/data/broad``;
    the sample bags in ``data/sample/`` (sim seed 0, 60 s; a 20 s excerpt of BROAD trial 21).
 2. ``hiss-train --compare hiss,flat-s4d,flat-mamba,flat-lstm,flat-transformer --resume`` for each model,
-   with ``config/train_contact.yaml`` and ``config/train_broad_velocity.yaml``; the ``*_uncertainty``
-   models (variance head) train HiSS alone with ``config/train_contact_nll.yaml`` and
-   ``config/train_broad_velocity_nll.yaml`` (BROAD with independent validation trials 01 and 10,
-   where the variance is calibrated).
+   with ``config/train_contact.yaml`` and ``config/train_broad_velocity.yaml`` (BROAD: protocol W of
+   docs/ACCURACY.md, independent validation trials 01 and 10); the ``*_uncertainty`` models (variance
+   head) train HiSS alone with ``config/train_contact_nll.yaml`` and ``config/train_broad_velocity_nll.yaml``
+   (BROAD split as ``broad_velocity``; the variance is calibrated on the validation trials).
 3. every compared model evaluated on the held-out test data (``hiss-eval --split all``); the
    HiSS model copied to ``models/<name>.safetensors`` with its sample-bag metrics in
    ``models/<name>.metrics.json`` (what ``test/test_shipped.py`` reproduces);
@@ -33,11 +33,11 @@ WORK = REPO / "out" / "shipped"
 SAMPLE = REPO / "data" / "sample"
 BROAD = REPO.parent / "shared" / "data" / "broad"
 COMPARE = list(MODEL_CHOICES)  # every registered model
-BROAD_TRAIN = ["01", "04", "06", "08", "10", "14", "15", "18", "24"]
+BROAD_TRAIN = ["01", "04", "06", "08", "10", "14", "15", "18", "24"]  # imported: protocol W's training and validation
 BROAD_TEST = ["02", "07", "09", "11", "16", "21", "25"]  # one of each trial group (trials.json) and all of 21
 
 BROAD_W_TRAIN = ["04", "06", "08", "14", "15", "18", "24"]  # protocol W of docs/ACCURACY.md:
-BROAD_W_VAL = ["01", "10"]  # independent validation recordings, where the variance is calibrated
+BROAD_W_VAL = ["01", "10"]  # independent validation recordings (and where the variance is calibrated)
 SHIPPED = {
     "contact": {
         "config": REPO / "config" / "train_contact.yaml",
@@ -48,7 +48,8 @@ SHIPPED = {
     },
     "broad_velocity": {
         "config": REPO / "config" / "train_broad_velocity.yaml",
-        "train": [WORK / "broad" / t for t in BROAD_TRAIN],
+        "train": [WORK / "broad" / t for t in BROAD_W_TRAIN],
+        "val": [WORK / "broad" / t for t in BROAD_W_VAL],
         "test": [WORK / "broad" / t for t in BROAD_TEST],
         "sample": SAMPLE / "broad_excerpt",
         "compare": COMPARE,

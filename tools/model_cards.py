@@ -71,8 +71,10 @@ TEXT = {
         "data": (
             "BROAD (real IMU with optical motion capture), imported with `hiss-import broad` (frames checked, see "
             "[docs/DATASETS.md](../docs/DATASETS.md)); target: the importer's `/mocap/twist` (Savitzky-Golay "
-            "derivative of the mocap position, rotated into the IMU frame). Training trials 01 04 06 08 10 14 15 "
-            "18 24 (the last 20% of each validates); held-out test trials 02 07 09 11 16 21 25 (one of "
+            "derivative of the mocap position, rotated into the IMU frame). Split as protocol W of "
+            "[docs/ACCURACY.md](../docs/ACCURACY.md): training trials 04 06 08 14 15 18 24, **independent** "
+            "validation trials 01 and 10 (early stopping and the best epoch; the last 20% of a training trial ends "
+            "at rest, too easy to choose by), held-out test trials 02 07 09 11 16 21 25 (one of "
             "each trial group, and the only combined rotation + translation trial). The sample bag "
             "`data/sample/broad_excerpt` is 20 s of held-out trial 21 (from 34 s)."
         ),
@@ -84,9 +86,9 @@ TEXT = {
         "config": "config/train_broad_velocity.yaml",
         "train_cmd": (
             "hiss-import broad ../shared/data/broad --out out/shipped/broad --zstd --no-mag\n"
-            "hiss-train --config config/train_broad_velocity.yaml --bag out/shipped/broad/01_* ... (the training "
-            "trials) \\\n    --out out/shipped/broad_velocity \\\n"
-            "    --compare hiss,flat-mamba,flat-s4d,flat-lstm"
+            "hiss-train --config config/train_broad_velocity.yaml --bag out/shipped/broad/04_* ... (trials 04 06 "
+            "08 14 15 18 24) \\\n    --val-bag out/shipped/broad/01_* --val-bag out/shipped/broad/10_* \\\n"
+            "    --out out/shipped/broad_velocity --compare hiss,flat-mamba,flat-s4d,flat-lstm,flat-transformer"
         ),
         "attribution": (
             "Data: BROAD, D. Laidig, M. Caruso, A. Cereatti, T. Seel, \"BROAD - A Benchmark for Robust Inertial "
@@ -114,8 +116,8 @@ TEXT["broad_velocity_uncertainty"] = {
         "estimated), 28.6 estimates per second. Real data. The model of `ekf_velocity.launch.py`."
     ),
     "data": (
-        "BROAD, imported as for `broad_velocity`, split as protocol W of "
-        "[docs/ACCURACY.md](../docs/ACCURACY.md): training trials 04 06 08 14 15 18 24, **independent** "
+        "BROAD, imported and split as for `broad_velocity` (protocol W of "
+        "[docs/ACCURACY.md](../docs/ACCURACY.md)): training trials 04 06 08 14 15 18 24, **independent** "
         "validation trials 01 and 10 (early stopping, and where the variance is calibrated: the last 20% of "
         "a training trial, at rest, would make it far too confident), held-out test trials 02 07 09 11 16 21 25."
     ),
