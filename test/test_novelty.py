@@ -168,6 +168,33 @@ def test_a_frozen_or_saturated_channel_raises_the_served_variance(nll_run):
     assert np.median(v_frozen) > 5 * np.median(v_ok) and np.median(v_sat) > 5 * np.median(v_ok)
 
 
+def test_scoring_left_to_the_caller_keeps_the_variance_and_batch_scores_equal_the_per_estimate_ones(nll_run, tmp_path):
+    """``score_novelty = False`` (the node, whose diagnostics score chunks in batches): an estimate
+    whose variance needs the score still has it; one that does not, leaves it to the caller, whose
+    batch of the same chunks scores bit for bit as every estimate did."""
+    def served(est: StreamingEstimator, xs: np.ndarray) -> list:
+        est.restart()
+        return [est.estimate(Chunk(k, xk, est.episode)) for k, xk in enumerate(xs)]
+
+    x = chunks(np.random.default_rng(12), 30)
+    out, _ = nll_run
+    with_head = StreamingEstimator.from_checkpoint(out)
+    every = served(with_head, x)
+    with_head.score_novelty = False
+    assert [(e.values.tolist(), e.variance.tolist(), e.novelty) for e in served(with_head, x)] == [
+        (e.values.tolist(), e.variance.tolist(), e.novelty) for e in every]
+    rng = np.random.default_rng(5)  # a model without the head
+    train(config(epochs=1), Dataset(task(2, 4 * SEQ, rng), task(1, 2 * SEQ, rng), (6, 3), 3, CHUNK,
+                                    Normalization.identity(C, 3)), tmp_path / "mse", progress=False)
+    plain = StreamingEstimator.from_checkpoint(tmp_path / "mse")
+    every = served(plain, x)
+    plain.score_novelty = False
+    later = served(plain, x)
+    assert all(e.novelty is None for e in later) and all(e.novelty is not None for e in every)
+    assert [e.values.tolist() for e in later] == [e.values.tolist() for e in every]
+    assert plain.spec.novelty.score(np.stack(x)).tolist() == [e.novelty for e in every]
+
+
 def test_an_incompatible_statistic_is_refused_and_a_checkpoint_without_it_serves(nll_run, tmp_path):
     out, _ = nll_run
     loaded = load_model(out)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
+from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.serving import Estimate, ServingSpec
 
 SERVING_COUNTERS = ("estimates", "resets", "nonfinite_output")  # reported on their own, not as "pipeline ..."
@@ -53,6 +54,8 @@ class Diagnostics:
         # about 1 on data like the validation data, far above it out of the model's depth.
         self.std_ratio: deque[float] = deque(maxlen=200)
         self.novelty: deque[float] = deque(maxlen=200)  # per estimate (hiss_ros.pipeline.novelty), 1: typical
+        self._unscored: deque[np.ndarray] = deque(maxlen=200)  # input chunks whose novelty ``report`` scores
+        self._scorer: Novelty | None = None  # ... with the statistics of the model that estimated from them
         self._novelty_warn = spec.novelty.warn if spec and spec.novelty else None
         mse = spec.validation_mse if spec else None
         self._typical_var = np.asarray(mse) if mse else None
@@ -80,16 +83,24 @@ class Diagnostics:
             w[0] = w[1] = stamp
             w[2] = 1
 
-    def observe(self, estimate: Estimate) -> None:
-        """Record one estimate's novelty and predicted variance (physical units), where it has them."""
+    def observe(self, estimate: Estimate, x: np.ndarray | None = None, novelty: Novelty | None = None) -> None:
+        """Record one estimate's novelty and predicted variance (physical units), where it has them;
+        an estimate without its novelty score has it scored at the next report, in one batch, from
+        its input chunk ``x`` and the model's statistics ``novelty``."""
         if estimate.novelty is not None:
             self.novelty.append(estimate.novelty)
+        elif x is not None and novelty is not None:
+            if novelty is not self._scorer:  # another model (a hot reload): score the last one's first
+                self._score()
+                self._scorer = novelty
+            self._unscored.append(x)
         if estimate.variance is not None and self._typical_var is not None:
             self.std_ratio.append(float(np.sqrt(estimate.variance / self._typical_var).mean()))
 
     def report(self) -> None:
         node = self.node
         node.flush()  # the samples it holds back count as received
+        self._score()
         est = node.est
         if est is not None:
             level, message = self._assess()
@@ -132,6 +143,11 @@ class Diagnostics:
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = node.get_clock().now().to_msg()
         self.publisher.publish(msg)
+
+    def _score(self) -> None:
+        if self._unscored:
+            self.novelty.extend(self._scorer.score(np.stack(self._unscored)).tolist())
+            self._unscored.clear()
 
     def _assess(self) -> tuple[bytes, str]:
         """(level, message) of a node with a model (before ``report`` moves the rate mark on)."""

@@ -97,8 +97,7 @@ class Estimator(ModelSwap, LifecycleNode):
         if self.p["step_backend"] == "compile":  # ~20 s on 2 cores, seconds once cached
             self.get_logger().info("compiling the streaming step (step_backend:=compile)")
             self.compile_status = self._compile(est)
-        self.markers = (self.create_lifecycle_publisher(MarkerArray, "~/markers", 10)
-                        if self.p["publish_markers"] else None)
+        self.markers = self.p["publish_markers"] and self.create_lifecycle_publisher(MarkerArray, "~/markers", 10)
         self._inputs = est.spec.inputs
         self.diagnostics.track(est.spec, est.pipeline.config.max_gap_s)
         self.get_logger().info(
@@ -114,7 +113,7 @@ class Estimator(ModelSwap, LifecycleNode):
         warn = self.get_logger().warn
         self.decoders = [Decoder(s, c, warn) for s, c in zip(self._inputs, self._classes, strict=True)]
         self._stamps = Stamps(self._inputs, self.est.spec.input_stamps, int(self.est.pipeline.config.max_gap_s * 1e9),
-                              lambda: self.get_clock().now().nanoseconds, self.get_logger().warn)
+                              lambda: self.get_clock().now().nanoseconds, warn)
         rate = self.est.spec.expected_rates_hz()[0] or self.est.pipeline.config.input_rate_hz
         self.batching = Deferral(self.est.pipeline, margin_ns=int(2e9 / rate))  # two clock-stream samples ahead
         self.subscriptions_ = [self._subscribe(i, s, qos) for i, s in enumerate(self._inputs)]
@@ -159,7 +158,9 @@ class Estimator(ModelSwap, LifecycleNode):
 
     def _load(self, path: str) -> StreamingEstimator:
         """Read, check and warm up a checkpoint; nothing of the running node changes."""
-        return StreamingEstimator.from_checkpoint(path, self.device, self.p["max_gap_s"] or None)
+        est = StreamingEstimator.from_checkpoint(path, self.device, self.p["max_gap_s"] or None)
+        est.score_novelty = False  # the diagnostics score it in batches (unless the variance needs it)
+        return est
 
     def _messages(self, est: StreamingEstimator) -> EstimateMessages:
         return EstimateMessages(est.spec, self.p["velocity_covariance"], frames(self.p), self._publisher,
@@ -224,8 +225,8 @@ class Estimator(ModelSwap, LifecycleNode):
             estimate = est.estimate(chunk)
             if estimate is not None:
                 self.messages.publish(estimate.values, estimate.stamp_ns, estimate.variance)
-                self.diagnostics.observe(estimate)
-                if self.markers is not None:
+                self.diagnostics.observe(estimate, chunk.x, est.spec.novelty)
+                if self.markers:
                     self.markers.publish(self.messages.arrows(estimate.values, estimate.stamp_ns))
             self.latencies.append(time.perf_counter() - t0)
             self.glue_cpu.append((time.thread_time_ns() - cpu - est.step_cpu_ns) * 1e-9)
