@@ -1,9 +1,11 @@
 """Samples held back until a chunk may be due, then processed together (the estimator's batching).
 
 At IMU 1 kHz, the estimator's callback ran once a millisecond for a few microseconds of work, on a
-core that had gone idle in between: each sample paid for cold caches (about 31 us cold against 8
-warm, docs/BENCHMARKS.md). ``Deferral`` holds the raw bytes of samples that cannot complete a chunk
-and hands them back, in arrival order, with the first sample that might: the node then decodes
+core that had gone idle in between: each sample paid for cold caches (an IMU sample cost about 31 us
+of CPU when the node's callback was fed one message every 0.9 ms, 8 us back to back; the node's CPU
+against the node before this, docs/BENCHMARKS.md). ``Deferral`` holds the raw bytes of samples
+that cannot complete a chunk and hands them back, in arrival order, with the first sample that
+might (or a couple of samples before it, see ``margin_ns``): the node then decodes
 and pushes them one after the other, warm. Estimates are not delayed: samples within ``margin_ns``
 of the next chunk's time are not held, so the held batch is processed a few samples before the
 one that completes the chunk.
