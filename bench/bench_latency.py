@@ -24,6 +24,9 @@ What is measured, and why:
   reruns ``model(window)`` over the last 10 s of chunks instead of one carried-state step.
 Targets (streaming node, issue #10): p99 <= 3 ms, zero dropped, CPU <= 15 % of one core, its own CPU
 time per estimate beyond the model step <= 0.3 ms p50.
+- A peer (``--peer-rev``): the estimator node of another git revision, run the same way in the same
+  run; with ``--pairs N``, N more runs of the streaming node and the peer one after the other, each
+  pair and the median ratios reported (on a noisy machine one run each does not decide).
 - The rclpy floor: the node's subscriptions (raw, as the node's) with callbacks that only count,
   under the same publisher; and the model step timed back to back offline, against the same step
   in the node, where it runs on a core that has been idle (cold caches).
@@ -32,6 +35,7 @@ Usage (from the repository root):
     .venv/bin/python bench/bench_latency.py                  # 60 s each, writes docs/BENCHMARKS.md
     .venv/bin/python bench/bench_latency.py --quick          # 10 s, streaming node only, writes nothing
     .venv/bin/python bench/bench_latency.py --quick --seconds 60   # the streaming node's full run only
+    .venv/bin/python bench/bench_latency.py --peer-rev REV --pairs 3   # against git REV's node, 4 pairs in all
 """
 
 from __future__ import annotations
@@ -412,8 +416,33 @@ def rows(runs: list[Run]) -> list[list[str]]:
              f"{r.dropped_inputs} of {sum(r.published.values())}"] for r in runs]
 
 
+def paired_report(paired: list[tuple[Run, Run]]) -> str:
+    """The streaming node against the peer, run after run (``--pairs``): each pair, and the median
+    ratio of each figure with the number of pairs where the streaming node was lower."""
+    def p99(r: Run) -> float:
+        return percentile(list(r.latencies_ms), 99)
+
+    def glue(r: Run) -> float:
+        return float("nan") if r.glue_cpu_ms == "-" else float(r.glue_cpu_ms)
+
+    lines = ["| pair | CPU % (node / peer) | glue CPU p50 ms (node / peer) | latency p99 ms (node / peer) |",
+             "|---|---|---|---|"]
+    lines += [f"| {k + 1} | {a.cpu_pct:.1f} / {b.cpu_pct:.1f} | {a.glue_cpu_ms} / {b.glue_cpu_ms} | "
+              f"{p99(a):.2f} / {p99(b):.2f} |" for k, (a, b) in enumerate(paired)]
+    summary = []
+    for what, f in (("CPU", lambda r: r.cpu_pct), ("glue CPU", glue), ("latency p99", p99)):
+        ratios = np.array([f(a) / f(b) for a, b in paired])
+        if np.isfinite(ratios).all():
+            summary.append(f"{what} median ratio {np.median(ratios):.2f}, lower in {int((ratios < 1).sum())} "
+                           f"of {len(ratios)}")
+    return (f"\nThe streaming node against the peer, run after run ({len(paired)} pairs; the first is their rows "
+            "in the table above, `--pairs` ran the others one after the other), node / peer:\n\n"
+            + "\n".join(lines) + "\n\n" + "; ".join(summary) + ".\n")
+
+
 def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
-           floor: tuple[float, int, int] | None = None, step_ms: float | None = None) -> str:
+           floor: tuple[float, int, int] | None = None, step_ms: float | None = None,
+           paired: list[tuple[Run, Run]] | None = None) -> str:
     cfg, dims = checkpoint_streams(model)
     s = runs[0]
     p99 = percentile(list(s.latencies_ms), 99)
@@ -466,6 +495,8 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
         body += (f"\n{peer.node}: CPU {peer.cpu_pct:.1f} % against {s.cpu_pct:.1f} %, in the node "
                  f"{float(peer.node_ms[0]):.2f} against {float(s.node_ms[0]):.2f} ms p50, latency p99 "
                  f"{percentile(list(peer.latencies_ms), 99):.2f} against {p99:.2f} ms.\n")
+    if paired:
+        body += paired_report(paired)
     if c is not None:
         body += (f"\nCompiled step (`step_backend:=compile`): latency p50 {np.percentile(c.latencies_ms, 50):.2f} "
                  f"and p99 {percentile(list(c.latencies_ms), 99):.2f} ms, CPU {c.cpu_pct:.1f} %, "
@@ -492,6 +523,9 @@ def main() -> int:
     ap.add_argument("--only", default="", metavar="TEXT", help="only the nodes whose name contains TEXT")
     ap.add_argument("--peer-rev", metavar="REV",
                     help="also run the estimator node of git revision REV (e.g. the one before a change) as a peer")
+    ap.add_argument("--pairs", type=int, default=0, metavar="N",
+                    help="with --peer-rev: N more runs of the streaming node and the peer, alternating (a noisy "
+                         "machine: the report gives each pair and the median ratios)")
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     ap.add_argument("--publish", action="store_true", help=argparse.SUPPRESS)  # internal: the sensor process
     ap.add_argument("--log", type=Path, help=argparse.SUPPRESS)
@@ -501,25 +535,31 @@ def main() -> int:
         return publish(args.model, args.seconds, args.clock_rate, args.other_rate, args.log)
     if args.floor:
         return floor_subscriber(args.model)
+    if args.pairs < 0 or (args.pairs and not args.peer_rev) or (args.pairs and args.quick):
+        ap.error("--pairs N: N >= 0, with --peer-rev, without --quick")
     os.environ.update(ENV)  # this process's receiver and the child processes share one domain
     if not args.model.is_file():
         raise SystemExit(f"{args.model}: no such checkpoint (train one, or give --model)")
     if args.seconds is None:
         args.seconds = 10.0 if args.quick else 60.0
     load = load_average()
-    runs = []
+    runs, extra = [], []
     chosen = [(name, node) for name, node in NODES.items() if args.only in name][: 1 if args.quick else None]
+    if args.pairs and (not chosen or chosen[0][0] != STREAMING):
+        ap.error(f"--pairs: the streaming node is not among the nodes --only {args.only!r} runs")
     with tempfile.TemporaryDirectory() as peer:
         if args.peer_rev:  # a checkout of that revision beside this one, run on the same machine in the same run
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", peer, args.peer_rev], check=True,
                            capture_output=True)
             chosen.append((f"streaming, the node of git {args.peer_rev} (peer)", (NODES[STREAMING][0], [])))
         try:
-            for name, (command, params) in chosen:
+            pairs = [(STREAMING, NODES[STREAMING]), chosen[-1]] * args.pairs  # the peer is the last chosen
+            for k, (name, (command, params)) in enumerate([*chosen, *pairs]):
                 with tempfile.TemporaryDirectory() as work:
                     print(f"{name}: {args.seconds:g} s ...", flush=True)
-                    runs.append(run_node(name, command, params, args.model, args.seconds, args.clock_rate,
-                                         args.other_rate, Path(work), Path(peer) if "(peer)" in name else None))
+                    (runs if k < len(chosen) else extra).append(
+                        run_node(name, command, params, args.model, args.seconds, args.clock_rate, args.other_rate,
+                                 Path(work), Path(peer) if "(peer)" in name else None))
         finally:
             if args.peer_rev:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", peer], capture_output=True)
@@ -536,7 +576,8 @@ def main() -> int:
 
         step_ms = step_cost_ms(load_checkpoint(args.model).model)
         print(f"model step back to back: {step_ms:.3f} ms p50")
-        write_section(args.doc, SECTION, report(runs, args.model, args, load, floor, step_ms))
+        paired = [(runs[0], runs[-1]), *zip(extra[::2], extra[1::2], strict=True)] if extra else []
+        write_section(args.doc, SECTION, report(runs, args.model, args, load, floor, step_ms, paired))
     return 0
 
 
