@@ -30,14 +30,12 @@ from typing import Generic, TypeVar
 from hiss_ros.pipeline import Pipeline
 
 T = TypeVar("T")
-NS = 1_000_000_000
 
 
 class Deferral(Generic[T]):
     def __init__(self, pipeline: Pipeline, margin_ns: int, max_held: int = 64, max_age_ns: int = 50_000_000) -> None:
-        cfg = pipeline.config
         self.pipeline, self.margin_ns, self.max_held, self.max_age_ns = pipeline, margin_ns, max_held, max_age_ns
-        self.chunk_ns = round((cfg.chunk - 1) * NS / cfg.input_rate_hz)  # first to last tick of a chunk
+        self.chunk_ns = pipeline.span_ns(pipeline.config.chunk - 1)  # first to last tick of a chunk
         self.held: list[T] = []
         self.since = 0  # receipt time of the oldest held sample
         self.first: int | None = None  # the earliest clock-stream stamp held

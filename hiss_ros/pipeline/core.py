@@ -236,8 +236,12 @@ class Pipeline:
             self.episode += 1
         self._reset()
 
+    def span_ns(self, ticks: int) -> int:
+        """How long ``ticks`` input-clock periods are, as the clock places its ticks (ns)."""
+        return round(ticks * self._period_ns)
+
     def _tick_ns(self, k: int) -> int:
-        return self._clock0 + round(k * self._period_ns)
+        return self._clock0 + self.span_ns(k)
 
     def next_chunk_ns(self) -> int | None:
         """The time of the next chunk's last tick: until a clock-stream sample stamped at or after
