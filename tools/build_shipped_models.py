@@ -38,38 +38,25 @@ BROAD_TEST = ["02", "07", "09", "11", "16", "21", "25"]  # one of each trial gro
 
 BROAD_W_TRAIN = ["04", "06", "08", "14", "15", "18", "24"]  # protocol W of docs/ACCURACY.md:
 BROAD_W_VAL = ["01", "10"]  # independent validation recordings (and where the variance is calibrated)
+# Each task's data, shared by its MSE model and its variance-head model.
+CONTACT_DATA = {
+    "train": [WORK / f"contact_train_{s}" for s in (1, 2, 3, 4)],
+    "test": [WORK / f"contact_test_{s}" for s in (5, 6)],
+    "sample": SAMPLE / "contact_sim",
+}
+BROAD_DATA = {
+    "train": [WORK / "broad" / t for t in BROAD_W_TRAIN],
+    "val": [WORK / "broad" / t for t in BROAD_W_VAL],
+    "test": [WORK / "broad" / t for t in BROAD_TEST],
+    "sample": SAMPLE / "broad_excerpt",
+}
 SHIPPED = {
-    "contact": {
-        "config": REPO / "config" / "train_contact.yaml",
-        "train": [WORK / f"contact_train_{s}" for s in (1, 2, 3, 4)],
-        "test": [WORK / f"contact_test_{s}" for s in (5, 6)],
-        "sample": SAMPLE / "contact_sim",
-        "compare": COMPARE,
-    },
-    "broad_velocity": {
-        "config": REPO / "config" / "train_broad_velocity.yaml",
-        "train": [WORK / "broad" / t for t in BROAD_W_TRAIN],
-        "val": [WORK / "broad" / t for t in BROAD_W_VAL],
-        "test": [WORK / "broad" / t for t in BROAD_TEST],
-        "sample": SAMPLE / "broad_excerpt",
-        "compare": COMPARE,
-    },
+    "contact": {"config": REPO / "config" / "train_contact.yaml", **CONTACT_DATA, "compare": COMPARE},
+    "broad_velocity": {"config": REPO / "config" / "train_broad_velocity.yaml", **BROAD_DATA, "compare": COMPARE},
     # The same tasks with the variance head (beta-NLL, novelty inflation): HiSS alone, no comparison.
-    "contact_uncertainty": {
-        "config": REPO / "config" / "train_contact_nll.yaml",
-        "train": [WORK / f"contact_train_{s}" for s in (1, 2, 3, 4)],
-        "test": [WORK / f"contact_test_{s}" for s in (5, 6)],
-        "sample": SAMPLE / "contact_sim",
-        "compare": ["hiss"],
-    },
-    "broad_velocity_uncertainty": {
-        "config": REPO / "config" / "train_broad_velocity_nll.yaml",
-        "train": [WORK / "broad" / t for t in BROAD_W_TRAIN],
-        "val": [WORK / "broad" / t for t in BROAD_W_VAL],
-        "test": [WORK / "broad" / t for t in BROAD_TEST],
-        "sample": SAMPLE / "broad_excerpt",
-        "compare": ["hiss"],
-    },
+    "contact_uncertainty": {"config": REPO / "config" / "train_contact_nll.yaml", **CONTACT_DATA, "compare": ["hiss"]},
+    "broad_velocity_uncertainty": {"config": REPO / "config" / "train_broad_velocity_nll.yaml", **BROAD_DATA,
+                                   "compare": ["hiss"]},
 }
 
 
