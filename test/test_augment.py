@@ -1,4 +1,5 @@
-"""Rotation augmentation (train.augment_rotation_deg): physically consistent, checked, reproducible."""
+"""Augmentation: rotation (train.augment_rotation_deg; physically consistent, checked, reproducible) and
+bias (train.augment_bias_std)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.errors import ConfigError
 from hiss_ros.pipeline import Normalization
-from hiss_ros.train.augment import RotationAugment, random_rotations
+from hiss_ros.train.augment import BiasAugment, RotationAugment, random_rotations
 from hiss_ros.train.config import TrainConfig, TrainSettings
 from hiss_ros.train.dataset import Dataset, Split
 from hiss_ros.train.loop import STATE_FILE, train
@@ -108,15 +109,35 @@ def imu_dataset() -> Dataset:
     return Dataset(split(3, 4 * SEQ), split(1, 2 * SEQ), (6,), 3, CHUNK, norm())
 
 
-def test_augmented_training_is_reproducible_and_changes_the_steps(tmp_path):
+@pytest.mark.parametrize("setting", [{"augment_rotation_deg": 45.0}, {"augment_bias_std": 0.1},
+                                     {"augment_rotation_deg": 45.0, "augment_bias_std": 0.1}])
+def test_augmented_training_is_reproducible_and_changes_the_steps(tmp_path, setting):
     ds = imu_dataset()
-    for name, deg in [("a", 45.0), ("b", 45.0), ("c", 0.0)]:
-        train(imu_config(augment_rotation_deg=deg), ds, tmp_path / name, progress=False)
+    for name, kw in [("a", setting), ("b", setting), ("c", {})]:
+        train(imu_config(**kw), ds, tmp_path / name, progress=False)
     wa, wb, wc = (load_checkpoint(tmp_path / n / "model.safetensors").model.state_dict() for n in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
     losses = np.loadtxt(tmp_path / "a" / "metrics.csv", delimiter=",", skiprows=1, usecols=1)
     assert len(losses) == 2 and np.isfinite(losses).all()
+
+
+def test_bias_offsets_each_windows_inputs_by_its_own_constant():
+    """Every input channel of a window moves by one constant over the whole window, drawn N(0, s^2)
+    per window and channel; the targets do not move."""
+    torch.manual_seed(2)
+    aug = BiasAugment(0.3, 6)
+    x, y = torch.randn(4000, 2 * CHUNK, 6), torch.randn(4000, 2, 3)
+    bias = aug.draw(len(x))
+    xa, ya = aug(x, y, bias)
+    shift = xa - x
+    assert torch.equal(ya, y)
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-6)  # constant in time
+    per = shift[:, 0]  # (windows, channels)
+    assert per.std(0).sub(0.3).abs().max() < 0.03 and per.mean(0).abs().max() < 0.03
+    assert torch.corrcoef(per.T).sub(torch.eye(6)).abs().max() < 0.1  # channels drawn independently
+    with pytest.raises(ConfigError, match=r"train\.augment_bias_std = -0\.1: expected a number >= 0"):
+        TrainSettings(augment_bias_std=-0.1)
 
 
 def test_resume_with_another_angle_is_refused(tmp_path):

@@ -117,6 +117,62 @@ def test_no_decay_ssm_exempts_dynamics_biases_and_norms(tmp_path):
     assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in param_groups(tiny, 0.05, True)]
 
 
+def test_ema_saves_the_moving_average_of_the_trained_weights_and_resumes_it(tmp_path, monkeypatch):
+    """train.ema_decay: the checkpoint holds e_k = d e_(k-1) + (1 - d) w_k over the weights w_k after
+    each optimiser step (e_1 = w_1), validated and selected as such; the trained weights are those of a
+    run without it; an interrupted run resumes the average where it was."""
+    import hiss_ros.train.loop as loop
+
+    d, ds = 0.8, dataset()
+    built, after_step = [], []
+    real_build, real_step, real_evaluate = loop.build_model, torch.optim.AdamW.step, loop.evaluate
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        after_step.append({k: v.detach().clone() for k, v in built[-1].state_dict().items()})
+        return out
+
+    monkeypatch.setattr(loop, "build_model", lambda c: built.append(real_build(c)) or built[-1])
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(tiny_config(settings(epochs=1, ema_decay=d)), ds, tmp_path / "ema", progress=False)
+    assert len(after_step) == 7  # 3 segments x 9 windows / batch 4
+    ema = after_step[0]
+    for w in after_step[1:]:
+        ema = {k: d * ema[k] + (1 - d) * w[k] for k in ema}
+    saved, last = weights(tmp_path / "ema"), after_step[-1]
+    assert all(torch.allclose(saved[k], ema[k], atol=1e-6) for k in saved)
+    assert any(not torch.allclose(saved[k], last[k], atol=1e-3) for k in saved)  # not the last weights
+    val = json.loads((tmp_path / "ema" / "metrics.json").read_text())["val_mse"]
+    assert val == pytest.approx(real_evaluate(load_checkpoint(tmp_path / "ema" / "model.safetensors").model,
+                                              ds.val)[0], rel=1e-6)
+    after_step.clear()
+    train(tiny_config(settings(epochs=1)), ds, tmp_path / "plain", progress=False)
+    assert all(torch.equal(after_step[-1][k], last[k]) for k in last)  # the average does not steer training
+
+    # Interrupted in the second epoch's validation, then resumed: the same average as straight through.
+    train(tiny_config(settings(epochs=3, ema_decay=d, patience=5)), ds, tmp_path / "straight", progress=False)
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted)
+    cfg = tiny_config(settings(epochs=3, ema_decay=d, patience=5))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, ds, tmp_path / "split", progress=False)
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    train(cfg, ds, tmp_path / "split", resume=True, progress=False)
+    averages = []
+    for run in ("straight", "split"):
+        with safe_open(str(tmp_path / run / STATE_FILE), framework="pt") as f:
+            averages.append({k: f.get_tensor(k) for k in f.keys() if k.startswith("ema.")})
+    assert len(averages[0]) > 2 and averages[0].keys() == averages[1].keys()
+    assert all(torch.equal(averages[0][k], averages[1][k]) for k in averages[0])
+
+
 def test_scaled_deltas_are_fitted_saved_and_stream_like_offline(tmp_path):
     ds = dataset()
     train(tiny_config(settings(epochs=1), scale_deltas=True), ds, tmp_path / "s", progress=False)
@@ -172,6 +228,7 @@ def test_mean_pooling_averages_the_chunk_and_is_outside_the_fast_step():
     ({"max_steps": 2.5}, "train.max_steps = 2.5: expected an int >= 0"),
     ({"no_decay_ssm": 1}, "train.no_decay_ssm = 1: expected true or false"),
     ({"weight_decay": -0.1}, "train.weight_decay = -0.1: expected a number >= 0"),
+    ({"ema_decay": 1.0}, r"train.ema_decay = 1.0: expected a number in \[0, 1\) \(0: off\)"),
 ])
 def test_recipe_settings_are_validated(kw, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,4 +1,4 @@
-"""Rotation augmentation: each training window as if the sensor had been mounted turned.
+"""Training-window augmentation: rotation (the sensor mounted turned) and bias (its offsets).
 
 ``train.augment_rotation_deg: A`` (0 = off) turns every training window by its own random rotation
 R (a uniformly random axis, an angle uniform in [-A, A] degrees), applied alike to every 3-vector
@@ -96,3 +96,19 @@ class RotationAugment:
         for o in offsets:
             physical[..., o:o + 3] = torch.einsum("bij,btj->bti", rotations, physical[..., o:o + 3])
         return ((physical - mean) / std).to(v.dtype)
+
+
+class BiasAugment:
+    """``train.augment_bias_std: s`` (0 = off): every input channel of a training window offset by its
+    own constant, drawn N(0, s^2) in normalised units (s standard deviations of that channel), as a
+    sensor whose bias differs from recording to recording would give; targets unchanged. Drawn like
+    the rotations (global generator, whole batch, every process)."""
+
+    def __init__(self, std: float, channels: int) -> None:
+        self.std, self.channels = std, channels
+
+    def draw(self, n: int) -> torch.Tensor:
+        return torch.randn(n, 1, self.channels) * self.std
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + bias.to(x.dtype), y

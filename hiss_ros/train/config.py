@@ -44,9 +44,15 @@ class TrainSettings:
     # Each training window turned by a random rotation of up to this many degrees, inputs and
     # targets alike (hiss_ros.train.augment: every channel must be part of a 3-vector); 0: off.
     augment_rotation_deg: float = 0.0
+    # Each training window's input channels offset by a constant drawn N(0, s^2) per channel, in
+    # normalised units (hiss_ros.train.augment.BiasAugment); 0: off.
+    augment_bias_std: float = 0.0
     # A model with the variance head: its variance raised on input unlike the training chunks
     # (hiss_ros.pipeline.novelty), calibrated with it; false: the head's variance alone.
     novelty_inflation: bool = True
+    # The weights validated, selected and saved: an exponential moving average of the trained ones,
+    # updated after every optimiser step with this decay (torch.optim.swa_utils); 0: off.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -81,6 +87,10 @@ class TrainSettings:
             raise ConfigError(f"train.lr = {self.lr!r}: expected a positive number")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay = {self.weight_decay!r}: expected a number >= 0")
+        if self.augment_bias_std < 0:
+            raise ConfigError(f"train.augment_bias_std = {self.augment_bias_std!r}: expected a number >= 0 (0: off)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay = {self.ema_decay!r}: expected a number in [0, 1) (0: off)")
         if not 0 <= self.augment_rotation_deg <= 180:
             raise ConfigError(f"train.augment_rotation_deg = {self.augment_rotation_deg!r}: expected degrees "
                               "in [0, 180] (0: off)")

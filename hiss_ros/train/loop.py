@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from hiss_ros.checkpoint import atomic_write, load_checkpoint
@@ -42,7 +43,7 @@ from hiss_ros.errors import CheckpointError, ConfigError
 from hiss_ros.models import ChunkedModel, build_model
 from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.serving import save_model
-from hiss_ros.train.augment import RotationAugment
+from hiss_ros.train.augment import BiasAugment, RotationAugment
 from hiss_ros.train.calibration import calibration_metrics, variance_scale
 from hiss_ros.train.config import TrainConfig, TrainSettings
 from hiss_ros.train.dataset import Dataset, Split, delta_std, windows
@@ -122,9 +123,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_ssm: bool
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def _save_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    """Model and optimizer tensors in safetensors, everything else as JSON (no pickle)."""
+def _save_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, meta: dict[str, Any],
+                ema: AveragedModel | None = None) -> None:
+    """Model, weight-average and optimizer tensors in safetensors, everything else as JSON (no pickle)."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
     sd = opt.state_dict()
     for idx, st in sd["state"].items():
         for name, v in st.items():
@@ -133,7 +137,8 @@ def _save_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, met
     atomic_write(path, save(tensors, metadata={"train_state": json.dumps(meta)}))
 
 
-def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, config: dict[str, Any]) -> dict[str, Any]:
+def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, config: dict[str, Any],
+                ema: AveragedModel | None = None) -> dict[str, Any]:
     """The train state's meta, after loading its weights and optimizer state; refused when it was
     written for another ``config`` (``_fingerprint``): its weights would not fit, or fit and mislead."""
     try:
@@ -157,6 +162,8 @@ def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, con
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+        if ema is not None:
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     except (RuntimeError, ValueError, KeyError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"{path}: does not fit this model ({detail}); delete it to start afresh") from None
@@ -230,7 +237,7 @@ class Plan:
 
 def fit_epoch(net: torch.nn.Module, model: ChunkedModel, opt: torch.optim.Optimizer, xw: torch.Tensor,
               yw: torch.Tensor, s: Any, plan: Plan, epoch: int, device: str,
-              augment: RotationAugment | None = None) -> float:
+              augments: Sequence[RotationAugment | BiasAugment] = (), ema: AveragedModel | None = None) -> float:
     """One epoch of optimiser steps over the training windows x (W, seq*chunk, C), y (W, seq, O);
     returns the mean training loss per target element over every rank. Under torchrun each rank
     takes its share of every batch, and the loss is normalised by the global batch, so N processes
@@ -247,7 +254,7 @@ def fit_epoch(net: torch.nn.Module, model: ChunkedModel, opt: torch.optim.Optimi
         batch = order[i * s.batch_size:(i + 1) * s.batch_size]
         idx = batch[rank::world]  # this rank's share
         x, y = xw[idx], yw[idx]
-        if augment is not None:  # drawn for the whole batch on every rank: N processes step as one
+        for augment in augments:  # drawn for the whole batch on every rank: N processes step as one
             x, y = augment(x, y, augment.draw(len(batch))[rank::world])
         y = y[:, s.burn_in_chunks:].to(device)  # (b, seq - burn_in, O)
         pred = net(x.to(device))[:, s.burn_in_chunks:]
@@ -257,6 +264,8 @@ def fit_epoch(net: torch.nn.Module, model: ChunkedModel, opt: torch.optim.Optimi
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         loss_sum[0] += summed.item()
         count += len(batch) * y[0].numel()
     if world > 1:
@@ -356,23 +365,27 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
     steps_per_epoch = math.ceil(len(xw) / s.batch_size)
     plan = Plan(steps_per_epoch, s.max_steps or steps_per_epoch * s.epochs)
     opt = torch.optim.AdamW(param_groups(model, s.weight_decay, s.no_decay_ssm), lr=s.lr)
-    meta = _resumable_state(out, model, opt, _fingerprint(cfg, ds), resume)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True)
+           if s.ema_decay else None)
+    served = ema.module if ema is not None else model  # what is validated, selected and saved
+    meta = _resumable_state(out, model, opt, _fingerprint(cfg, ds), resume, ema)
     if lead:
         (out / METRICS_FILE).unlink(missing_ok=True)  # a run in progress is not finished: no metrics.json
     reporters = _reporters(out, meta, plan, progress, on_epoch) if lead else []
     t_start = time.perf_counter() - meta["seconds"]  # seconds count across resumes
-    augment = (RotationAugment(cfg.inputs, cfg.outputs, ds.normalization, s.augment_rotation_deg)
-               if s.augment_rotation_deg else None)
+    augments = [*([RotationAugment(cfg.inputs, cfg.outputs, ds.normalization, s.augment_rotation_deg)]
+                  if s.augment_rotation_deg else []),
+                *([BiasAugment(s.augment_bias_std, ds.normalization.input_mean.size)] if s.augment_bias_std else [])]
     novelty = Novelty.fit(ds.train.x, inflate=s.novelty_inflation and model.config.variance)
     for epoch in range(meta["epoch"], plan.epochs):
-        train_loss = fit_epoch(net, model, opt, xw, yw, s, plan, epoch, device, augment)
-        val, _ = evaluate(model, ds.val, device)
+        train_loss = fit_epoch(net, model, opt, xw, yw, s, plan, epoch, device, augments, ema)
+        val, _ = evaluate(served, ds.val, device)
         if val < meta["best_val"]:
             meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
             if lead:
                 spec = cfg.serving_spec(ds.input_dims, ds.normalization, input_stamps=ds.input_stamps,
                                         input_rates_hz=ds.input_rates_hz, novelty=novelty)
-                save_model(out / MODEL_FILE, model, spec, cfg.checkpoint_extra())
+                save_model(out / MODEL_FILE, served, spec, cfg.checkpoint_extra())
         else:
             meta["bad_epochs"] += 1
         meta.update(epoch=epoch + 1, seconds=time.perf_counter() - t_start)
@@ -381,7 +394,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         for report in reporters:  # the csv row before the state: a crash between them repeats, never loses, a row
             report(record)
         if lead:
-            _save_state(out / STATE_FILE, model, opt, meta)
+            _save_state(out / STATE_FILE, model, opt, meta, ema)
         if meta["bad_epochs"] >= s.patience:
             log.info("early stop: no validation improvement for %d epochs", s.patience)
             break
@@ -393,13 +406,13 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
 
 
 def _resumable_state(out: Path, model: ChunkedModel, opt: torch.optim.Optimizer, config: dict[str, Any],
-                     resume: bool) -> dict[str, Any]:
+                     resume: bool, ema: AveragedModel | None = None) -> dict[str, Any]:
     """The run's state: epochs done, best validation and its epoch, epochs without improvement,
     seconds so far and the config; fresh, or with ``resume`` the interrupted run's (its weights and
     optimiser state loaded into ``model`` and ``opt``)."""
     meta = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "seconds": 0.0, "config": config}
     if resume and (out / STATE_FILE).is_file():
-        meta = {**meta, **_load_state(out / STATE_FILE, model, opt, config)}  # older states lack "seconds"
+        meta = {**meta, **_load_state(out / STATE_FILE, model, opt, config, ema)}  # older states lack "seconds"
         log.info("resuming after epoch %d (best val_mse %.5f at epoch %d)", meta["epoch"], meta["best_val"],
                  meta["best_epoch"])
     return meta
