@@ -17,7 +17,7 @@ from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data.synthetic import contact_bag
 from hiss_ros.train.cli import main
 from hiss_ros.train.compare import tune_candidates
-from hiss_ros.train.config import TrainConfig
+from hiss_ros.train.config import TrainConfig, TrainSettings
 from hiss_ros.train.evaluate import main as eval_main
 
 
@@ -242,6 +242,18 @@ def test_compare_over_two_seeds_reports_spread_and_the_paired_difference(tmp_pat
     assert f"| hiss | {hiss['val_mse']:.4f} +- {hiss['val_mse_std']:.4f} |" in md and expected in md
     assert main(["--config", str(config(tmp_path)), "--bag", str(bag), "--out", str(out), "--compare", "hiss",
                  "--seeds", "0,0"]) == 2
+
+
+def test_tune_candidates_are_distinct_and_keep_their_draws():
+    """The default recipe is one of the generator's draws: it is not drawn again (a tuning budget
+    of 3 trains 3 settings); other configs keep the same list as before."""
+    defaults = TrainSettings()
+    for lr, wd in [(defaults.lr, defaults.weight_decay), (3e-3, 0.01), (1e-3, 0.01)]:
+        c = tune_candidates(4, lr, wd)
+        assert c[0] == {"lr": lr, "weight_decay": wd} and len({(x["lr"], x["weight_decay"]) for x in c}) == 4
+    assert tune_candidates(3, 3e-3, 0.01)[1:] == [{"lr": 5.3e-4, "weight_decay": 9.85e-4},
+                                                 {"lr": 5.52e-3, "weight_decay": 0.0328}]  # docs/ACCURACY.md's runs
+    assert tune_candidates(3, defaults.lr, defaults.weight_decay)[1:] == tune_candidates(4, 3e-3, 0.01)[1::2]
 
 
 def test_tune_gives_every_model_the_same_candidates_and_trains_the_best(tmp_path, bag):

@@ -3,7 +3,7 @@
 ``--compare hiss,flat-mamba,...``: every model trains on the same data with the same settings;
 each flat baseline's width is chosen so its parameter count is within 10% of the HiSS model's.
 ``--tune N``: before that, every model gets the same tuning budget: the same N (lr, weight decay)
-candidates (the config's own first, then N - 1 drawn log-uniformly from ``TUNE_LR`` and
+candidates (the config's own first, then N - 1 distinct ones drawn log-uniformly from ``TUNE_LR`` and
 ``TUNE_WEIGHT_DECAY`` by a fixed generator, so identical for every model), each trained once with
 the first seed into ``<model>/tune_<i>``; the one with the lowest validation MSE trains every seed
 (its first-seed run is the tuning run itself, reused). Chosen on validation only, never on test.
@@ -43,15 +43,20 @@ TUNE_LR, TUNE_WEIGHT_DECAY = (3e-4, 1e-2), (1e-4, 1e-1)  # log-uniform ranges of
 
 
 def tune_candidates(n: int, lr: float, weight_decay: float) -> list[dict[str, float]]:
-    """``n`` (lr, weight_decay) settings: the config's own, then ``n - 1`` log-uniform draws from a
-    generator of fixed seed (the same list for every model and run)."""
+    """``n`` distinct (lr, weight_decay) settings: the config's own, then log-uniform draws from a
+    generator of fixed seed (the same list for every model and run), a draw equal to the config's
+    own skipped (the defaults are such a draw: it would train one candidate twice)."""
     rng = random.Random(20260211)
 
     def draw(lo: float, hi: float) -> float:
         return float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.3g}")
 
-    return [{"lr": lr, "weight_decay": weight_decay}] + [
-        {"lr": draw(*TUNE_LR), "weight_decay": draw(*TUNE_WEIGHT_DECAY)} for _ in range(n - 1)]
+    out = [{"lr": lr, "weight_decay": weight_decay}]
+    while len(out) < n:
+        candidate = {"lr": draw(*TUNE_LR), "weight_decay": draw(*TUNE_WEIGHT_DECAY)}
+        if candidate not in out:
+            out.append(candidate)
+    return out
 
 
 def parameters(config: dict[str, Any]) -> int:
