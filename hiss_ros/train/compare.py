@@ -44,8 +44,8 @@ TUNE_LR, TUNE_WEIGHT_DECAY = (3e-4, 1e-2), (1e-4, 1e-1)  # log-uniform ranges of
 
 def tune_candidates(n: int, lr: float, weight_decay: float) -> list[dict[str, float]]:
     """``n`` distinct (lr, weight_decay) settings: the config's own, then log-uniform draws from a
-    generator of fixed seed (the same list for every model and run), a draw equal to the config's
-    own skipped (the defaults are such a draw: it would train one candidate twice)."""
+    generator of fixed seed (the same list for every model and run); a draw equal to an earlier
+    candidate is skipped (the default recipe is such a draw: it would train one setting twice)."""
     rng = random.Random(20260211)
 
     def draw(lo: float, hi: float) -> float:
