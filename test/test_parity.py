@@ -9,6 +9,7 @@ must equal the tensors the dataset trains and validates on, and its estimates mu
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import yaml
 from rosbags.highlevel import AnyReader
 from test_train import config
@@ -38,11 +39,14 @@ def served_by_the_estimator(bag, est: StreamingEstimator) -> tuple[dict[int, np.
     return chunks, estimates
 
 
-def test_trained_tensors_and_hiss_eval_equal_what_the_estimator_serves(tmp_path):
+@pytest.mark.parametrize("strapdown", [False, True], ids=["inputs", "strapdown"])
+def test_trained_tensors_and_hiss_eval_equal_what_the_estimator_serves(tmp_path, strapdown):
     bag = contact_bag(tmp_path / "bag", seconds=20.0)
     path = config(tmp_path, epochs=1)
     cfg = yaml.safe_load(path.read_text())
     cfg["filter"] = {"cutoff_hz": 40.0, "order": 2}  # the filter's state is part of the parity too
+    if strapdown:  # and the derived channels' state
+        cfg["strapdown"] = {"gyro": "/imu/data:angular_velocity", "accel": "/imu/data:linear_acceleration"}
     path.write_text(yaml.safe_dump(cfg))
     assert train_main(["--config", str(path), "--bag", str(bag), "--out", str(tmp_path / "run"), "--quiet",
                        "--cache-dir", str(tmp_path / "cache")]) == 0
@@ -53,6 +57,7 @@ def test_trained_tensors_and_hiss_eval_equal_what_the_estimator_serves(tmp_path)
     trained = {int(t): x for part in (ds.train, ds.val) for xs, ts in zip(part.x, part.stamps, strict=True)
                for x, t in zip(xs, ts, strict=True)}
     assert len(trained) > 300 and set(trained) <= set(chunks)
+    assert next(iter(trained.values())).shape[1] == est.model.config.input_dim == 9 + 3 * strapdown
     worst = max(np.abs(chunks[t] - x).max() for t, x in trained.items())
     assert worst <= 1e-6, f"the dataset's tensors differ from the served chunks by up to {worst:g}"
 

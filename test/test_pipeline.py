@@ -192,3 +192,74 @@ def test_each_rejected_sample_counts_under_one_reason_in_a_fixed_order():
         want = {"nonfinite": 2, "out_of_order": 1, "duplicate": 1, "out_of_range": 1 if norm else 0,
                 "accepted": 2 if norm else 3}
         assert {k: pipe.counters[k] for k in want} == want, norm
+
+
+def clock_and_second(pipe, seconds=1.0, start_ns=10**12):
+    """200 Hz clock + 50 Hz second stream from ``start_ns``: the chunks they complete."""
+    out = []
+    for k in range(int(seconds * 200)):
+        t = start_ns + k * 5 * MS
+        if k % 4 == 0:
+            out += pipe.push(1, t, [0.5, 0.5])
+        out += pipe.push(0, t, [1.0, 2.0, 3.0])
+    return out
+
+
+@pytest.mark.parametrize("first", ["before the clock starts", "while it runs"])
+def test_a_second_stream_sample_on_another_time_line_is_dropped_not_waited_for(first):
+    """One tactile sample stamped far ahead (a receipt stamp on the node clock against IMU header
+    stamps) once held every later sample back: no estimate for good, diagnostics OK."""
+    pipe = Pipeline(cfg())
+    if first == "while it runs":
+        assert len(clock_and_second(pipe, 0.5, start_ns=10**12 - 5 * 10**8)) == 10  # then seamlessly on
+    pipe.push(1, 10**18, [9.0, 9.0])
+    chunks = clock_and_second(pipe)
+    assert len(chunks) >= 19 and pipe.counters["ahead_of_clock"] == 1
+    assert all(c.x[:, 3:].max() < 1 for c in chunks)  # the far-ahead value never reached a chunk
+
+
+def test_a_jump_back_in_time_still_refuses_absurd_values():
+    norm = Normalization(np.zeros(5), np.ones(5), np.zeros(1), np.ones(1))
+    pipe = Pipeline(cfg(), norm)
+    clock_and_second(pipe, 0.5)
+    pipe.push(0, 10**9, [1e300, 1e300, 1e300])  # a new time line, and a sensor fault
+    assert pipe.counters["time_backwards"] == 1 and pipe.counters["out_of_range"] == 1
+    chunks = clock_and_second(pipe, 0.5, start_ns=2 * 10**9)
+    assert chunks and all(np.isfinite(c.x).all() and np.abs(c.x).max() < 10 for c in chunks)
+
+
+def test_samples_lost_while_the_clock_lags_end_the_episode_instead_of_stitching_a_chunk():
+    pipe = Pipeline(PipelineConfig((1, 1), 400, 40, 0.5))
+    for k in range(15):
+        pipe.push(0, 10**9 + k * 2_500_000, [0.0]) + pipe.push(1, 10**9 + k * 2_500_000, [0.0])
+    for k in range(5000):  # the second stream runs ahead at 20 kHz (within a gap of the clock), the clock late
+        pipe.push(1, 10**9 + 37_500_000 + k * 50_000, [1.0])
+    assert pipe.counters["held_overflow"] > 5000 - 4096  # counted, not silent
+    chunks = []
+    for k in range(15, 2000):  # the clock catches up; the second stream goes on at its own pace
+        t = 10**9 + k * 2_500_000
+        chunks += pipe.push(0, t, [0.0]) + (pipe.push(1, t + 300 * 10**6, [2.0]) if k % 4 == 0 else [])
+    assert pipe.counters["stream_silent"] >= 1
+    assert chunks and all(c.episode >= 1 for c in chunks)  # no chunk of the first episode spans the hole
+
+
+@pytest.mark.parametrize("stream, stamp, values, counter", [
+    (0, 10**9, "abc", "not_numbers"),
+    (0, 10**9, {"a": 1}, "not_numbers"),
+    (0, 10**9, [[1, 2], [3]], "not_numbers"),
+    (0, 10**9, None, "wrong_size"),
+    (0, 10**9, np.arange(6.0).reshape(3, 2), "wrong_size"),
+    (9, 10**9, "abc", "unknown_stream"),
+    (None, 10**9, [1, 2, 3], "unknown_stream"),
+    (1.5, 10**9, [1, 2, 3], "unknown_stream"),
+    (True, 10**9, [1, 2], "unknown_stream"),
+    (0, float("nan"), [1, 2, 3], "bad_stamp"),
+    (0, None, [1, 2, 3], "bad_stamp"),
+    (0, 1.5e9, [1, 2, 3], "bad_stamp"),
+    (0, np.int64(2**63 - 1), [1, 2, 3], "bad_stamp"),
+])
+def test_values_streams_and_stamps_of_the_wrong_type_are_counted_not_fatal(stream, stamp, values, counter):
+    pipe = Pipeline(cfg())
+    assert pipe.push(stream, stamp, values) == []
+    assert pipe.counters == {counter: 1}
+    assert len(clock_and_second(pipe, 0.5)) == 10  # and the pipeline goes on as if it never came

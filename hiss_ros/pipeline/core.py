@@ -5,8 +5,10 @@ put on a fixed input clock of ``input_rate_hz`` ticks. The clock starts at the f
 stream 0 (the reference, e.g. the IMU) and a tick at time t is emitted once stream 0 has
 reached t; every stream contributes its latest sample with stamp <= t (zero-order hold), so no
 tick ever uses a sample from after its own time. Then per stream an optional causal low-pass
-(Butterworth, second-order sections, state carried), normalisation, and ``chunk`` ticks make
-one chunk, stamped with the time of its last tick.
+(Butterworth, second-order sections, state carried), optionally three derived channels appended
+(``strapdown``: a gravity-free velocity from an IMU's gyro and accelerometer, state carried,
+hiss_ros.pipeline.strapdown), normalisation, and ``chunk`` ticks make one chunk, stamped with the
+time of its last tick.
 
 Sample hygiene (``verdict``, shared with bag reading): non-finite samples and samples not later
 than their stream's last used one are dropped and counted; with a normalisation, so are samples
@@ -32,6 +34,7 @@ from scipy import signal
 
 from hiss_ros.data.streams import verdict
 from hiss_ros.errors import ConfigError
+from hiss_ros.pipeline.strapdown import Strapdown, StrapdownConfig
 
 log = logging.getLogger(__name__)
 NS = 1_000_000_000
@@ -39,6 +42,7 @@ NS = 1_000_000_000
 # five IMU samples of 1e30 once overflowed the float32 model state and every later estimate was NaN.
 MAX_ABS_Z = 1e3
 _MAX_HELD = 4096  # per stream; only reached when stream 0 (the clock) lags far behind
+_MAX_NS = 2**62  # stamps beyond +-146 years from the epoch are refused: tick arithmetic stays in int64
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class PipelineConfig:
     output_rate_hz: float
     max_gap_s: float = 0.5
     filter: FilterConfig | None = None
+    strapdown: StrapdownConfig | None = None  # 3 more channels after the inputs' (pipeline.strapdown)
 
     def __post_init__(self) -> None:
         dims = tuple(self.input_dims)
@@ -85,6 +90,13 @@ class PipelineConfig:
                 raise ConfigError(
                     f"filter.cutoff_hz = {self.filter.cutoff_hz}: must be below Nyquist ({self.input_rate_hz / 2} Hz)"
                 )
+        if isinstance(self.strapdown, dict):  # the stored form: channel indices
+            object.__setattr__(self, "strapdown", StrapdownConfig.from_dict(self.strapdown, ()))
+        if self.strapdown is not None:
+            n = sum(dims)
+            if max(self.strapdown.gyro + self.strapdown.accel) >= n:
+                raise ConfigError(f"strapdown: gyro {list(self.strapdown.gyro)} / accel {list(self.strapdown.accel)}: "
+                                  f"the inputs have {n} channels")
 
     @property
     def chunk(self) -> int:
@@ -92,7 +104,8 @@ class PipelineConfig:
 
     @property
     def channels(self) -> int:
-        return sum(self.input_dims)
+        """Channels of a chunk: the inputs' and then the derived ones (strapdown: 3)."""
+        return sum(self.input_dims) + (3 if self.strapdown is not None else 0)
 
 
 @dataclass
@@ -217,15 +230,19 @@ class Pipeline:
             signal.butter(config.filter.order, config.filter.cutoff_hz, fs=config.input_rate_hz, output="sos")
             if config.filter else None
         )
+        self._strapdown = Strapdown(config.strapdown, config.input_rate_hz) if config.strapdown else None
         self.counters: Counter[str] = Counter()
         self.episode = 0
         self._reset()
 
     def _reset(self) -> None:
+        if self._strapdown is not None:
+            self._strapdown.reset()
         self._streams = [_Held() for _ in self.config.input_dims]
         self._clock0: int | None = None
         self._tick = 0  # index of the next tick to emit
         self._rows: list[np.ndarray] = []
+        self._emitting = False  # a tick of this episode was emitted (every stream has contributed)
         self._zi: np.ndarray | None = None
 
     def restart(self, reason: str) -> None:
@@ -253,13 +270,23 @@ class Pipeline:
 
     def push(self, stream: int, stamp_ns: int, values: Sequence[float] | np.ndarray) -> list[Chunk]:
         """Feed one sample; returns the chunks it completed (usually none or one)."""
-        v = np.asarray(values, dtype=np.float64).reshape(-1)
-        if not 0 <= stream < len(self.config.input_dims):
+        if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) \
+                or not 0 <= stream < len(self.config.input_dims):
             self.counters["unknown_stream"] += 1
             return []
-        if v.shape[0] != self.config.input_dims[stream]:
+        if isinstance(stamp_ns, bool) or not isinstance(stamp_ns, (int, np.integer)) or not -_MAX_NS < stamp_ns < _MAX_NS:
+            self.counters["bad_stamp"] += 1  # not integer nanoseconds (None, NaN, a float), or beyond +-146 years
+            return []
+        stream, stamp_ns = int(stream), int(stamp_ns)
+        try:
+            v = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):  # text, None, ragged lists, ...
+            self.counters["not_numbers"] += 1
+            return []
+        if v.ndim > 1 or v.size != self.config.input_dims[stream]:
             self.counters["wrong_size"] += 1
             return []
+        v = v.reshape(-1)
         st = self._streams[stream]
         last = st.last_stamp_ns
         limits = self._limits
@@ -274,6 +301,9 @@ class Pipeline:
             if stream == 0 and reason == "out_of_order" and last - stamp_ns > self._max_gap_ns:
                 self.restart("time_backwards")
                 st = self._streams[0]
+                if not inside:  # a new time line, but its first sample must pass the range check too
+                    self.counters["out_of_range"] += 1
+                    return []
             else:
                 self.counters[reason] += 1
                 return []
@@ -283,13 +313,35 @@ class Pipeline:
         elif stream == 0 and last is not None and stamp_ns - last > self._max_gap_ns:
             self.restart("gap")
             st = self._streams[0]
+        if stream != 0:
+            clock = self._streams[0].last_stamp_ns
+            if clock is not None and stamp_ns - clock > self._max_gap_ns:
+                # Stamped further ahead of the clock stream than any gap: another time line (a
+                # receipt stamp against header stamps), which would hold every later sample back.
+                self.counters["ahead_of_clock"] += 1
+                return []
+        if len(st.samples) == _MAX_HELD:
+            self.counters["held_overflow"] += 1  # the oldest held sample is lost (the clock lags far behind)
         st.add(stamp_ns, v)
         self.counters["accepted"] += 1
         if stream != 0:
             return []
         if self._clock0 is None:
             self._clock0 = stamp_ns
+            self._drop_ahead(stamp_ns)
         return self._emit_until(stamp_ns)
+
+    def _drop_ahead(self, clock_ns: int) -> None:
+        """When the clock starts: samples of the other streams held from before it, stamped further
+        ahead of it than a gap, are dropped as ``push`` drops them afterwards (their stream then
+        takes samples from the clock's time line)."""
+        for st in self._streams[1:]:
+            kept = [(t, v) for t, v in st.samples if t - clock_ns <= self._max_gap_ns]
+            if len(kept) < len(st.samples):
+                self.counters["ahead_of_clock"] += len(st.samples) - len(kept)
+                st.samples.clear()
+                st.samples.extend(kept)
+                st.last_stamp_ns = kept[-1][0] if kept else None
 
     def _emit_until(self, stamp_ns: int) -> list[Chunk]:
         """Emit every tick at or before ``stamp_ns`` (the newest time stream 0 has reached)."""
@@ -297,6 +349,9 @@ class Pipeline:
         while (t := self._tick_ns(self._tick)) <= stamp_ns:
             held = [s.at(t) for s in self._streams]
             if any(h is None for h in held):
+                if self._emitting:  # a stream's samples up to t were lost (held_overflow): a hole
+                    self.restart("stream_silent")
+                    return out
                 self._tick += 1  # waiting for data on some stream: nothing to emit yet
                 self.counters["ticks_waiting"] += 1
                 continue
@@ -304,6 +359,7 @@ class Pipeline:
                 self.restart("stream_silent")
                 return out
             self._rows.append(np.concatenate([h[1] for h in held]))
+            self._emitting = True
             self._tick += 1
             if len(self._rows) == self.config.chunk:
                 out.append(Chunk(t, self._chunk_values(np.stack(self._rows)), self.episode))
@@ -311,11 +367,15 @@ class Pipeline:
         return out
 
     def _chunk_values(self, raw: np.ndarray) -> np.ndarray:
-        """(chunk, C) raw rows -> filtered (state carried) and normalised model input."""
+        """(chunk, C) raw rows -> filtered (state carried), the derived channels appended (from
+        the unfiltered rows, state carried) and normalised model input."""
+        derived = self._strapdown.rows(raw) if self._strapdown is not None else None
         if self._sos is not None:
             if self._zi is None:  # start in steady state at the first value: no start-up transient
                 self._zi = signal.sosfilt_zi(self._sos)[:, :, None] * raw[0]  # (sections, 2, C)
             raw, self._zi = signal.sosfilt(self._sos, raw, axis=0, zi=self._zi)
+        if derived is not None:
+            raw = np.concatenate([raw, derived], axis=1)
         return raw if self.normalization is None else self.normalization.inputs(raw)
 
     def process(self, streams: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Episode]:

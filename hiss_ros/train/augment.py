@@ -72,11 +72,15 @@ class RotationAugment:
     """Turns normalised training windows x (b, L, C) and targets y (b, K, O) by one rotation each."""
 
     def __init__(self, inputs: Sequence[StreamSpec], outputs: Sequence[StreamSpec], norm: Normalization,
-                 max_deg: float) -> None:
+                 max_deg: float, derived_vectors: int = 0) -> None:
+        """``derived_vectors``: body-frame 3-vectors the pipeline appends after the inputs' channels
+        (the strapdown feature: computed from the turned gyro and accelerometer, it turns with them)."""
         self.max_deg = max_deg
         self._sides = []
         for side in ("input", "output"):
             offsets = vector_offsets(inputs if side == "input" else outputs, side)
+            if side == "input":
+                offsets += [offsets[-1] + 3 * (k + 1) for k in range(derived_vectors)]
             mean, std = (torch.tensor(getattr(norm, f"{side}_{k}"), dtype=torch.float64) for k in ("mean", "std"))
             if offsets[-1] + 3 != mean.numel():
                 raise ConfigError(f"train.augment_rotation_deg: the {side} streams have {mean.numel()} channels, "

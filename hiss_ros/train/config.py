@@ -11,6 +11,7 @@ from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import ConfigError
 from hiss_ros.pipeline import FilterConfig, Normalization, PipelineConfig
 from hiss_ros.pipeline.novelty import Novelty
+from hiss_ros.pipeline.strapdown import StrapdownConfig
 from hiss_ros.serving import ServingSpec
 from hiss_ros.train.augment import vector_offsets
 
@@ -122,6 +123,10 @@ class TrainConfig:
     rate_tolerance: float = 0.1
     allow_rate_mismatch: bool = False
     msg_paths: tuple[str, ...] = ()  # folders of custom .msg definitions (hiss-train --msg-path)
+    # A gravity-free velocity feature from the IMU's gyro and accelerometer (hiss_ros.pipeline.strapdown):
+    # {gyro: '/imu/data:angular_velocity', accel: '/imu/data:linear_acceleration', taus: [1.0, 3.0]}
+    # (or 3 channel indices each); 3 more model inputs. None: off.
+    strapdown: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         tol = self.rate_tolerance
@@ -134,6 +139,7 @@ class TrainConfig:
         if self.train.augment_rotation_deg:  # every channel part of a 3-vector, no world-frame target
             vector_offsets(self.inputs, "input")
             vector_offsets(self.outputs, "output")
+        self.strapdown_config()  # refused here, naming the key, rather than at the first bag
         if self.train.loss == "nll" and self.model.get("variance") is not True:
             raise ConfigError("train.loss = 'nll' needs the variance head: set model.variance: true "
                               f"(model.variance is {self.model.get('variance', False)!r})")
@@ -169,6 +175,7 @@ class TrainConfig:
             rate_tolerance=data.get("rate_tolerance", 0.1),
             allow_rate_mismatch=data.get("allow_rate_mismatch", False),
             msg_paths=_folders(data.get("msg_paths")),
+            strapdown=data.get("strapdown"),
         )
 
     @classmethod
@@ -187,8 +194,15 @@ class TrainConfig:
             data["msg_paths"] = [str(Path(path).parent / m) for m in _folders(data["msg_paths"])]
         return cls.from_dict(data, source=str(path))
 
+    def strapdown_config(self) -> StrapdownConfig | None:
+        """``strapdown`` resolved against the inputs' channels (ConfigError naming what is wrong)."""
+        if self.strapdown is None:
+            return None
+        return StrapdownConfig.from_dict(self.strapdown, [f"{s.topic}:{f}" for s in self.inputs for f in s.channel_names])
+
     def pipeline_config(self, input_dims: tuple[int, ...]) -> PipelineConfig:
-        return PipelineConfig(input_dims, self.input_rate_hz, self.output_rate_hz, self.max_gap_s, self.filter)
+        return PipelineConfig(input_dims, self.input_rate_hz, self.output_rate_hz, self.max_gap_s, self.filter,
+                              self.strapdown_config())
 
     def serving_spec(self, input_dims: tuple[int, ...], normalization: Normalization,
                      validation_mse: list[float] | None = None,

@@ -23,6 +23,7 @@ from hiss_ros.data.streams import StreamSpec, measured_rate_hz
 from hiss_ros.errors import ConfigError, HissError
 from hiss_ros.pipeline import Normalization, Pipeline
 from hiss_ros.pipeline.core import safe_std
+from hiss_ros.pipeline.strapdown import CHANNELS as STRAPDOWN_CHANNELS
 from hiss_ros.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,8 @@ def _fit(cfg: TrainConfig, seg: Segments, bags: Sequence[str | Path]) -> Normali
         spread = np.concatenate([x.std(0), y.std(0)])
     bad = ~np.isfinite(spread)
     if bad.any():
-        names = _channels(cfg.inputs, seg.input_dims) + _channels(cfg.outputs, (y.shape[1],))
+        derived = list(STRAPDOWN_CHANNELS) if cfg.strapdown is not None else []
+        names = _channels(cfg.inputs, seg.input_dims) + derived + _channels(cfg.outputs, (y.shape[1],))
         peak = np.concatenate([np.abs(x).max(0), np.abs(y).max(0)])
         worst = ", ".join(f"{names[k]} up to {peak[k]:.3g}" for k in np.flatnonzero(bad)[:4])
         raise HissError(f"{', '.join(map(str, bags))}: values too large to train on ({worst}): their variance "

@@ -65,7 +65,8 @@ class Result:
 
 
 def model_config(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
-    return {**cfg.model, "input_dim": sum(ds.input_dims), "output_dim": ds.output_dim, "chunk": ds.chunk}
+    return {**cfg.model, "input_dim": cfg.pipeline_config(ds.input_dims).channels, "output_dim": ds.output_dim,
+            "chunk": ds.chunk}
 
 
 @torch.no_grad()
@@ -373,7 +374,8 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
         (out / METRICS_FILE).unlink(missing_ok=True)  # a run in progress is not finished: no metrics.json
     reporters = _reporters(out, meta, plan, progress, on_epoch) if lead else []
     t_start = time.perf_counter() - meta["seconds"]  # seconds count across resumes
-    augments = [*([RotationAugment(cfg.inputs, cfg.outputs, ds.normalization, s.augment_rotation_deg)]
+    augments = [*([RotationAugment(cfg.inputs, cfg.outputs, ds.normalization, s.augment_rotation_deg,
+                                   derived_vectors=int(cfg.strapdown is not None))]
                   if s.augment_rotation_deg else []),
                 *([BiasAugment(s.augment_bias_std, ds.normalization.input_mean.size)] if s.augment_bias_std else [])]
     novelty = Novelty.fit(ds.train.x, inflate=s.novelty_inflation and model.config.variance)
