@@ -38,7 +38,7 @@ from hiss_ros.checkpoint import load_checkpoint, save_checkpoint
 from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import CheckpointError, ConfigError, HissError
 from hiss_ros.models import ChunkedModel, StepRunner
-from hiss_ros.pipeline import Chunk, FilterConfig, Normalization, Pipeline, PipelineConfig
+from hiss_ros.pipeline import Chunk, Normalization, Pipeline, PipelineConfig
 from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.shipped import shipped_model
 
@@ -159,7 +159,8 @@ class ServingSpec:
         for key in ("inputs", "outputs"):
             if not isinstance(data[key], list) or not data[key]:
                 raise ConfigError(f"data spec: {key} must be a non-empty list of streams")
-        filt = data.get("filter")
+        if not isinstance(data.get("validation") or {}, dict):
+            raise ConfigError(f"data spec: validation = {data['validation']!r}: expected a mapping")
         validation = (data.get("validation") or {}).get("mse_per_channel")
         if validation is not None and (not isinstance(validation, list)
                                        or not all(isinstance(v, (int, float)) for v in validation)):
@@ -181,7 +182,7 @@ class ServingSpec:
             tuple(StreamSpec.from_dict(s) for s in data["outputs"]),
             PipelineConfig(tuple(dims) if isinstance(dims, list) else dims, data["input_rate_hz"],
                            data["output_rate_hz"], data.get("max_gap_s", 0.5),
-                           FilterConfig(**filt) if isinstance(filt, dict) else filt, data.get("strapdown")),
+                           data.get("filter"), data.get("strapdown")),
             Normalization.from_dict(normalization),
             None if validation is None else tuple(float(v) for v in validation),
             None if scale is None else tuple(float(v) for v in scale),
@@ -217,7 +218,7 @@ def load_model(path_or_name: str | os.PathLike) -> Loaded:
     ckpt = load_checkpoint(path)
     try:
         spec = ServingSpec.from_metadata(ckpt.data, ckpt.normalization)
-    except (ConfigError, TypeError, ValueError) as exc:
+    except (ConfigError, TypeError, ValueError, AttributeError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot be served: {exc}") from None
     cfg = ckpt.config
     expected = (spec.pipeline.channels, spec.normalization.output_mean.size, spec.pipeline.chunk)

@@ -37,8 +37,11 @@ def default_model_path() -> Path:
 
 
 def shipped_model(path_or_name: str) -> Path:
-    """A checkpoint path as given, or for a bare name (``contact``, ``broad_velocity``) the
-    shipped model of that name."""
-    if "/" in path_or_name or path_or_name.endswith(".safetensors"):
-        return Path(path_or_name)
-    return shipped_path(f"models/{path_or_name}.safetensors")
+    """A checkpoint path as given, or for a bare name (``contact``, ``broad_velocity``) that is
+    not a file or folder here, the shipped model of that name (a local ``contact/`` run folder is
+    the user's, not the shipped model). Neither: the path as given, for the error to name."""
+    given = Path(path_or_name)
+    if "/" in path_or_name or path_or_name.endswith(".safetensors") or given.exists():
+        return given
+    shipped = shipped_path(f"models/{path_or_name}.safetensors")
+    return shipped if shipped.exists() else given

@@ -346,3 +346,68 @@ def test_crash_between_metrics_row_and_train_state_does_not_repeat_a_row(work, t
     seconds = [float(r[-1]) for r in rows]
     assert seconds == sorted(seconds)  # cumulative across the resume
     assert json.loads((out / "metrics.json").read_text())["seconds"] >= seconds[-1]
+
+
+# --- settings that used to pass and break training, or end in a traceback ----------------------
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["train"].update(grad_clip=-1.0), "train.grad_clip = -1.0"),
+    (lambda c: c["train"].update(grad_clip=0), "train.grad_clip = 0"),
+    (lambda c: c["train"].update(lr=float("nan")), "train.lr = nan"),
+    (lambda c: c["train"].update(weight_decay=float("inf")), "train.weight_decay = inf"),
+    (lambda c: c["train"].update(seed=2 * 10**14), "train.seed = 200000000000000"),
+    (lambda c: c["train"].update(epoch=3), "unknown key(s) ['epoch']"),
+    (lambda c: c.update(input_rate_hz="fast"), "input_rate_hz = 'fast'"),
+    (lambda c: c.update(filter="lowpass"), "filter = 'lowpass'"),
+    (lambda c: c.update({1: "x"}), "unknown key(s) ['1']"),
+    (lambda c: c.update(strapdown={"gyro": "/imu/data:angular_velocity"}), "strapdown: expected the keys gyro, accel"),
+])
+def test_settings_that_cannot_train_are_refused_by_name(work, tmp_path, capsys, edit, needle):
+    cfg = yaml.safe_load((work / "train0.yaml").read_text())
+    edit(cfg)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert train(work, tmp_path / "out", config=path) == 2
+    one_line(capsys, "hiss-train", needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_that_is_not_text_and_an_empty_compare_list_are_refused(work, trained, tmp_path, capsys):
+    assert train(work, tmp_path / "a", config=trained / "model.safetensors") == 2  # --config / --model mixed up
+    one_line(capsys, "hiss-train", "not a text (UTF-8) YAML file")
+    assert train(work, tmp_path / "b", "--compare", "") == 2
+    one_line(capsys, "hiss-train", "--compare ''")
+
+
+def test_diverged_training_is_an_error_not_an_earlier_runs_model(work, trained, tmp_path, capsys, monkeypatch):
+    """A run whose validation error is never finite once reported the model file already in --out
+    (another run's) with exit status 0."""
+    out = tmp_path / "reused"
+    import shutil
+    shutil.copytree(trained, out)
+    (out / "metrics.json").unlink()
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: (float("nan"), None))
+    assert train(work, out) == 2
+    one_line(capsys, "hiss-train", "training diverged in epoch 1", "lower train.lr")
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_local_folder_named_like_a_shipped_model_is_the_users(trained, tmp_path, monkeypatch):
+    from hiss_ros.serving import load_model
+    from hiss_ros.shipped import shipped_model
+
+    monkeypatch.chdir(tmp_path)
+    assert shipped_model("contact").parent.name == "models"  # nothing here by that name: the shipped one
+    import shutil
+    shutil.copytree(trained, tmp_path / "contact")
+    assert shipped_model("contact") == Path("contact")
+    assert load_model("contact").path == str(Path("contact") / "model.safetensors")
+    assert shipped_model("run1") == Path("run1")  # neither: the error names what the user typed
+
+
+def test_importer_refuses_non_finite_excerpts(tmp_path, capsys):
+    imu_csv, gt_csv = euroc_csvs(tmp_path)
+    for opt in (["--duration", "inf"], ["--start", "nan"]):
+        assert import_main(["euroc", "--imu", str(imu_csv), "--groundtruth", str(gt_csv), "--out",
+                            str(tmp_path / "out"), "--no-progress", *opt]) == 2
+        one_line(capsys, "hiss-import", "--start must be >= 0")

@@ -126,3 +126,15 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(HissError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("key, value", [("filter", "lowpass"), ("filter", [1]), ("strapdown", [1]),
+                                        ("strapdown", {"gyro": [0, 1, 2], "accel": [3, 4, 99]}),
+                                        ("validation", [1, 2])])
+def test_a_data_spec_of_the_wrong_shape_is_one_checkpoint_error(tmp_path, key, value):
+    from hiss_ros.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(load_model("contact").path)
+    path = save_checkpoint(tmp_path / "m.safetensors", ckpt.model, ckpt.normalization, {**ckpt.data, key: value})
+    with pytest.raises(CheckpointError, match=f"cannot be served: .*{key}"):
+        load_model(path)

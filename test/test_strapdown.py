@@ -69,7 +69,7 @@ def test_it_turns_with_the_sensor():
     """Frame covariance: the IMU mounted turned by Q gives Q times the feature (so rotation
     augmentation may turn the derived channels like any body-frame 3-vector)."""
     rng = np.random.default_rng(0)
-    rows = np.c_[rng.normal(0, 3, (2000, 3)), rng.normal(0, 3, (2000, 3)) + [0, 0, 9.81]]
+    rows = np.c_[rng.normal(0, 3, (2000, 3)), rng.normal(0, 3, (2000, 3)) + G]
     Q = Rotation.from_rotvec([0.7, -0.4, 1.1])
     turned = np.c_[Q.apply(rows[:, :3]), Q.apply(rows[:, 3:])]
     np.testing.assert_allclose(feature(turned), Q.apply(feature(rows)), atol=1e-9)
@@ -84,7 +84,7 @@ def pipeline_chunks(rows: np.ndarray, stamps: np.ndarray, chunk: int) -> tuple[n
 def test_in_the_pipeline_causal_chunking_free_and_fresh_after_a_gap():
     rng = np.random.default_rng(1)
     n = 4000
-    rows = np.c_[rng.normal(0, 2, (n, 3)), rng.normal(0, 2, (n, 3)) + [0, 0, 9.81]]
+    rows = np.c_[rng.normal(0, 2, (n, 3)), rng.normal(0, 2, (n, 3)) + G]
     stamps = (np.arange(n) * (1e9 / RATE)).astype(np.int64) + 10**9
     x10, _ = pipeline_chunks(rows, stamps, 10)
     x5, _ = pipeline_chunks(rows, stamps, 5)

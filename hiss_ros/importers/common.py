@@ -8,6 +8,7 @@ lazily, in time order, so a whole trial never sits in memory twice.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ def body_twist(stamps_ns: np.ndarray, position: np.ndarray, quat_xyzw: np.ndarra
 def excerpt(first_ns: int, last_ns: int, start_s: float | None, duration_s: float | None) -> tuple[int, int]:
     """[lo, hi) stamps of the excerpt ``start_s`` .. ``start_s + duration_s`` seconds after ``first_ns``."""
     start_s = start_s or 0.0
-    if start_s < 0 or (duration_s is not None and duration_s <= 0):
+    if not (0 <= start_s < math.inf) or (duration_s is not None and not 0 < duration_s < math.inf):
         raise DatasetError(f"--start must be >= 0 and --duration > 0, got {start_s} and {duration_s}")
     lo = int(first_ns) + round(start_s * 1e9)
     hi = int(last_ns) + 1 if duration_s is None else lo + round(duration_s * 1e9)

@@ -12,9 +12,15 @@ time of its last tick.
 
 Sample hygiene (``verdict``, shared with bag reading): non-finite samples and samples not later
 than their stream's last used one are dropped and counted; with a normalisation, so are samples
-more than ``max_abs_z`` training standard deviations from the training mean. Episodes: time jumping back on
+more than ``max_abs_z`` training standard deviations from the training mean (also the first sample
+of a new time line); a sample of another stream stamped more than ``max_gap_s`` ahead of the clock
+stream (another time line: it would hold every later sample back), values that are not numbers or
+not one flat row of the stream's size, and stamps that are not integer nanoseconds are dropped and
+counted too (``ahead_of_clock``, ``not_numbers``, ``wrong_size``, ``bad_stamp``, ``unknown_stream``).
+Episodes: time jumping back on
 stream 0 by more than ``max_gap_s``, a gap on stream 0 longer than ``max_gap_s``, or any stream
-silent for longer than ``max_gap_s`` at a tick ends the episode: the clock, the hold values and
+silent for longer than ``max_gap_s`` at a tick (or whose held samples overflowed while the clock
+lagged: ``held_overflow``) ends the episode: the clock, the hold values and
 the filter states reset, the partial chunk is dropped, and it is counted.
 
 ``push`` takes one sample (the node); ``process`` takes whole arrays (the trainer) and runs the
@@ -58,6 +64,18 @@ class FilterConfig:
         if not (isinstance(self.order, int) and 1 <= self.order <= 8):
             raise ConfigError(f"filter.order = {self.order!r}: expected an int in 1..8")
 
+    @classmethod
+    def parse(cls, value: object) -> FilterConfig | None:
+        """A config's or checkpoint's ``filter``: null, a mapping of these fields, or one already made."""
+        if value is None or isinstance(value, FilterConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"filter = {value!r}: expected null or a mapping such as {{cutoff_hz: 50, order: 2}}")
+        try:
+            return cls(**value)
+        except TypeError as exc:
+            raise ConfigError(f"filter: {exc}") from None
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -83,14 +101,13 @@ class PipelineConfig:
                 f"pipeline: input_rate_hz / output_rate_hz = {self.input_rate_hz} / {self.output_rate_hz} "
                 f"= {ratio:g} must be a whole number (the chunk size)"
             )
+        object.__setattr__(self, "filter", FilterConfig.parse(self.filter))
         if self.filter is not None:
-            if isinstance(self.filter, dict):
-                object.__setattr__(self, "filter", FilterConfig(**self.filter))
             if self.filter.cutoff_hz >= self.input_rate_hz / 2:
                 raise ConfigError(
                     f"filter.cutoff_hz = {self.filter.cutoff_hz}: must be below Nyquist ({self.input_rate_hz / 2} Hz)"
                 )
-        if isinstance(self.strapdown, dict):  # the stored form: channel indices
+        if self.strapdown is not None and not isinstance(self.strapdown, StrapdownConfig):  # the stored form
             object.__setattr__(self, "strapdown", StrapdownConfig.from_dict(self.strapdown, ()))
         if self.strapdown is not None:
             n = sum(dims)
@@ -274,7 +291,8 @@ class Pipeline:
                 or not 0 <= stream < len(self.config.input_dims):
             self.counters["unknown_stream"] += 1
             return []
-        if isinstance(stamp_ns, bool) or not isinstance(stamp_ns, (int, np.integer)) or not -_MAX_NS < stamp_ns < _MAX_NS:
+        if (isinstance(stamp_ns, bool) or not isinstance(stamp_ns, (int, np.integer))
+                or not -_MAX_NS < stamp_ns < _MAX_NS):
             self.counters["bad_stamp"] += 1  # not integer nanoseconds (None, NaN, a float), or beyond +-146 years
             return []
         stream, stamp_ns = int(stream), int(stamp_ns)

@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None, on_epoch: Callable[[dict], None] | None 
         cfg = with_model(TrainConfig.load(args.config), args.model)
         cfg = replace(cfg, msg_paths=(*cfg.msg_paths, *map(str, args.msg_path)),
                       allow_rate_mismatch=cfg.allow_rate_mismatch or args.allow_rate_mismatch)
+        if args.compare is not None and not args.compare.strip(", "):
+            raise ConfigError("--compare '': expected a comma-separated list of models, e.g. hiss,flat-mamba")
         if (args.seeds or args.test_bag or args.tune) and not args.compare:
             raise ConfigError("--seeds, --test-bag and --tune go with --compare")
         if args.tune < 0 or args.tune == 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,8 @@ class TrainSettings:
             if f.type == "bool":
                 if not isinstance(v, bool):
                     raise ConfigError(f"train.{f.name} = {v!r}: expected true or false")
-            elif isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"train.{f.name} = {v!r}: expected a number")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"train.{f.name} = {v!r}: expected a (finite) number")
         for name in ("epochs", "batch_size", "seq_chunks", "patience"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}: expected a positive int")
@@ -84,6 +85,11 @@ class TrainSettings:
             raise ConfigError(f"train.nll_beta = {self.nll_beta!r}: expected a number in [0, 1]")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"train.val_fraction = {self.val_fraction!r}: expected a number in (0, 1)")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise ConfigError(f"train.seed = {self.seed!r}: expected an int in [0, 2^31)")
+        if self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip = {self.grad_clip!r}: expected a positive gradient norm "
+                              "(a negative one would reverse every gradient)")
         if self.lr <= 0:
             raise ConfigError(f"train.lr = {self.lr!r}: expected a positive number")
         if self.weight_decay < 0:
@@ -129,6 +135,11 @@ class TrainConfig:
     strapdown: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("input_rate_hz", "output_rate_hz", "max_gap_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"{name} = {v!r}: expected a positive number")
+        object.__setattr__(self, "filter", FilterConfig.parse(self.filter))
         tol = self.rate_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
             raise ConfigError(f"rate_tolerance = {tol!r}: expected a fraction in (0, 1), e.g. 0.1 for 10 %")
@@ -158,6 +169,9 @@ class TrainConfig:
         if not isinstance(data["model"], dict):
             raise ConfigError(f"{source}: model must be a mapping such as {{kind: hiss, low: ..., high: ...}}")
         train = data.get("train") or {}
+        if not isinstance(train, dict):
+            raise ConfigError(f"{source}: train must be a mapping such as {{epochs: 50, lr: 5.52e-3}}")
+        reject_unknown(train, TrainSettings, f"{source}: train")
         try:
             settings = TrainSettings(**train)
         except TypeError as exc:
@@ -171,7 +185,7 @@ class TrainConfig:
             model=dict(data["model"]),
             train=settings,
             max_gap_s=data.get("max_gap_s", 0.5),
-            filter=FilterConfig(**filt) if isinstance(filt, dict) else filt,
+            filter=FilterConfig.parse(filt),
             rate_tolerance=data.get("rate_tolerance", 0.1),
             allow_rate_mismatch=data.get("allow_rate_mismatch", False),
             msg_paths=_folders(data.get("msg_paths")),
@@ -198,7 +212,8 @@ class TrainConfig:
         """``strapdown`` resolved against the inputs' channels (ConfigError naming what is wrong)."""
         if self.strapdown is None:
             return None
-        return StrapdownConfig.from_dict(self.strapdown, [f"{s.topic}:{f}" for s in self.inputs for f in s.channel_names])
+        names = [f"{s.topic}:{f}" for s in self.inputs for f in s.channel_names]
+        return StrapdownConfig.from_dict(self.strapdown, names)
 
     def pipeline_config(self, input_dims: tuple[int, ...]) -> PipelineConfig:
         return PipelineConfig(input_dims, self.input_rate_hz, self.output_rate_hz, self.max_gap_s, self.filter,

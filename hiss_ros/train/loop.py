@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from hiss_ros.checkpoint import atomic_write, load_checkpoint
 from hiss_ros.cli_common import MARKER, strict_json
-from hiss_ros.errors import CheckpointError, ConfigError
+from hiss_ros.errors import CheckpointError, ConfigError, HissError
 from hiss_ros.models import ChunkedModel, build_model
 from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.serving import save_model
@@ -382,6 +382,13 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
     for epoch in range(meta["epoch"], plan.epochs):
         train_loss = fit_epoch(net, model, opt, xw, yw, s, plan, epoch, device, augments, ema)
         val, _ = evaluate(served, ds.val, device)
+        if not (math.isfinite(val) and math.isfinite(train_loss)):
+            what = (f"training diverged in epoch {epoch + 1} (training loss {train_loss:g}, validation MSE {val:g}); "
+                    f"lower train.lr ({s.lr:g})")
+            if meta["best_epoch"] < 0:
+                raise HissError(f"{what}: no epoch gave a model to keep")
+            log.warning("%s: stopping, keeping epoch %d's model", what, meta["best_epoch"] + 1)
+            break
         if val < meta["best_val"]:
             meta.update(best_val=val, best_epoch=epoch, bad_epochs=0)
             if lead:
@@ -438,6 +445,8 @@ def calibrate(model: ChunkedModel, split: Split, channels: list[str],
 
 def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seconds: float, write: bool,
             novelty: Novelty) -> Result:
+    if meta["best_epoch"] < 0:  # never a finite validation error: any model file here is another run's
+        raise HissError(f"{out}: no epoch of this run gave a model (validation error never finite)")
     best = load_checkpoint(out / MODEL_FILE).model
     val, per_channel = evaluate(best, ds.val)
     physical = (per_channel * ds.normalization.output_std ** 2).tolist()
