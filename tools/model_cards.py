@@ -69,7 +69,9 @@ TEXT = {
         "title": "broad_velocity",
         "what": (
             "IMU (`/imu/data`, 285.7 Hz) -> body-frame linear velocity (`hiss_estimator/twist`, `TwistStamped`, "
-            "`twist.linear`), 28.6 estimates per second (chunks of 10 samples). Real data."
+            "`twist.linear`), 28.6 estimates per second (chunks of 10 samples). Real data. Inputs: the six IMU "
+            "channels and three the pipeline derives from them (`strapdown:` in the config, a gravity-free "
+            "body-frame velocity from the gyro and accelerometer; docs/ACCURACY.md), for every model below."
         ),
         "data": (
             "BROAD (real IMU with optical motion capture), imported with `hiss-import broad` (frames checked, see "
@@ -121,7 +123,8 @@ TEXT["broad_velocity_uncertainty"] = {
     "what": (
         "IMU (`/imu/data`, 285.7 Hz) -> body-frame linear velocity with its covariance (`hiss_estimator/twist`, "
         "`TwistWithCovarianceStamped`: the predicted variance of each estimate on the diagonal, 1e6 where not "
-        "estimated), 28.6 estimates per second. Real data. The model of `ekf_velocity.launch.py`."
+        "estimated), 28.6 estimates per second. Real data, the same inputs as `broad_velocity` (the IMU and "
+        "the pipeline's strapdown velocity). The model of `ekf_velocity.launch.py`."
     ),
     "data": (
         "BROAD, imported and split as for `broad_velocity` (protocol W of "
