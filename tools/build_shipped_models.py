@@ -4,7 +4,7 @@
 
 Steps (each is skipped when its output exists, so an interrupted build continues):
 1. data: ``hiss-sim`` training recordings (seeds 1-4, 150 s each) and held-out test recordings
-   (seeds 5-6, 60 s); ``hiss-import broad`` of every BROAD trial in ``../shared/data/broad``;
+   (seeds 5-6, 60 s); ``hiss-import broad`` of the 16 BROAD trials the splits use (``../shared/data/broad``);
    the sample bags in ``data/sample/`` (sim seed 0, 60 s; a 20 s excerpt of BROAD trial 21).
 2. ``hiss-train --compare hiss,flat-s4d,flat-mamba,flat-lstm,flat-transformer --resume`` for each model,
    with ``config/train_contact.yaml`` and ``config/train_broad_velocity.yaml`` (BROAD: protocol W of

@@ -52,8 +52,10 @@ TEXT = {
         ),
         "limits": (
             "Trained on simulated data only: on a real skin it needs retraining (`hiss-train` with your own "
-            "bags and `config/train_contact.yaml`). Topics and rates are those of `hiss-sim`'s defaults."
+            "bags and `{config}`). Topics and rates are those of `hiss-sim`'s defaults."
         ),
+        "validation": ("Validation is the last 20% of each training recording, so it is not independent of "
+                       "training: read the held-out column."),
         "config": "config/train_contact.yaml",
         "train_cmd": (
             "for s in 1 2 3 4; do hiss-sim --out out/shipped/contact_train_$s --seconds 150 --seed $s --zstd; done\n"
@@ -89,8 +91,11 @@ TEXT = {
             "without retraining on the robot's own data."
         ),
         "config": "config/train_broad_velocity.yaml",
+        "validation": ("Validation is on the independent trials 01 and 10 (early stopping and the best epoch), "
+                       "not the training recordings: read the held-out column all the same."),
         "train_cmd": (
-            "hiss-import broad ../shared/data/broad --out out/shipped/broad --zstd --no-mag\n"
+            "hiss-import broad ../shared/data/broad --trials 01,02,04,06,07,08,09,10,11,14,15,16,18,21,24,25 "
+            "--out out/shipped/broad --zstd --no-mag\n"
             "hiss-train --config config/train_broad_velocity.yaml --bag out/shipped/broad/04_* ... (trials 04 06 "
             "08 14 15 18 24) \\\n    --val-bag out/shipped/broad/01_* --val-bag out/shipped/broad/10_* \\\n"
             "    --out out/shipped/broad_velocity --compare hiss,flat-mamba,flat-s4d,flat-lstm,flat-transformer"
@@ -165,7 +170,7 @@ def _facts(name: str, r: dict[str, Any], about_config: str, more_limits: str = "
   ```bash
 {command}
   ```
-- **Limits**: {t['limits']}{more_limits}
+- **Limits**: {t['limits'].format(config=t['config'])}{more_limits}
 """
 
 
@@ -245,9 +250,7 @@ def card(name: str, r: dict[str, Any]) -> str:
 
 MSE in normalised units (each output channel scaled by its training standard deviation), so the
 channels weigh equally and predicting the training mean scores about 1; held-out test data never
-seen in training or validation. Validation is the last 20% of each training recording, so it is
-not independent of training (and where recordings end at rest, as BROAD's trials do, it is easy):
-read the held-out column. Streaming cost: median wall time of one `step_chunk` (batch 1, one CPU
+seen in training or validation. {t['validation']} Streaming cost: median wall time of one `step_chunk` (batch 1, one CPU
 thread), all models measured one after the other in one process on this 2-core machine after
 training; see `docs/BENCHMARKS.md` for the benchmark of the paper-size model. Training time is
 wall time while other builds shared the CPU: indicative only.

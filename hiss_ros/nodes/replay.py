@@ -3,7 +3,7 @@
     ros2 run hiss_ros replay run1.mcap [--rate 2.0] [--loop] [--clock] [--topics /imu/data /tactile]
                                        [--wait-for-subscribers 10]
 
-Messages go out at their recorded receive times (scaled by ``--rate``), as their raw CDR bytes,
+Messages go out at their recorded receive times (scaled by ``--rate``), decoded and republished,
 with each topic's recorded QoS reliability (best effort stays best effort). ``--clock`` also
 publishes ``/clock`` with the bag time, for nodes run with ``use_sim_time``; ``--loop`` starts
 over at the end (time then jumps back, which the estimator treats as a new episode).
