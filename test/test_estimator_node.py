@@ -18,6 +18,7 @@ from hiss_ros.checkpoint import load_checkpoint
 from hiss_ros.data import StreamSpec, read_streams
 from hiss_ros.data.synthetic import contact_bag
 from hiss_ros.pipeline import Pipeline
+from hiss_ros.pipeline.core import DROP_REASONS
 from hiss_ros.serving import load_model
 from hiss_ros.train.cli import main as train_main
 
@@ -590,8 +591,8 @@ def test_fuzzed_input_never_crashes_the_node_nor_poisons_its_estimates(monkeypat
         assert d.spin_until(lambda: any(s > clean_from + 100_000_000 for s in d.got), 30), "no estimates after fuzz"
         assert d.spin_until(lambda: int(d.diagnostics.get("received imu/data", 0))
                             + int(d.diagnostics.get("received tactile", 0)) == int(d.diagnostics.get(
-                                "pipeline accepted", -1)) + sum(int(d.diagnostics.get(f"pipeline {r}", 0)) for r in (
-                                "nonfinite", "duplicate", "out_of_order", "out_of_range", "wrong_size")), 10), (
+                                "pipeline accepted", -1)) + sum(int(d.diagnostics.get(f"pipeline {r}", 0))
+                                                                 for r in DROP_REASONS), 10), (
             d.diagnostics)
         alive = d.proc.poll() is None
         diag, status = d.diagnostics, d.status

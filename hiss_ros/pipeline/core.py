@@ -48,6 +48,9 @@ NS = 1_000_000_000
 # five IMU samples of 1e30 once overflowed the float32 model state and every later estimate was NaN.
 MAX_ABS_Z = 1e3
 _MAX_HELD = 4096  # per stream; only reached when stream 0 (the clock) lags far behind
+# Every sample ``push`` is given is counted once: "accepted", or dropped for one of these reasons.
+DROP_REASONS = ("nonfinite", "duplicate", "out_of_order", "out_of_range", "wrong_size", "not_numbers", "bad_stamp",
+                "unknown_stream", "ahead_of_clock")
 _MAX_NS = 2**62  # stamps beyond +-146 years from the epoch are refused: tick arithmetic stays in int64
 
 
