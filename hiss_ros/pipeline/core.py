@@ -30,6 +30,7 @@ very same ``push`` over the samples merged in stamp order, so both give identica
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,29 +95,34 @@ class PipelineConfig:
         if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
             raise ConfigError(f"pipeline.input_dims = {self.input_dims!r}: expected positive ints")
         object.__setattr__(self, "input_dims", dims)
-        for name in ("input_rate_hz", "output_rate_hz", "max_gap_s"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ConfigError(f"pipeline.{name} = {v!r}: expected a positive number")
-        ratio = self.input_rate_hz / self.output_rate_hz
-        if abs(ratio - round(ratio)) > 1e-9 or round(ratio) < 1:
-            raise ConfigError(
-                f"pipeline: input_rate_hz / output_rate_hz = {self.input_rate_hz} / {self.output_rate_hz} "
-                f"= {ratio:g} must be a whole number (the chunk size)"
-            )
+        self.check_rates(self.input_rate_hz, self.output_rate_hz, self.max_gap_s)
         object.__setattr__(self, "filter", FilterConfig.parse(self.filter))
         if self.filter is not None:
             if self.filter.cutoff_hz >= self.input_rate_hz / 2:
                 raise ConfigError(
                     f"filter.cutoff_hz = {self.filter.cutoff_hz}: must be below Nyquist ({self.input_rate_hz / 2} Hz)"
                 )
-        if self.strapdown is not None and not isinstance(self.strapdown, StrapdownConfig):  # the stored form
-            object.__setattr__(self, "strapdown", StrapdownConfig.from_dict(self.strapdown, ()))
         if self.strapdown is not None:
+            if not isinstance(self.strapdown, StrapdownConfig):  # the stored form: channel indices
+                object.__setattr__(self, "strapdown", StrapdownConfig.from_dict(self.strapdown, ()))
             n = sum(dims)
             if max(self.strapdown.gyro + self.strapdown.accel) >= n:
                 raise ConfigError(f"strapdown: gyro {list(self.strapdown.gyro)} / accel {list(self.strapdown.accel)}: "
                                   f"the inputs have {n} channels")
+
+    @staticmethod
+    def check_rates(input_rate_hz: object, output_rate_hz: object, max_gap_s: object) -> None:
+        """ConfigError naming a rate or gap that is not a finite positive number, or rates whose
+        ratio (the chunk size) is not a whole number; also checked by a training config when read."""
+        for name, v in (("input_rate_hz", input_rate_hz), ("output_rate_hz", output_rate_hz), ("max_gap_s", max_gap_s)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"pipeline.{name} = {v!r}: expected a positive number")
+        ratio = input_rate_hz / output_rate_hz
+        if abs(ratio - round(ratio)) > 1e-9 or round(ratio) < 1:
+            raise ConfigError(
+                f"pipeline: input_rate_hz / output_rate_hz = {input_rate_hz} / {output_rate_hz} "
+                f"= {ratio:g} must be a whole number (the chunk size)"
+            )
 
     @property
     def chunk(self) -> int:

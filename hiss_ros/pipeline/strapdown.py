@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from hiss_ros.errors import ConfigError
 
@@ -118,7 +119,8 @@ class Strapdown:
 
     def rows(self, raw: np.ndarray) -> np.ndarray:
         """Input rows (n, C) in physical units -> the velocity feature after each row (n, 3)."""
-        turn = turns(-raw[:, self._gyro] * self.dt)  # (n, 3, 3): R_k^T R_{k-1}, the body turning over one tick
+        # (n, 3, 3): R_k^T R_{k-1}, the body turning over one tick
+        turn = Rotation.from_rotvec(-raw[:, self._gyro] * self.dt).as_matrix()
         push = self.dt * raw[:, self._accel, None]  # (n, 3, 1)
         ps = np.empty((len(raw), 3, 2))
         p, k = self.p, self._decay
@@ -133,15 +135,3 @@ class Strapdown:
         self.p = p
         return ps @ self._mix
 
-
-def turns(phi: np.ndarray) -> np.ndarray:
-    """Rotation vectors (n, 3) -> rotation matrices (n, 3, 3) (Rodrigues; the series near 0)."""
-    t2 = np.einsum("ij,ij->i", phi, phi)
-    small = t2 < 1e-12
-    t = np.sqrt(np.where(small, 1.0, t2))
-    a = np.where(small, 1.0 - t2 / 6.0, np.sin(t) / t)[:, None, None]
-    b = np.where(small, 0.5 - t2 / 24.0, (1.0 - np.cos(t)) / np.where(small, 1.0, t2))[:, None, None]
-    k = np.zeros((len(phi), 3, 3))
-    k[:, 0, 1], k[:, 0, 2], k[:, 1, 2] = -phi[:, 2], phi[:, 1], -phi[:, 0]
-    k -= k.transpose(0, 2, 1)
-    return np.eye(3) + a * k + b * (k @ k)

@@ -135,10 +135,7 @@ class TrainConfig:
     strapdown: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("input_rate_hz", "output_rate_hz", "max_gap_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ConfigError(f"{name} = {v!r}: expected a positive number")
+        PipelineConfig.check_rates(self.input_rate_hz, self.output_rate_hz, self.max_gap_s)
         object.__setattr__(self, "filter", FilterConfig.parse(self.filter))
         tol = self.rate_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
