@@ -173,13 +173,14 @@ def bag_imu(bag):
     return s.stamps_ns, s.values[:, :3], s.values[:, 3:]
 
 
-@pytest.mark.parametrize("step_backend", ["eager", "compile"])
-def test_live_estimates_equal_offline(imu_model, monkeypatch, step_backend):
+@pytest.mark.parametrize("step_backend, intake", [("eager", "paced"), ("compile", "paced"), ("eager", "callbacks")])
+def test_live_estimates_equal_offline(imu_model, monkeypatch, step_backend, intake):
     bag, model_path = imu_model
     expected = offline_estimates(bag, model_path)
     for k, v in ROS_ENV.items():
         monkeypatch.setenv(k, v)
-    d = Driver(model_path, "-p", "publish_markers:=true", "-p", f"step_backend:={step_backend}")
+    d = Driver(model_path, "-p", "publish_markers:=true", "-p", f"step_backend:={step_backend}",
+               "-p", f"intake:={intake}")
     try:
         # compile: the node estimates eagerly while it compiles in the background; test the compiled step
         assert d.spin_until(lambda: d.diagnostics.get("step_backend") == step_backend, 180), d.diagnostics
@@ -195,16 +196,19 @@ def test_live_estimates_equal_offline(imu_model, monkeypatch, step_backend):
         assert d.spin_until(lambda: float(d.diagnostics.get("step_ms_p50", 0)) > 0, 10), d.diagnostics
         timing = {k: float(d.diagnostics[k]) for k in ("inference_ms_p50", "step_ms_p50", "glue_cpu_ms_p50")}
         decoded_by = d.diagnostics.get("decoded_by imu/data")
-        # Three samples more, short of a chunk: they wait for one (nodes.deferral); the diagnostics report counts them.
+        # Three samples more, short of a chunk: they wait for one (nodes.pacing, nodes.deferral); the diagnostics
+        # report counts them.
         for k in range(1, 4):
             d.publish(stamps[-1] + k * (stamps[-1] - stamps[-2]), gyro[-1], accel[-1])
         assert d.spin_until(lambda: d.diagnostics.get("received imu/data") == str(len(stamps) + 3), 10), d.diagnostics
         batched = int(d.diagnostics.get("samples_batched", 0))  # of every sample, now all reported
+        taken_by = d.diagnostics.get("intake")
     finally:
         out = d.close()
     assert backend == step_backend, out[-3000:]  # not fallen back to eager
+    assert taken_by == intake, out[-3000:]  # not fallen back to callbacks
     assert decoded_by == "bytes", decoded_by  # raw bytes, read at the offsets checked with the bag reader's decoding
-    assert batched > len(stamps) // 2, batched  # most samples waited for their chunk (nodes.deferral)
+    assert batched > len(stamps) // 2, batched  # most samples were taken with others
     # the node's own work per estimate: the step within it, the CPU time beyond the step positive and smaller
     assert 0 < timing["step_ms_p50"] <= timing["inference_ms_p50"] and 0 < timing["glue_cpu_ms_p50"] < 5, timing
     assert sorted(d.got) == sorted(expected), f"{len(d.got)} estimates, {len(expected)} expected\n{out[-2000:]}"

@@ -122,15 +122,16 @@ class Diagnostics:
                 "model_path": est.path, "reloads": node.reloads,
                 "inference_ms_p50": _ms(node.latencies, 50), "inference_ms_p99": _ms(node.latencies, 99),
                 "step_ms_p50": _ms(est.step_seconds, 50), "glue_cpu_ms_p50": _ms(node.glue_cpu, 50),
-                "samples_batched": node.batching.batched if node.batching is not None else 0,
+                "samples_batched": node.intake.batched if node.intake is not None else 0,
+                "intake": node.intake.mode if node.intake is not None else node.p["intake"],
                 **({"predicted_std_over_validation_rmse_median": f"{np.median(self.std_ratio):.2f}"}
                    if self.std_ratio else {}),
                 **({"input_novelty_median": f"{np.median(self.novelty):.2f}",
                     "input_novelty_warn_level": f"{self._novelty_warn:.2f}"} if self.novelty else {}),
-                **{key: value for t, sub, n, m, bad, lost, r in zip(
-                    topics, node.subscriptions_ or [None] * len(topics), self.received, recv_then, self.unreadable,
-                    self.lost, self.rates, strict=True)
-                   for key, value in ((f"publishers {t}", sub.get_publisher_count() if sub else 0),
+                **{key: value for t, pubs, n, m, bad, lost, r in zip(
+                    topics, node.intake.publishers() if node.intake else [0] * len(topics), self.received, recv_then,
+                    self.unreadable, self.lost, self.rates, strict=True)
+                   for key, value in ((f"publishers {t}", pubs),
                                       (f"received {t}", n), (f"rate_hz {t}", f"{(n - m) / span:.1f}"),
                                       (f"sample_rate_hz {t}", "n/a" if r is None else f"{r:.1f}"),
                                       (f"unreadable {t}", bad), (f"lost {t}", lost if lost >= 0 else "n/a"))},
@@ -154,7 +155,7 @@ class Diagnostics:
         node, est = self.node, self.node.est
         if est.counters["nonfinite_output"] > self._mark[3]:
             return ERROR, "the model gave non-finite outputs (not published; state reset)"
-        if not node.subscriptions_:
+        if node.intake is None:
             return WARN, "inactive: configured, not subscribed (lifecycle)"
         now, timeout_ns = time.monotonic_ns(), node.p["sensor_timeout_s"] * 1e9
         for i, s in enumerate(self.spec.inputs):

@@ -22,7 +22,6 @@ from typing import Any
 import rclpy
 import torch
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from std_srvs.srv import Trigger
@@ -32,8 +31,8 @@ from hiss_ros.data.streams import StreamSpec, header_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import STEP_BACKENDS
 from hiss_ros.nodes.common import freeze_heap, input_class, message_class, running, spin
-from hiss_ros.nodes.deferral import Deferral
 from hiss_ros.nodes.diagnostics import Diagnostics
+from hiss_ros.nodes.intake import INTAKES, CallbackIntake, PacedIntake, make_intake
 from hiss_ros.nodes.messages import EstimateMessages, frames
 from hiss_ros.nodes.reload import ModelSwap
 from hiss_ros.nodes.stamping import Stamps
@@ -45,7 +44,7 @@ PARAMETERS: dict[str, Any] = {
     "model_path": "contact", "device": "auto", "num_threads": 0, "step_backend": "eager", "frame_id": "tool",
     "wrench_frame_id": "", "twist_frame_id": "", "world_frame_id": "world", "max_gap_s": 0.0,
     "velocity_covariance": False, "executor": "events", "qos_depth": 100, "diagnostics_period_s": 1.0,
-    "publish_markers": False, "autostart": True, "sensor_timeout_s": 1.0,
+    "publish_markers": False, "autostart": True, "sensor_timeout_s": 1.0, "intake": "paced",
 }
 OK, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
@@ -58,16 +57,16 @@ class Estimator(ModelSwap, LifecycleNode):
         self.p = {name: self.get_parameter(name).value for name in PARAMETERS}
         if self.p["num_threads"] > 0:
             torch.set_num_threads(self.p["num_threads"])
-        for name, choices in (("step_backend", STEP_BACKENDS), ("executor", ("events", "single_threaded"))):
+        for name, choices in (("step_backend", STEP_BACKENDS), ("executor", ("events", "single_threaded")),
+                              ("intake", INTAKES)):
             if self.p[name] not in choices:
                 raise HissError(f"{name}:={self.p[name]!r}: expected one of {', '.join(choices)}")
         self.device = resolve_device(self.p["device"])
         self.est: StreamingEstimator | None = None
         self.messages: EstimateMessages | None = None
         self.markers: Any = None
-        self.subscriptions_: list[Any] = []
         self.decoders: list[Decoder] = []  # per input while active: rosbags' or rclpy's (/diagnostics says)
-        self.batching: Deferral[tuple[int, bytes, int]] | None = None  # samples waiting for a chunk while active
+        self.intake: PacedIntake | CallbackIntake | None = None  # the inputs, while active
         self._outputs: dict[tuple[str, str], Any] = {}  # (topic, type) -> lifecycle publisher, across reloads
         self._compile_lock, self.compile_status, self.reloads = threading.Lock(), "off", 0
         self.latencies: deque[float] = deque(maxlen=1000)  # estimate and publish, wall time
@@ -115,30 +114,14 @@ class Estimator(ModelSwap, LifecycleNode):
         self._stamps = Stamps(self._inputs, self.est.spec.input_stamps, int(self.est.pipeline.config.max_gap_s * 1e9),
                               lambda: self.get_clock().now().nanoseconds, warn)
         rate = self.est.spec.expected_rates_hz()[0] or self.est.pipeline.config.input_rate_hz
-        self.batching = Deferral(self.est.pipeline, margin_ns=int(2e9 / rate))  # two clock-stream samples ahead
-        self.subscriptions_ = [self._subscribe(i, s, qos) for i, s in enumerate(self._inputs)]
+        self.intake = make_intake(self.p["intake"], self, [self._topic(s) for s in self._inputs], self._classes, qos,
+                                  self.diagnostics.lost, self._process, self.est.pipeline, rate, self._stamp_of)
         freeze_heap()  # no 100 ms garbage collection in the middle of the stream
         return super().on_activate(state)
 
-    def _subscribe(self, i: int, stream: StreamSpec, qos: QoSProfile) -> Any:
-        """Input ``i``'s subscription; the middleware's message-lost events counted for /diagnostics
-        (best effort: what it drops before the node sees it would otherwise go unnoticed)."""
-        def lost(info: Any) -> None:
-            self.diagnostics.lost[i] += info.total_count_change
-
-        args = (self._classes[i], self._topic(stream), lambda m: self._on_sample(i, m), qos)
-        try:  # raw: serialized bytes, decoded by the stream's Decoder (rclpy's objects cost more)
-            return self.create_subscription(*args, raw=True, event_callbacks=SubscriptionEventCallbacks(
-                message_lost=lost, use_default_callbacks=False))
-        except UnsupportedEventTypeError:  # an rmw without the event: subscribe without it
-            self.diagnostics.lost[i] = -1
-            return self.create_subscription(*args, raw=True)
-
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for sub in self.subscriptions_:
-            self.destroy_subscription(sub)
-        self.flush()
-        self.subscriptions_, self.decoders, self.batching = [], [], None
+        self.intake.close()  # what has come is processed first
+        self.intake, self.decoders = None, []
         self.est.restart("deactivated")
         return super().on_deactivate(state)
 
@@ -169,7 +152,7 @@ class Estimator(ModelSwap, LifecycleNode):
     def _publisher(self, topic: str, msg_type: str) -> Any:
         if (topic, msg_type) not in self._outputs:
             pub = self.create_lifecycle_publisher(message_class(msg_type), topic, 10)
-            if self.subscriptions_:  # active already (a hot reload with a new output type): enable it now
+            if self.intake is not None:  # active already (a hot reload with a new output type): enable it now
                 pub.on_activate(None)
             self._outputs[topic, msg_type] = pub
         return self._outputs[topic, msg_type]
@@ -185,20 +168,19 @@ class Estimator(ModelSwap, LifecycleNode):
 
     # --- data path ----------------------------------------------------------------------------
 
-    def _on_sample(self, i: int, data: bytes) -> None:
-        """Held (``Deferral``) while no chunk can be due, where stream 0 is stamped by its header
-        and read from its bytes and input ``i``'s stamp source is known; processed in arrival order."""
-        steady, stamps = time.monotonic_ns(), self._stamps.header
-        stamp = (self.decoders[0].stamp_ns(data) if i == 0 else 0) if stamps[0] and stamps[i] is not None else None
-        for item in self.batching.offer(i, stamp, steady, (i, data, steady)):
-            self._process(*item)
+    def _stamp_of(self, i: int, data: bytes) -> int | None:
+        """Where input ``i``'s sample may be held back (``intake:=callbacks``): the clock stream's
+        header stamp read from its bytes (0 for any other input), once the stamp sources are known."""
+        stamps = self._stamps.header
+        return (self.decoders[0].stamp_ns(data) if i == 0 else 0) if stamps[0] and stamps[i] is not None else None
 
     def flush(self) -> None:
-        """Process the samples held back (before anything reads or resets the stream's state)."""
-        for item in self.batching.flush() if self.batching is not None else ():
-            self._process(*item)
+        """Process the samples received but not yet processed (before anything reads or resets the stream's state)."""
+        if self.intake is not None:
+            self.intake.flush()
 
-    def _process(self, i: int, data: bytes, steady: int) -> None:
+    def _process(self, i: int, data: bytes, steady: int) -> int | None:
+        """Input ``i``'s sample, received at ``steady``, into the model; its pipeline stamp (None: unreadable)."""
         spec, diag = self._inputs[i], self.diagnostics
         # Straight from the bytes where the type allows (wire.Layout), once the stamp source is known.
         read = self.decoders[i].read(data) if self._stamps.header[i] is not None else None
@@ -214,7 +196,7 @@ class Estimator(ModelSwap, LifecycleNode):
                 diag.unreadable[i] += 1
                 self.get_logger().warn(f"{self._topic(spec)}: cannot read {list(spec.fields)} ({exc}); "
                                        "sample dropped", throttle_duration_sec=5.0)
-                return
+                return None
         diag.received[i] += 1
         diag.last_receipt[i] = steady
         stamp = self._stamps(i, header_ns, steady, msg)
@@ -230,6 +212,7 @@ class Estimator(ModelSwap, LifecycleNode):
                     self.markers.publish(self.messages.arrows(estimate.values, estimate.stamp_ns))
             self.latencies.append(time.perf_counter() - t0)
             self.glue_cpu.append((time.thread_time_ns() - cpu - est.step_cpu_ns) * 1e-9)
+        return stamp
 
 
 def main(args: list[str] | None = None, node_class: type[Estimator] = Estimator) -> int:

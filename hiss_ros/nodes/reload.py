@@ -1,6 +1,6 @@
 """The estimator's model swaps: hot reload of ``model_path`` and the compiled step (in the
 background after a reload). A mixin of ``hiss_ros.nodes.estimator.Estimator``: it uses the node's
-``est``, ``messages``, ``diagnostics``, ``p``, ``batching``, ``flush``, ``_load`` and ``_messages``."""
+``est``, ``messages``, ``diagnostics``, ``p``, ``intake``, ``flush``, ``_load`` and ``_messages``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hiss_ros.serving import StreamingEstimator
 class ModelSwap:
     est: StreamingEstimator | None
     messages: Any
-    batching: Any
+    intake: Any
     diagnostics: Any
     p: dict[str, Any]
     compile_status: str
@@ -49,8 +49,8 @@ class ModelSwap:
         new.counters.update(self.est.counters)
         self.flush()  # what the old model's pipeline would have taken
         self.est, self.messages = new, messages
-        if self.batching is not None:
-            self.batching.pipeline = new.pipeline
+        if self.intake is not None:
+            self.intake.retarget(new.pipeline)
         self.diagnostics.expected = new.spec.expected_rates_hz()
         if getattr(self, "_stamps", None) is not None and new.spec.input_stamps:  # known now, if not before
             self._stamps.trained = new.spec.input_stamps

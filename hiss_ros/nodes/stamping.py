@@ -5,12 +5,14 @@ records it), or, for a checkpoint that does not say, by the header where the mes
 either case a header stamp of zero on the first message means the receipt (a driver that leaves
 stamps at zero is said once, not dropped as duplicates). Receipt stamps are put on the clock stream's time line
 when the clock stream is header-stamped (its stamp minus the steady clock, so their spacing is
-true whatever the /clock rate), else they are the node's clock (sim time honoured).
+true whatever the /clock rate), else they are the node's clock at the receipt (sim time honoured:
+its time now, less the steady time since the receipt; samples are processed in batches).
 Imports without ROS: the node passes its clock and logger in.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,8 +55,8 @@ class Stamps:
             if i == 0:
                 self.steady_offset = stamp - steady
             return stamp
-        if self.steady_offset is None:  # the clock stream itself is stamped on receipt
-            return self.now_ns()
+        if self.steady_offset is None:  # the clock stream itself is stamped on receipt: the node's clock then
+            return self.now_ns() - (time.monotonic_ns() - steady)
         # Receipt on the clock stream's time line. Jitter of that mapping never gives a stamp twice;
         # a jump of the time line (more than a gap back) is followed.
         stamp, last = steady + self.steady_offset, self.last[i]
