@@ -20,6 +20,8 @@ What is measured, and why:
   input topic have matched (DDS discovery is per side; best-effort samples sent before are lost).
 - Dropped: published inputs the node never received (its ``/diagnostics`` counters), and
   estimates that never arrived (expected = one per chunk of the published stream-0 stamps).
+- The node with its other choices: ``step_backend:=compile``, rclpy's default executor, and
+  ``intake:=callbacks`` (a callback per input message instead of the paced intake).
 - The same run with ``bench/naive_estimator.py``: the same node, except that every estimate
   reruns ``model(window)`` over the last 10 s of chunks instead of one carried-state step.
 Targets (streaming node, issue #10): p99 <= 3 ms, zero dropped, CPU <= 15 % of one core, its own CPU
@@ -75,6 +77,7 @@ NODES = {  # name -> (command, extra node parameters)
                                          ["-p", "step_backend:=compile"]),
     "streaming, rclpy's default executor": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
                                             ["-p", "executor:=single_threaded"]),
+    "streaming, intake:=callbacks": ([sys.executable, "-m", "hiss_ros.nodes.estimator"], ["-p", "intake:=callbacks"]),
     "naive (model over the last 10 s per estimate)": ([sys.executable, str(REPO / "bench" / "naive_estimator.py")],
                                                       []),
 }
@@ -466,13 +469,14 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
         f"({cfg.pipeline.output_rate_hz:g} Hz). Published: `{cfg.inputs[0].topic}` at {args.clock_rate:g} Hz"
         + (f", the other inputs at {args.other_rate:g} Hz" if len(cfg.inputs) > 1 else "")
         + f", {args.seconds:g} s per node, random values. Publisher, node and receiver are separate processes "
-        "(Fast DDS, localhost); the node runs with one torch thread and its default executor (events). Latency = "
+        "(Fast DDS, localhost); the node runs with one torch thread and its defaults (events executor, paced "
+        "intake: messages taken once per chunk). Latency = "
         "receipt of an estimate minus the stamp (taken just before publishing) of the sample that completed its "
         "chunk. In the node: its own time per estimate, model step and publishing (`inference_ms` of its "
         "`/diagnostics`, last 1,000 estimates, wall time); the rest is DDS and the three processes waking up. "
         "Beyond the step: the thread CPU time of that work less the model step's (`glue_cpu_ms`: time the "
-        "node spent working, not waiting for a core; the per-message callbacks are not in it, they are in the "
-        "node's CPU).\n\n"
+        "node spent working, not waiting for a core; taking and reading the input messages is not in it, it is in "
+        "the node's CPU).\n\n"
         + environment("1 (node)", load) + "\n"
         + markdown_table(HEADERS, rows(runs)) + "\n"
         + "Streaming node: " + "; ".join(verdicts) + ".\n"
@@ -490,7 +494,7 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
                  "one estimate per chunk that difference alone is "
                  f"{(float(s.step_ms) - step_ms) * args.clock_rate / cfg.pipeline.chunk / 10:.1f} % of a core.\n")
     by_name = {r.node: r for r in runs}
-    c, d, n = (by_name.get(name) for name in list(NODES)[1:])
+    c, d, i, n = (by_name.get(name) for name in list(NODES)[1:])
     for peer in (r for r in runs if r.node.endswith("(peer)")):
         body += (f"\n{peer.node}: CPU {peer.cpu_pct:.1f} % against {s.cpu_pct:.1f} %, in the node "
                  f"{float(peer.node_ms[0]):.2f} against {float(s.node_ms[0]):.2f} ms p50, latency p99 "
@@ -505,6 +509,11 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
         body += (f"\nEvents executor: CPU {s.cpu_pct:.1f} % against {d.cpu_pct:.1f} % with rclpy's default "
                  f"executor, latency p50 {np.percentile(s.latencies_ms, 50):.2f} against "
                  f"{np.percentile(d.latencies_ms, 50):.2f} ms.\n")
+    if i is not None:
+        body += (f"\nPaced intake: CPU {s.cpu_pct:.1f} % against {i.cpu_pct:.1f} % with `intake:=callbacks` (a "
+                 f"callback per message), latency p50 {np.percentile(s.latencies_ms, 50):.2f} against "
+                 f"{np.percentile(i.latencies_ms, 50):.2f} ms, p99 {p99:.2f} against "
+                 f"{percentile(list(i.latencies_ms), 99):.2f} ms.\n")
     if n is not None:
         ratio = np.percentile(n.latencies_ms, 50) / np.percentile(s.latencies_ms, 50)
         body += (f"\nNaive / streaming: latency p50 {ratio:.0f}x, "

@@ -202,11 +202,12 @@ def test_live_estimates_equal_offline(imu_model, monkeypatch, step_backend, inta
             d.publish(stamps[-1] + k * (stamps[-1] - stamps[-2]), gyro[-1], accel[-1])
         assert d.spin_until(lambda: d.diagnostics.get("received imu/data") == str(len(stamps) + 3), 10), d.diagnostics
         batched = int(d.diagnostics.get("samples_batched", 0))  # of every sample, now all reported
-        taken_by = d.diagnostics.get("intake")
+        taken_by, lost = d.diagnostics.get("intake"), d.diagnostics.get("lost imu/data")
     finally:
         out = d.close()
     assert backend == step_backend, out[-3000:]  # not fallen back to eager
     assert taken_by == intake, out[-3000:]  # not fallen back to callbacks
+    assert lost == "0", lost  # the middleware's message-lost count is read (Fast DDS has it)
     assert decoded_by == "bytes", decoded_by  # raw bytes, read at the offsets checked with the bag reader's decoding
     assert batched > len(stamps) // 2, batched  # most samples were taken with others
     # the node's own work per estimate: the step within it, the CPU time beyond the step positive and smaller

@@ -1,4 +1,6 @@
-"""Samples held back until a chunk may be due, then processed together (the estimator's batching).
+"""Samples held back until a chunk may be due, then processed together (the estimator's batching
+with ``intake:=callbacks``; the default paced intake, ``hiss_ros.nodes.pacing``, does not take
+them before then at all).
 
 At IMU 1 kHz, the estimator's callback ran once a millisecond for a few microseconds of work, on a
 core that had gone idle in between: each sample paid for cold caches (an IMU sample cost about 31 us

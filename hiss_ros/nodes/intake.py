@@ -11,7 +11,8 @@ subscriptions are rcl subscriptions of the node that no executor sees (rclpy bui
 node for each message), read with ``take_message`` when a steady timer fires and waited on with a
 wait set of their own; the receipt time is the middleware's (``received_timestamp``). Topic names
 resolve (namespace, remapping) as for any subscription of the node, and the middleware's
-message-lost events are counted as before. That uses rclpy's implementation module
+message-lost events are counted as before (polled at each take: handed to the executor as
+waitables, they kept rclpy's single-threaded executor busy at 95 % of a core). That uses rclpy's implementation module
 (``rclpy.impl.implementation_singleton``, as ``rclpy.wait_for_message`` does): where it does not
 have what this needs, ``make_intake`` falls back to callbacks and says so.
 
@@ -27,13 +28,14 @@ from collections.abc import Callable
 from typing import Any
 
 from rclpy.clock import Clock, ClockType
-from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
+from rclpy.event_handler import QoSSubscriptionEventType, SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.qos import QoSProfile
 
 from hiss_ros.nodes.deferral import Deferral
 from hiss_ros.nodes.pacing import Pacer
 from hiss_ros.pipeline import Pipeline
 
+LOST = QoSSubscriptionEventType.RCL_SUBSCRIPTION_MESSAGE_LOST
 Process = Callable[[int, bytes, int], "int | None"]
 INTAKES = ("paced", "callbacks")
 
@@ -48,35 +50,27 @@ class PacedIntake:
 
         self.node, self.classes, self.process, self.pacer = node, classes, process, pacer
         self.batched = 0  # samples taken with others (diagnostics: samples_batched)
+        self.lost = lost
         self.subs: list[Any] = []
-        self.handlers: list[Any] = []
+        self.events: list[Any] = []  # per input, its message-lost event (None: not supported by this rmw)
         try:
-            for i, (topic, cls) in enumerate(zip(topics, classes, strict=True)):
+            for topic, cls in zip(topics, classes, strict=True):
                 check_is_valid_msg_type(cls)  # loads its type support
                 with node.handle:
                     sub = _rclpy.Subscription(node.handle, cls, topic, qos.get_c_qos_profile())
                 self.subs.append(sub)
-                self._count_lost(sub, topic, lost, i)
+                try:
+                    with sub:
+                        self.events.append(_rclpy.EventHandle(sub, LOST))
+                except UnsupportedEventTypeError:
+                    self.events.append(None)
+                    lost[len(self.events) - 1] = -1
             self.wait_set = _rclpy.WaitSet(1, 0, 0, 0, 0, 0, node.context.handle)
         except Exception:
             self.close(process_pending=False)
             raise
         steady = Clock(clock_type=ClockType.STEADY_TIME)  # sim time or not: the middleware's messages come in real time
         self.timer = node.create_timer(pacer.period_ns / 1e9, self._on_timer, clock=steady)
-
-    def _count_lost(self, sub: Any, topic: str, lost: list[int], i: int) -> None:
-        def count(info: Any) -> None:
-            lost[i] += info.total_count_change
-
-        try:
-            callbacks = SubscriptionEventCallbacks(message_lost=count, use_default_callbacks=False)
-            handlers = callbacks.create_event_handlers(self.node.default_callback_group, sub, topic)
-        except UnsupportedEventTypeError:  # an rmw without the event
-            lost[i] = -1
-            return
-        for handler in handlers:
-            self.node.add_waitable(handler)
-            self.handlers.append(handler)
 
     def take(self) -> list[tuple[int, int, bytes]]:
         """Everything that has arrived: (steady receipt ns, input, bytes), in arrival order."""
@@ -91,6 +85,9 @@ class PacedIntake:
         return list(heapq.merge(*per_input, key=lambda item: item[0]))  # each input's own order kept
 
     def flush(self) -> None:
+        for i, event in enumerate(self.events):  # the middleware's count of messages it lost, polled
+            if event is not None and (status := event.take_event()) is not None:
+                self.lost[i] += status.total_count_change
         items = self.take()
         if len(items) > 1:
             self.batched += len(items)
@@ -148,12 +145,10 @@ class PacedIntake:
         if getattr(self, "timer", None) is not None:
             self.node.destroy_timer(self.timer)
             self.timer = None
-        for handler in self.handlers:
-            self.node.remove_waitable(handler)
-            handler.destroy()
-        for sub in self.subs:
-            sub.destroy_when_not_in_use()
-        self.handlers, self.subs = [], []
+        for handle in [*self.events, *self.subs]:
+            if handle is not None:
+                handle.destroy_when_not_in_use()
+        self.events, self.subs = [], []
 
 
 class CallbackIntake:

@@ -27,10 +27,10 @@ JUMP_NS = 100_000_000  # stamps this much further behind their receipts than lat
 
 
 class Pacer:
-    def __init__(self, pipeline: Pipeline, period_ns: int, slack_ns: int | None = None, idle_ns: int = 20_000_000,
-                 drift_ns: int = 1_000) -> None:
+    def __init__(self, pipeline: Pipeline, period_ns: int, slack_ns: int | None = None,
+                 idle_ns: int = 100_000_000) -> None:
         self.pipeline, self.period_ns, self.idle_ns = pipeline, max(int(period_ns), 1), idle_ns
-        self.drift_ns = drift_ns
+        self.drift_ns = self.period_ns // 1000  # a sensor clock 1000 ppm slower than the host's is followed
         self.slack_ns = 2 * self.period_ns + 2_000_000 if slack_ns is None else slack_ns
         # The least delay from a clock-stream stamp to its receipt seen lately (the transport's own,
         # without a late sample's extra): it rises by drift_ns a sample, falls at once, and follows
