@@ -51,21 +51,18 @@ def test_it_waits_only_around_the_expected_arrival():
     assert pacer.wait_until(expected + pacer.slack_ns) is None  # overdue: poll instead
 
 
-def test_wakes_before_the_chunk_and_polls_backing_off_without_a_prediction():
+def test_wakes_before_the_chunk_else_waits_for_the_clock_stream_backing_off():
     pipe = Pipeline(PipelineConfig((3,), 400, 40, 0.5))
     pacer = Pacer(pipe, MS, idle_ns=20 * MS)
-    now = T0
-    waits = []
-    for _ in range(7):  # no clock yet: poll, backing off to idle_ns
-        wake = pacer.next_wake(now)
-        waits.append(wake - now)
-        now = wake
-    assert waits == [MS, 2 * MS, 4 * MS, 8 * MS, 16 * MS, 20 * MS, 20 * MS]
-    pipe.push(0, now, np.zeros(3))
-    pacer.seen(now, now + 100_000)
+    assert pacer.next_wake(T0) is None  # no clock yet: no schedule
+    assert [pacer.backoff_ns() for _ in range(7)] == [MS, 2 * MS, 4 * MS, 8 * MS, 16 * MS, 20 * MS, 20 * MS]
+    pipe.push(0, T0, np.zeros(3))
+    pacer.seen(T0, T0 + 100_000)
     expected = pacer.expected_ns()
-    assert pacer.next_wake(now + MS) == expected - pacer.margin_ns  # on schedule
-    assert pacer.next_wake(expected + pacer.slack_ns) == expected + pacer.slack_ns + MS  # overdue: poll again
+    assert pacer.next_wake(T0 + MS) == expected - pacer.margin_ns  # on schedule ...
+    assert pacer.backoff_ns() == MS  # ... which starts the backing off afresh
+    assert pacer.next_wake(expected - pacer.margin_ns) is None  # imminent (waited for), or overdue:
+    assert pacer.next_wake(expected + pacer.slack_ns) is None  # no schedule
 
 
 def test_the_margin_follows_the_work_of_a_wake_up_within_a_chunk():

@@ -117,7 +117,8 @@ class PacedIntake:
 
     def _pace(self) -> None:
         """Take what has come; while the next chunk's last sample is imminent, wait for it; then
-        set the timer for the next chunk."""
+        set the timer for the next chunk, or, with none to expect (no clock yet, a late or silent
+        sensor), wait for the clock stream a while and let the executor run before the next try."""
         pacer, began = self.pacer, time.monotonic_ns()
         due = pacer.pipeline.next_chunk_ns()
         self.flush()
@@ -130,7 +131,13 @@ class PacedIntake:
                 break
             self.flush()
             now = time.monotonic_ns()
-        self.timer.timer_period_ns = max(pacer.next_wake(now) - now, 100_000)
+        wake = pacer.next_wake(now)
+        if wake is None:  # off schedule: wait for the clock stream a while, then give the executor a turn
+            if self._wait(pacer.backoff_ns()):
+                self.flush()
+            now = time.monotonic_ns()
+            wake = pacer.next_wake(now) or now
+        self.timer.timer_period_ns = max(wake - now, 100_000)
         self.timer.reset()
 
     def retarget(self, pipeline: Pipeline) -> None:

@@ -13,9 +13,10 @@ the sample that completes the next chunk (stamped ``Pipeline.next_chunk_ns`` or 
 after the least delay seen lately, stamps advancing as the steady clock does. The node takes what
 has come shortly before that (``margin_ns``: twice what processing it has cost lately, and a
 timer's lateness), then waits for that sample event-driven, at most ``slack_ns`` past the expected
-arrival. With no prediction (no clock yet, a new episode) or an overdue sample (a late
-or silent sensor, a replay slower than real time) it polls, backing off from one clock-stream
-period to ``idle_ns``. A replay faster than real time is estimated late, never wrongly. No ROS here.
+arrival. With no prediction (no clock yet) or an overdue sample (a late or silent sensor, a replay
+slower than real time) it waits for the clock stream event-driven too, letting the executor run in
+between, for one clock-stream period, then twice that, up to ``idle_ns``. A replay faster than real
+time is estimated late, never wrongly. No ROS here.
 """
 
 from __future__ import annotations
@@ -71,12 +72,18 @@ class Pacer:
             return None
         return expected + self.slack_ns
 
-    def next_wake(self, now_ns: int) -> int:
-        """When (steady ns) to take the inputs next."""
+    def next_wake(self, now_ns: int) -> int | None:
+        """When (steady ns) to take the inputs next, on schedule; None when there is no schedule to
+        keep (no prediction, or the sample is overdue): then wait for the clock stream (``backoff_ns``)."""
         expected = self.expected_ns()
         if expected is not None and now_ns < expected - self.margin_ns:
             self.backoff = self.period_ns
             return expected - self.margin_ns
-        wake = now_ns + self.backoff  # unknown or overdue: poll
+        return None
+
+    def backoff_ns(self) -> int:
+        """How long to wait for the clock stream off schedule before the executor gets a turn: one
+        clock-stream period, doubling while off schedule, up to ``idle_ns``."""
+        wait = self.backoff
         self.backoff = min(2 * self.backoff, self.idle_ns)
-        return wake
+        return wait
