@@ -64,6 +64,7 @@ class Pacer:
         if due is None or self.delay_ns is None:
             return None
         return due + self.delay_ns
+
     def wait_until(self, now_ns: int) -> int | None:
         """Until when (steady ns) to wait for input now that the completing sample is imminent or
         due; None: it is not (yet, or any more: overdue)."""
