@@ -105,7 +105,8 @@ def save_checkpoint(
 
 
 def atomic_write(path: Path, blob: bytes) -> None:
-    """Write ``blob`` to a temp file beside ``path``, flush it to disk, rename it over ``path``.
+    """Write ``blob`` to a temp file beside ``path``, flush it to disk, rename it over ``path``, and
+    flush the folder (the rename itself).
     The file gets mode 0644 less the process umask, as ``open`` would give it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
@@ -119,6 +120,22 @@ def atomic_write(path: Path, blob: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries to disk, so that a rename into it survives a power cut; best effort
+    (a platform or file system without directory fsync keeps the rename, synced or not)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _refuse(path: Path, problem: str, fix: str = _RESAVE) -> CheckpointError:

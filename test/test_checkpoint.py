@@ -76,6 +76,17 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp file left
 
 
+def test_write_flushes_the_file_then_its_folder_after_the_rename(tmp_path, monkeypatch):
+    """Durable across a power cut: the data is on disk before the rename, the rename after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", None)) or real_replace(a, b))
+    save_checkpoint(tmp_path / "m.safetensors", build_model(MODEL_CONFIGS["flat-s4d"]))
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+
+
 def test_unknown_format_version_is_refused_by_number(tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", build_model(MODEL_CONFIGS["flat-s4d"]))
     rewrite_metadata(path, format_version=FORMAT_VERSION + 1)

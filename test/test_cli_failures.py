@@ -411,3 +411,15 @@ def test_importer_refuses_non_finite_excerpts(tmp_path, capsys):
         assert import_main(["euroc", "--imu", str(imu_csv), "--groundtruth", str(gt_csv), "--out",
                             str(tmp_path / "out"), "--no-progress", *opt]) == 2
         one_line(capsys, "hiss-import", "--start must be >= 0")
+
+
+def test_evaluating_into_a_training_run_folder_is_refused(work, trained, tmp_path, capsys):
+    """hiss-eval --out <the run folder> would replace the training's metrics.json with its own."""
+    import shutil
+
+    run = shutil.copytree(trained, tmp_path / "run")
+    before = (run / "metrics.json").read_bytes()
+    assert evaluate(run, run, work / "bag") == 2
+    one_line(capsys, "hiss-eval", "holds a trained model", str(run / "eval"))
+    assert (run / "metrics.json").read_bytes() == before
+    assert evaluate(run, run / "eval", work / "bag") == 0 and (run / "eval" / "metrics.json").is_file()

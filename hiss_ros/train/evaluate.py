@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        if (args.out / "model.safetensors").exists():  # its metrics.json is the training's
+            raise HissError(f"--out {args.out} holds a trained model: its metrics.json would be replaced by the "
+                            f"evaluation's; give hiss-eval a folder of its own, e.g. --out {args.out / 'eval'}")
         ev = evaluate_bags(args.model, args.bag, args.split, args.cache_dir, progress=not args.quiet,
                            msg_paths=args.msg_path, allow_rate_mismatch=args.allow_rate_mismatch)
         write_report(ev, args.out)
