@@ -372,11 +372,13 @@ def test_settings_that_cannot_train_are_refused_by_name(work, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_config_that_is_not_text_and_an_empty_compare_list_are_refused(work, trained, tmp_path, capsys):
+def test_a_config_that_is_not_text_and_an_empty_or_misspelt_compare_list_are_refused(work, trained, tmp_path, capsys):
     assert train(work, tmp_path / "a", config=trained / "model.safetensors") == 2  # --config / --model mixed up
     one_line(capsys, "hiss-train", "not a text (UTF-8) YAML file")
     assert train(work, tmp_path / "b", "--compare", "") == 2
     one_line(capsys, "hiss-train", "--compare ''")
+    assert train(work, tmp_path / "c", "--compare", "flat-lsmt") == 2  # a typo, not a missing 'hiss'
+    one_line(capsys, "hiss-train", "unknown model 'flat-lsmt'", "flat-lstm")
 
 
 def test_diverged_training_is_an_error_not_an_earlier_runs_model(work, trained, tmp_path, capsys, monkeypatch):

@@ -126,8 +126,6 @@ def _test_mse(folder: Path, cfg: TrainConfig, test_bags: list[Path], cache_dir: 
 def _model_for(name: str, base: dict[str, Any], budget: int, cfg: TrainConfig) -> dict[str, Any]:
     if name == "hiss":
         return cfg.model
-    if name not in MODEL_CHOICES:
-        raise ConfigError(f"--compare: unknown model {name!r}; use one of {', '.join(MODEL_CHOICES)}")
     kind = name.removeprefix("flat-")
     return {k: v for k, v in matched_flat(base, kind, budget).items() if k not in ("input_dim", "output_dim", "chunk")}
 
@@ -141,6 +139,9 @@ def run_compare(cfg: TrainConfig, bags: list[Path], out: Path, models: list[str]
     where it stopped. ``val_bags``: independent validation recordings (early stopping, model
     selection); ``test_bags``: held-out recordings, scored after training and never used in it;
     ``tune``: that many (lr, weight decay) candidates per model first (see the module)."""
+    for name in models:  # before anything else: a typo is not a missing 'hiss'
+        if name not in MODEL_CHOICES:
+            raise ConfigError(f"--compare: unknown model {name!r}; use one of {', '.join(MODEL_CHOICES)}")
     if "hiss" not in models or cfg.model.get("kind") != "hiss":
         raise ConfigError("--compare needs 'hiss' in the list and a hiss model in the config (the budget to match)")
     seeds = seeds or [cfg.train.seed]
