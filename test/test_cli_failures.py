@@ -325,6 +325,15 @@ def test_resume_with_another_config_is_refused(work, tmp_path, capsys):
     assert (out / "metrics.json").is_file()  # the finished run is left as it was
 
 
+def test_resume_with_other_bags_is_refused(work, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(work, out, "--resume") == 0
+    other = imu_wrench_bag(tmp_path / "other", seconds=10.0)
+    assert train(work, out, "--resume", bag=other) == 2
+    one_line(capsys, "hiss-train", str(out), "trained on other data", "another --out")
+    assert train(work, out, "--resume") == 0  # its own bags: resumed (here: finished already)
+
+
 def test_crash_between_metrics_row_and_train_state_does_not_repeat_a_row(work, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save, calls = loop._save_state, []

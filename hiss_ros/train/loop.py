@@ -21,6 +21,7 @@ takes exactly the steps the uninterrupted run would have taken.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -151,7 +152,13 @@ def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, con
     was = meta.get("config", config)
     # settings added since that run started: it trained with their defaults
     was = {**was, "train": {**{f.name: f.default for f in fields(TrainSettings)}, **(was.get("train") or {})}}
+    if "data" not in was:  # a run from before the data was fingerprinted: its config alone
+        config = {k: v for k, v in config.items() if k != "data"}
     changed = _changes(was, config)
+    if any(c.startswith("data:") for c in changed):
+        raise ConfigError(f"--resume: {path.parent} was trained on other data (its training statistics differ: "
+                          "other or changed --bag / --val-bag); resume with the run's bags, or train into another "
+                          "--out")
     if changed:
         raise ConfigError(f"--resume: {path.parent} was trained with another config ({'; '.join(changed[:4])}); "
                           "resume with the run's config, or train the new one into another --out")
@@ -172,13 +179,22 @@ def _load_state(path: Path, model: ChunkedModel, opt: torch.optim.Optimizer, con
 
 
 def _fingerprint(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
-    """What a resumed run must share with the interrupted one: the whole config (as JSON values)
-    and the model as built for the data."""
-    whole = {**asdict(cfg), "model": model_config(cfg, ds),
+    """What a resumed run must share with the interrupted one: the whole config (as JSON values),
+    the model as built for the data, and the data (``_data_digest``)."""
+    whole = {**asdict(cfg), "model": model_config(cfg, ds), "data": _data_digest(ds),
              "inputs": [s.to_dict() for s in cfg.inputs], "outputs": [s.to_dict() for s in cfg.outputs]}
     for key in ("msg_paths", "allow_rate_mismatch", "rate_tolerance"):  # how the bags are read and checked, not what
         del whole[key]
     return json.loads(json.dumps(whole, default=str))
+
+
+def _data_digest(ds: Dataset) -> str:
+    """The training data in short: its statistics and how many chunks each split has (other or
+    changed bags give others)."""
+    digest = hashlib.sha256(f"{ds.train.chunks},{ds.val.chunks}".encode())
+    for key in ds.normalization.KEYS:
+        digest.update(np.asarray(getattr(ds.normalization, key), dtype=np.float64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _changes(was: Any, now: Any, key: str = "") -> list[str]:
