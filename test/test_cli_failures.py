@@ -334,6 +334,21 @@ def test_resume_with_other_bags_is_refused(work, tmp_path, capsys):
     assert train(work, out, "--resume") == 0  # its own bags: resumed (here: finished already)
 
 
+def test_a_fresh_run_leaves_no_earlier_state_to_resume(work, tmp_path, monkeypatch):
+    """A run started without --resume and stopped in its first epoch: a later --resume starts it
+    afresh, not from the earlier run that used the folder."""
+    out = tmp_path / "run"
+    assert train(work, out) == 0 and (out / loop.STATE_FILE).is_file()
+
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "fit_epoch", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(work, out)
+    assert not (out / loop.STATE_FILE).exists() and not (out / "metrics.json").exists()
+
+
 def test_crash_between_metrics_row_and_train_state_does_not_repeat_a_row(work, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save, calls = loop._save_state, []

@@ -388,6 +388,8 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
     meta = _resumable_state(out, model, opt, _fingerprint(cfg, ds), resume, ema)
     if lead:
         (out / METRICS_FILE).unlink(missing_ok=True)  # a run in progress is not finished: no metrics.json
+        if not resume:  # a fresh run: an earlier run's state there would be what a later --resume continues
+            (out / STATE_FILE).unlink(missing_ok=True)
     reporters = _reporters(out, meta, plan, progress, on_epoch) if lead else []
     t_start = time.perf_counter() - meta["seconds"]  # seconds count across resumes
     augments = [*([RotationAugment(cfg.inputs, cfg.outputs, ds.normalization, s.augment_rotation_deg,
