@@ -33,7 +33,7 @@ from hiss_ros.serving import load_model
 from hiss_ros.train.calibration import calibration_metrics
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import collect_segments, normalised, whole_segments
-from hiss_ros.train.loop import predict_gaussian
+from hiss_ros.train.loop import MODEL_FILE, predict_gaussian
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        if (args.out / "model.safetensors").exists():  # its metrics.json is the training's
+        if (args.out / MODEL_FILE).exists():  # its metrics.json is the training's
             raise HissError(f"--out {args.out} holds a trained model: its metrics.json would be replaced by the "
                             f"evaluation's; give hiss-eval a folder of its own, e.g. --out {args.out / 'eval'}")
         ev = evaluate_bags(args.model, args.bag, args.split, args.cache_dir, progress=not args.quiet,
