@@ -163,6 +163,7 @@ class Driver:
         self.proc.terminate()
         out = self.proc.communicate(timeout=30)[0]
         self.ros.close()
+        print(f"--- the estimator's output (exit {self.proc.returncode}) ---\n{out}")  # shown if the test fails
         return out
 
 

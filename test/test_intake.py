@@ -112,3 +112,21 @@ def test_without_what_pacing_needs_it_takes_callbacks_and_says_so(ros, monkeypat
     assert sorted(decoded(i, data) for i, data, _ in taken) == sorted(order)
     assert ros.node.count_publishers("intake_test/imu") == 1  # and the paced subscriptions made first are gone:
     assert ros.spin_until(lambda: ros.node.count_subscribers("intake_test/imu") == 0, 10)  # closed with the intake
+
+
+@pytest.mark.parametrize("mode", ["paced", "callbacks"])
+def test_a_callback_queued_before_close_is_ignored(ros, mode):
+    """rclpy's EventsExecutor runs a timer or message event queued before its timer or subscription
+    was destroyed (seen in CI: a deactivate then crashed the node on the intake's stale timer). After
+    ``close`` such a call processes nothing and raises nothing."""
+    from rclpy.serialization import serialize_message
+    from sensor_msgs.msg import Imu
+
+    taken = []
+    made, _ = intake(ros, mode, taken)
+    made.close()
+    if mode == "paced":
+        made._on_timer()
+    else:
+        made._on_sample(0, serialize_message(Imu()))
+    assert taken == []
