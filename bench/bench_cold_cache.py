@@ -10,7 +10,11 @@ samples). This script times the same work in five conditions, in one process pin
   (if lost data caches were the cause, this would be fast again);
 - ``64 MB read, no sleep``: no idle at all, but the caches (L2 and the 32 MB L3) flushed by reading
   64 MB first, then 0.5 ms busy (as in the 2 ms condition, touching none of the call's data): what
-  lost caches alone cost.
+  lost caches alone cost;
+- ``sleep, the call once, 1 ms sleep``: a warm-up call (the model step on a scratch state) about
+  a millisecond before the timed one, as a node could make while it waits for a chunk's last
+  sample: what such a warm-up would buy, and (``a warm-up call itself``, after the 10 ms sleep) what
+  it would cost.
 Work timed: a 330 x 330 float32 matrix-vector product (436 KB of data, memory bound) and one step
 of the shipped ``contact`` model (``StepRunner``, eager, one torch thread).
 
@@ -43,7 +47,8 @@ def busy(seconds: float) -> None:
         pass
 
 
-def conditions(touch: Callable[[], object], junk: np.ndarray) -> dict[str, Callable[[], None]]:
+def conditions(touch: Callable[[], object], warm_up: Callable[[], object],
+               junk: np.ndarray) -> dict[str, Callable[[], None]]:
     """What runs before each timed call (a warm-up call precedes every one)."""
     return {
         "warm (back to back)": lambda: None,
@@ -51,6 +56,7 @@ def conditions(touch: Callable[[], object], junk: np.ndarray) -> dict[str, Calla
         "sleep, then 2 ms busy": lambda: (time.sleep(0.01), busy(0.002)),
         "sleep, then data read": lambda: (time.sleep(0.01), touch()),
         "64 MB read, no sleep": lambda: (junk.sum(), busy(0.0005)),
+        "sleep, the call once, 1 ms sleep": lambda: (time.sleep(0.01), warm_up(), time.sleep(0.001)),
     }
 
 
@@ -82,17 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model("contact").model.eval()
     runner = StepRunner(model)
     x = torch.randn(1, model.config.chunk, model.config.input_dim)
-    state = [model.init_state(batch_size=1)]
+    state, scratch = [model.init_state(batch_size=1)], model.init_state(batch_size=1)
     weights = list(model.state_dict().values())
 
     def step() -> None:
         with torch.inference_mode():
             _, state[0] = runner.step(x, state[0])
 
-    works = {"330x330 matrix-vector (us)": (lambda: matrix @ vector, lambda: (matrix.sum(), vector.sum())),
-             "contact model step (us)": (step, lambda: [w.sum() for w in weights])}
-    results = {name: {c: timed(work, before, repeats) for c, before in conditions(touch, junk).items()}
-               for name, (work, touch) in works.items()}
+    def warm_up_step() -> None:  # the same work, on a state nobody carries
+        with torch.inference_mode():
+            runner.step(x, scratch)
+
+    works = {"330x330 matrix-vector (us)": (lambda: matrix @ vector, lambda: (matrix.sum(), vector.sum()),
+                                            lambda: matrix @ vector),
+             "contact model step (us)": (step, lambda: [w.sum() for w in weights], warm_up_step)}
+    results = {name: {c: timed(work, before, repeats) for c, before in conditions(touch, warm_up, junk).items()}
+               for name, (work, touch, warm_up) in works.items()}
+    for name, (_, _, warm_up) in works.items():  # the warm-up call's own cost, after the same idle
+        results[name]["a warm-up call itself (after 10 ms sleep)"] = timed(warm_up, lambda: time.sleep(0.01), repeats)
     rows = [[c] + [f"{results[name][c]:.1f}" for name in works] for c in results[next(iter(works))]]
     headers = ["before the call", *works]
     print(text_table(headers, rows))
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             "\nHow to read it: 'sleep, then 2 ms busy' puts the clock back up without touching the call's data "
             "(as fast as 'warm' if a slowed clock were the cause); 'sleep, then data read' brings its data back "
             "(the matrix, or the model's weights); '64 MB read, no sleep' is the cost of flushed caches alone, "
-            "with no idle at all.\n")
+            "with no idle at all; 'sleep, the call once, 1 ms sleep' is what a warm-up call a millisecond before "
+            "would buy, at the cost of the call in the last row on top of each step.\n")
     write_section(Path(args.doc), SECTION, body)
     return 0
 

@@ -49,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,15 @@ class Run:
     node_ms: tuple[str, str]  # the node's own time per estimate (model + publish), p50 / p99, its last 1000
     step_ms: str  # of which the model step alone, p50 ("-": a node that does not report it)
     glue_cpu_ms: str = "-"  # the node's thread CPU time per estimate beyond the model step, p50
+    counters: dict[str, str] = field(default_factory=dict)  # its non-zero drop and reset counters
+
+    @property
+    def why_missing(self) -> str:
+        """What the node counted, where estimates did not arrive (gaps, resets, drops; empty: nothing)."""
+        if self.received >= self.expected:
+            return ""
+        said = ", ".join(f"{k} {v}" for k, v in self.counters.items())
+        return f"{self.node}: {self.expected - self.received} estimates missing; the node counted: {said or 'nothing'}"
 
     @property
     def dropped_inputs(self) -> int:
@@ -387,7 +396,8 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     node_received = {s.topic: int(diag.get(f"received {key(s.topic)}", 0)) for s in cfg.inputs}
     return Run(name, latencies, expected, len(got), published, node_received,
                100 * (cpu1 - cpu0) / (t1 - t0), (diag.get("inference_ms_p50", "?"), diag.get("inference_ms_p99", "?")),
-               diag.get("step_ms_p50", "-"), diag.get("glue_cpu_ms_p50", "-"))
+               diag.get("step_ms_p50", "-"), diag.get("glue_cpu_ms_p50", "-"),
+               {k: v for k, v in diag.items() if (k.startswith("pipeline ") or k == "resets") and v not in ("0", "")})
 
 
 def wait_for(condition, timeout_s: float, message: str | None) -> None:
@@ -452,7 +462,8 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
     verdicts = [
         f"p99 {p99:.2f} ms (target <= {TARGET_P99_MS:g} ms: {'met' if p99 <= TARGET_P99_MS else 'NOT met'})",
         f"dropped {s.dropped_inputs} inputs, {s.expected - s.received} estimates (target 0: "
-        f"{'met' if s.dropped_inputs == 0 and s.received == s.expected else 'NOT met'})",
+        f"{'met' if s.dropped_inputs == 0 and s.received == s.expected else 'NOT met'}"
+        + (f"; {s.why_missing}" if s.why_missing else "") + ")",
         f"CPU {s.cpu_pct:.1f} % of one core (target <= {TARGET_CPU_PCT:g} %: "
         f"{'met' if s.cpu_pct <= TARGET_CPU_PCT else 'NOT met'})",
     ]
@@ -573,6 +584,9 @@ def main() -> int:
             if args.peer_rev:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", peer], capture_output=True)
     print(text_table(HEADERS, rows(runs)))
+    for run in runs:
+        if run.why_missing:
+            print(run.why_missing)
     floor = None
     if not args.quick and runs[0].node == STREAMING:
         with tempfile.TemporaryDirectory() as work:
