@@ -166,7 +166,6 @@ class CallbackIntake:
     def __init__(self, node: Any, topics: list[str], classes: list[type], qos: QoSProfile, lost: list[int],
                  process: Process, deferral: Deferral, stamp_of: Callable[[int, bytes], int | None]) -> None:
         self.node, self.process, self.deferral, self.stamp_of = node, process, deferral, stamp_of
-        self.closed = False
         self.subs = [self._subscribe(i, t, c, qos, lost) for i, (t, c) in enumerate(zip(topics, classes, strict=True))]
 
     @property
@@ -188,7 +187,7 @@ class CallbackIntake:
     def _on_sample(self, i: int, data: bytes) -> None:
         """Held (``Deferral``) while no chunk can be due (``stamp_of``: the sample's stamp where it
         may wait, else None); processed in arrival order."""
-        if self.closed:  # rclpy's EventsExecutor still runs a message queued before the destroy: inactive now
+        if not self.subs:  # closed: rclpy's EventsExecutor still runs a message queued before the destroy
             return
         steady = time.monotonic_ns()
         for item in self.deferral.offer(i, self.stamp_of(i, data), steady, (i, data, steady)):
@@ -208,7 +207,7 @@ class CallbackIntake:
         for sub in self.subs:
             self.node.destroy_subscription(sub)
         self.flush()
-        self.subs, self.closed = [], True
+        self.subs = []
 
 
 def make_intake(mode: str, node: Any, topics: list[str], classes: list[type], qos: QoSProfile, lost: list[int],
