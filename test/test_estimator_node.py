@@ -244,7 +244,8 @@ def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):
         assert d.spin_until(lambda: len(d.got) >= 5, 20), d.diagnostics
         d.publish(t0 + 60 * period, [np.nan, 0, 0], [0, 0, 0])  # non-finite
         d.publish(t0 + 59 * period, [0, 0, 0], [0, 0, 0])  # duplicate of the last good stamp
-        d.pub.publish(serialize_message(d.Imu())[:40])  # truncated bytes: the node decodes raw messages itself
+        for _ in range(4):  # truncated bytes: the node decodes raw messages itself; warned of once per 5 s
+            d.pub.publish(serialize_message(d.Imu())[:40])
         burst(t0 - 5_000_000_000)  # time jumps back 5 s (a bag loop)
         burst(t0 + 20_000_000_000)  # then a 25 s gap
         assert d.spin_until(lambda: sum(t > t0 + 20_000_000_000 for t in d.got) >= 5, 20), "no estimates after gap"
@@ -255,7 +256,7 @@ def test_bad_input_is_counted_and_estimation_recovers(imu_model, monkeypatch):
     assert d.proc.returncode is not None and "Traceback" not in out, out[-3000:]
     assert int(diag["pipeline nonfinite"]) >= 1
     assert int(diag["pipeline duplicate"]) >= 1
-    assert int(diag["unreadable imu/data"]) == 1 and "do not decode as sensor_msgs/msg/Imu" in out, out[-3000:]
+    assert int(diag["unreadable imu/data"]) == 4 and out.count("do not decode as sensor_msgs/msg/Imu") == 1, out[-3000:]
     assert int(diag["pipeline time_backwards"]) >= 1
     assert int(diag["pipeline gap"]) >= 1
 
@@ -783,3 +784,23 @@ def test_live_message_classes_come_from_the_installed_interface_packages():
         input_class(StreamSpec("/v", "geometry_msgs/msg/Vector3Stamped", ("vector.w",)))
     with pytest.raises(HissError, match="stamp = header, but the installed std_msgs/msg/Float64 has no header"):
         input_class(StreamSpec("/f", "std_msgs/msg/Float64", ("data",), stamp="header"))
+
+
+def test_repeated_warnings_are_throttled_per_key_by_a_clock_read_first():
+    """A node's repeated warnings go through ``Throttle`` (one per key and period), never through
+    rclpy's ``throttle_duration_sec``, which looks up its caller's source on every call, printed or not."""
+    from pathlib import Path
+
+    import hiss_ros.nodes
+    from hiss_ros.nodes.common import Throttle
+
+    now = [100.0]
+    throttle = Throttle(clock=lambda: now[0])
+    assert throttle.due(("unreadable", 0), 5.0) and not throttle.due(("unreadable", 0), 5.0)
+    assert throttle.due(("unreadable", 1), 5.0)  # another input's is its own
+    now[0] += 4.9
+    assert not throttle.due(("unreadable", 0), 5.0)
+    now[0] += 0.2
+    assert throttle.due(("unreadable", 0), 5.0) and not throttle.due(("unreadable", 0), 5.0)
+    sources = Path(hiss_ros.nodes.__file__).parent.glob("*.py")
+    assert not [f.name for f in sources if "throttle_duration_sec" in f.read_text()]

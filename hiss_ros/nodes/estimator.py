@@ -30,7 +30,7 @@ from visualization_msgs.msg import MarkerArray
 from hiss_ros.data.streams import StreamSpec, header_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import STEP_BACKENDS
-from hiss_ros.nodes.common import freeze_heap, input_class, message_class, running, spin
+from hiss_ros.nodes.common import Throttle, freeze_heap, input_class, message_class, running, spin
 from hiss_ros.nodes.diagnostics import Diagnostics
 from hiss_ros.nodes.intake import INTAKES, CallbackIntake, PacedIntake, make_intake
 from hiss_ros.nodes.messages import EstimateMessages, frames
@@ -69,6 +69,7 @@ class Estimator(ModelSwap, LifecycleNode):
         self.intake: PacedIntake | CallbackIntake | None = None  # the inputs, while active
         self._outputs: dict[tuple[str, str], Any] = {}  # (topic, type) -> lifecycle publisher, across reloads
         self._compile_lock, self.compile_status, self.reloads = threading.Lock(), "off", 0
+        self.throttle = Throttle()  # its repeated warnings (unreadable samples, stale inputs), per input
         self.latencies: deque[float] = deque(maxlen=1000)  # estimate and publish, wall time
         self.glue_cpu: deque[float] = deque(maxlen=1000)  # the same beyond the model step, thread CPU time
         self.diagnostics = Diagnostics(self)
@@ -194,8 +195,9 @@ class Estimator(ModelSwap, LifecycleNode):
                 values, header_ns = self._readers[i](msg), header_stamp_ns(msg)
             except (AttributeError, TypeError, ValueError, LookupError) as exc:  # a message the fields do not fit
                 diag.unreadable[i] += 1
-                self.get_logger().warn(f"{self._topic(spec)}: cannot read {list(spec.fields)} ({exc}); "
-                                       "sample dropped", throttle_duration_sec=5.0)
+                if self.throttle.due(("unreadable", i), 5.0):
+                    self.get_logger().warn(f"{self._topic(spec)}: cannot read {list(spec.fields)} ({exc}); "
+                                           "sample dropped")
                 return None
         diag.received[i] += 1
         diag.last_receipt[i] = steady
