@@ -45,6 +45,7 @@ from hiss_ros.models import ChunkedModel, ModelConfig, build_model, config_to_di
 
 FORMAT = "hiss_ros.checkpoint"
 FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"  # the checkpoint in a hiss-train output folder
 _META_KEY = "hiss_ros"
 
 # Size bounds of a loadable model. Parameters: 50 M float32 are 200 MB, well above any model

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from hiss_ros.checkpoint import load_checkpoint, save_checkpoint
+from hiss_ros.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
 from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import CheckpointError, ConfigError, HissError
 from hiss_ros.models import ChunkedModel, StepRunner
@@ -214,7 +214,7 @@ def load_model(path_or_name: str | os.PathLike) -> Loaded:
                               "shipped model (contact, broad_velocity)")
     path = shipped_model(str(path_or_name))
     if path.is_dir():  # a hiss-train output folder
-        path = path / "model.safetensors"
+        path = path / MODEL_FILE
     ckpt = load_checkpoint(path)
     try:
         spec = ServingSpec.from_metadata(ckpt.data, ckpt.normalization)

@@ -40,7 +40,17 @@ Process = Callable[[int, bytes, int], "int | None"]
 INTAKES = ("paced", "callbacks")
 
 
-class PacedIntake:
+class Intake:
+    """What both intakes share: per input, a subscription (``subs``, emptied by ``close``)."""
+
+    subs: list[Any]
+
+    def publishers(self) -> list[int]:
+        """Per input, the publishers its subscription is matched with (diagnostics)."""
+        return [sub.get_publisher_count() for sub in self.subs]
+
+
+class PacedIntake(Intake):
     mode = "paced"
 
     def __init__(self, node: Any, topics: list[str], classes: list[type], qos: QoSProfile, lost: list[int],
@@ -145,9 +155,6 @@ class PacedIntake:
     def retarget(self, pipeline: Pipeline) -> None:
         self.pacer.pipeline = pipeline
 
-    def publishers(self) -> list[int]:
-        return [sub.get_publisher_count() for sub in self.subs]
-
     def close(self, process_pending: bool = True) -> None:
         if process_pending:
             self.flush()
@@ -160,7 +167,7 @@ class PacedIntake:
         self.events, self.subs = [], []
 
 
-class CallbackIntake:
+class CallbackIntake(Intake):
     mode = "callbacks"
 
     def __init__(self, node: Any, topics: list[str], classes: list[type], qos: QoSProfile, lost: list[int],
@@ -199,9 +206,6 @@ class CallbackIntake:
 
     def retarget(self, pipeline: Pipeline) -> None:
         self.deferral.pipeline = pipeline
-
-    def publishers(self) -> list[int]:
-        return [sub.get_publisher_count() for sub in self.subs]
 
     def close(self) -> None:
         for sub in self.subs:

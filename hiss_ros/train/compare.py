@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from hiss_ros.checkpoint import atomic_write, load_checkpoint
+from hiss_ros.checkpoint import MODEL_FILE, atomic_write, load_checkpoint
 from hiss_ros.errors import ConfigError
 from hiss_ros.models import MODEL_CHOICES, ChunkedModel, StepRunner, build_model
 from hiss_ros.serving import load_model
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import collect_segments, load_dataset, normalised
-from hiss_ros.train.loop import MODEL_FILE, evaluate, model_config, train
+from hiss_ros.train.loop import evaluate, model_config, train
 
 log = logging.getLogger(__name__)
 TUNE_LR, TUNE_WEIGHT_DECAY = (3e-4, 1e-2), (1e-4, 1e-1)  # log-uniform ranges of --tune's candidates

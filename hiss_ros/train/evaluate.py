@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from hiss_ros.checkpoint import MODEL_FILE
 from hiss_ros.cli_common import MARKER, fail, staged_folder, strict_json
 from hiss_ros.errors import HissError
 from hiss_ros.models import config_to_dict
@@ -33,7 +34,7 @@ from hiss_ros.serving import load_model
 from hiss_ros.train.calibration import calibration_metrics
 from hiss_ros.train.config import TrainConfig
 from hiss_ros.train.dataset import collect_segments, normalised, whole_segments
-from hiss_ros.train.loop import MODEL_FILE, predict_gaussian
+from hiss_ros.train.loop import predict_gaussian
 
 log = logging.getLogger(__name__)
 

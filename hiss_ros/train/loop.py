@@ -38,7 +38,7 @@ from safetensors.torch import save
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from hiss_ros.checkpoint import atomic_write, load_checkpoint
+from hiss_ros.checkpoint import MODEL_FILE, atomic_write, load_checkpoint
 from hiss_ros.cli_common import MARKER, strict_json
 from hiss_ros.errors import CheckpointError, ConfigError, HissError
 from hiss_ros.models import ChunkedModel, build_model
@@ -51,7 +51,6 @@ from hiss_ros.train.dataset import Dataset, Split, delta_std, windows
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.safetensors"
-MODEL_FILE = "model.safetensors"
 METRICS_FILE = MARKER
 CSV_HEADER = "epoch,train_loss,val_mse,lr,seconds\n"
 
