@@ -74,3 +74,23 @@ def test_the_margin_follows_the_work_of_a_wake_up_within_a_chunk():
     for _ in range(100):
         pacer.worked(50 * MS)  # never more than a chunk ahead
     assert pacer.margin_ns == pipe.span_ns(10)
+
+
+def test_other_work_is_put_off_to_mid_way_between_two_chunks():
+    """The diagnostics report, due just before a chunk's take or just after the last estimate,
+    is put off until mid-way to the next chunk; in the quiet time between, or off schedule, it runs."""
+    pipe = Pipeline(PipelineConfig((3,), 400, 40, 0.5))
+    pacer = Pacer(pipe, MS)
+    assert pacer.defer_ns(T0, MS) == 0  # no schedule yet
+    pipe, pacer, _ = clock(5, [200_000] * 5)
+    expected, span, length = pacer.expected_ns(), 25 * MS, MS
+    mid = expected - span // 2
+    assert pacer.defer_ns(mid, length) == 0  # quiet
+    assert pacer.defer_ns(expected - pacer.margin_ns - length - 1, length) == 0  # ends before the take
+    before_take = expected - pacer.margin_ns - length
+    assert before_take + pacer.defer_ns(before_take, length) == mid + span  # mid-way after the next chunk
+    just_after = expected - span + MS  # the last chunk's estimate is on its way
+    assert just_after + pacer.defer_ns(just_after, length) == mid
+    assert pacer.defer_ns(expected, length) == 0  # the sample is overdue: no schedule to keep clear of
+    assert pacer.defer_ns(before_take, span) == 0  # longer than the quiet time: no use waiting
+    assert pacer.defer_ns(expected - 3 * span, length) == 0  # no chunk near

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.clock import Clock, ClockType
 
 from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.serving import Estimate, ServingSpec
@@ -44,7 +45,13 @@ class Diagnostics:
         self.failure = ""  # why the node has no model, when it has none
         self.track(None)
         self.publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        node.create_timer(node.p["diagnostics_period_s"], self.report)
+        node.create_timer(node.p["diagnostics_period_s"], self._on_timer)
+        # A report due just before a chunk's take, or just after its estimate, is put off until
+        # mid-way to the next (``Pacer.defer_ns``): the timers of both run on the one executor, at
+        # periods that are multiples of each other, so a report that collides once would every time.
+        self._later = node.create_timer(1.0, self._on_later, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self._later.cancel()
+        self.report_ns = 2_000_000  # what a report costs: the longest lately (decaying)
 
     def track(self, spec: ServingSpec | None, max_gap_s: float | None = None) -> None:
         """Start counting the inputs of ``spec`` (None: no model); ``max_gap_s``: the node's gap
@@ -100,7 +107,25 @@ class Diagnostics:
         if estimate.variance is not None and self._typical_var is not None:
             self.std_ratio.append(float(np.sqrt(estimate.variance / self._typical_var).mean()))
 
+    def _on_timer(self) -> None:
+        intake = self.node.intake
+        delay = intake.defer_ns(time.monotonic_ns(), self.report_ns) if intake is not None else 0
+        if delay > 0:
+            self._later.timer_period_ns = delay
+            self._later.reset()
+        else:
+            self.report()
+
+    def _on_later(self) -> None:
+        self._later.cancel()
+        self.report()
+
     def report(self) -> None:
+        began = time.monotonic_ns()
+        self._report()
+        self.report_ns = max(time.monotonic_ns() - began, self.report_ns * 7 // 8)
+
+    def _report(self) -> None:
         node = self.node
         node.flush()  # the samples it holds back count as received
         self._score()

@@ -49,6 +49,11 @@ class Intake:
         """Per input, the publishers its subscription is matched with (diagnostics)."""
         return [sub.get_publisher_count() for sub in self.subs]
 
+    def defer_ns(self, now_ns: int, length_ns: int) -> int:
+        """How long other work of ``length_ns`` should wait to keep clear of the estimates
+        (``Pacer.defer_ns``); 0: no schedule to keep clear of."""
+        return 0
+
 
 class PacedIntake(Intake):
     mode = "paced"
@@ -154,6 +159,9 @@ class PacedIntake(Intake):
 
     def retarget(self, pipeline: Pipeline) -> None:
         self.pacer.pipeline = pipeline
+
+    def defer_ns(self, now_ns: int, length_ns: int) -> int:
+        return self.pacer.defer_ns(now_ns, length_ns)
 
     def close(self, process_pending: bool = True) -> None:
         if process_pending:

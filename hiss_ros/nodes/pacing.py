@@ -82,6 +82,22 @@ class Pacer:
             return expected - self.margin_ns
         return None
 
+    def defer_ns(self, now_ns: int, length_ns: int) -> int:
+        """How long to put off other work of ``length_ns`` (the diagnostics report) that would
+        otherwise run into the next chunk's take, or just after the last chunk's estimate (while it
+        is published and received): until mid-way between two chunks. 0: now is fine, or there is
+        no quiet time to aim for (no schedule, an overdue sample, chunks too close together)."""
+        expected = self.expected_ns()
+        if expected is None or now_ns >= expected:
+            return 0
+        span = self.pipeline.span_ns(self.pipeline.config.chunk)
+        quiet_from, quiet_to = expected - span + span // 4, expected - self.margin_ns - length_ns
+        if quiet_from >= quiet_to or quiet_from <= now_ns < quiet_to:
+            return 0
+        mid = expected - span // 2
+        delay = mid - now_ns if now_ns < mid else mid + span - now_ns
+        return delay if delay <= span else 0  # no chunk this close: nothing to keep clear of
+
     def backoff_ns(self) -> int:
         """How long to wait for the clock stream off schedule before the executor gets a turn: one
         clock-stream period, doubling while off schedule, up to ``idle_ns``."""
