@@ -257,6 +257,8 @@ def test_samples_lost_while_the_clock_lags_end_the_episode_instead_of_stitching_
     (0, None, [1, 2, 3], "bad_stamp"),
     (0, 1.5e9, [1, 2, 3], "bad_stamp"),
     (0, np.int64(2**63 - 1), [1, 2, 3], "bad_stamp"),
+    (0, 2**31 * 10**9, [1, 2, 3], "bad_stamp"),  # past ROS time's int32 seconds (a stamp no estimate could carry)
+    (0, -(2**31) * 10**9 - 1, [1, 2, 3], "bad_stamp"),
 ])
 def test_values_streams_and_stamps_of_the_wrong_type_are_counted_not_fatal(stream, stamp, values, counter):
     pipe = Pipeline(cfg())

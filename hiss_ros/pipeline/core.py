@@ -52,7 +52,9 @@ _MAX_HELD = 4096  # per stream; only reached when stream 0 (the clock) lags far 
 # Every sample ``push`` is given is counted once: "accepted", or dropped for one of these reasons.
 DROP_REASONS = ("nonfinite", "duplicate", "out_of_order", "out_of_range", "wrong_size", "not_numbers", "bad_stamp",
                 "unknown_stream", "ahead_of_clock")
-_MAX_NS = 2**62  # stamps beyond +-146 years from the epoch are refused: tick arithmetic stays in int64
+# Stamps a ROS message can carry (builtin_interfaces/Time: int32 seconds, 1901 to 2038): outside,
+# an estimate's stamp could not be published (a header 2**31-1 s with 1.5e9 ns killed the node).
+_MIN_NS, _MAX_NS = -(2**31) * 10**9, 2**31 * 10**9
 
 
 @dataclass(frozen=True)
@@ -301,8 +303,8 @@ class Pipeline:
             self.counters["unknown_stream"] += 1
             return []
         if (isinstance(stamp_ns, bool) or not isinstance(stamp_ns, (int, np.integer))
-                or not -_MAX_NS < stamp_ns < _MAX_NS):
-            self.counters["bad_stamp"] += 1  # not integer nanoseconds (None, NaN, a float), or beyond +-146 years
+                or not _MIN_NS <= stamp_ns < _MAX_NS):
+            self.counters["bad_stamp"] += 1  # not integer nanoseconds (None, NaN, a float), or no ROS time
             return []
         stream, stamp_ns = int(stream), int(stamp_ns)
         try:
