@@ -195,12 +195,13 @@ def test_each_rejected_sample_counts_under_one_reason_in_a_fixed_order():
 
 
 def clock_and_second(pipe, seconds=1.0, start_ns=10**12):
-    """200 Hz clock + 50 Hz second stream from ``start_ns``: the chunks they complete."""
+    """200 Hz clock + 50 Hz second stream (1 ms before the clock's ticks) from ``start_ns``: the
+    chunks they complete."""
     out = []
     for k in range(int(seconds * 200)):
         t = start_ns + k * 5 * MS
         if k % 4 == 0:
-            out += pipe.push(1, t, [0.5, 0.5])
+            out += pipe.push(1, t - MS, [0.5, 0.5])
         out += pipe.push(0, t, [1.0, 2.0, 3.0])
     return out
 
@@ -265,3 +266,30 @@ def test_values_streams_and_stamps_of_the_wrong_type_are_counted_not_fatal(strea
     assert pipe.push(stream, stamp, values) == []
     assert pipe.counters == {counter: 1}
     assert len(clock_and_second(pipe, 0.5)) == 10  # and the pipeline goes on as if it never came
+
+
+def test_a_tie_with_the_clock_sample_gives_the_same_chunks_whichever_arrives_first():
+    """A second-stream sample stamped exactly at the clock sample that emits a tick (a simulator's
+    sensors, one driver's synchronised streams) enters from the next tick on: as ``process``
+    (stamp order, stream 0 first at a tie) has it, and live whichever of the two arrives first."""
+    ticks = 10**12 + np.arange(200) * 5 * MS
+    clock = (ticks, np.random.default_rng(0).standard_normal((200, 3)))
+    second = (ticks[::4], np.arange(100.0).reshape(50, 2))  # tied with every 4th clock sample
+    offline = Pipeline(cfg()).process([clock, second])[0]
+    for second_first in (True, False):
+        pipe, chunks = Pipeline(cfg()), []
+        for k, t in enumerate(ticks):
+            pushes = [(0, t, clock[1][k])] + ([(1, t, second[1][k // 4])] if k % 4 == 0 else [])
+            for stream, stamp, v in (reversed(pushes) if second_first else pushes):
+                chunks += pipe.push(stream, int(stamp), v)
+        np.testing.assert_array_equal(np.array([c.stamp_ns for c in chunks]), offline.stamps_ns)
+        np.testing.assert_array_equal(np.stack([c.x for c in chunks]), offline.x)
+    assert len(np.unique(offline.x[:, :, 3])) > 40  # the second stream's every sample reached the chunks
+
+
+def test_samples_dropped_when_the_clock_starts_are_counted_once():
+    pipe = Pipeline(cfg())
+    pipe.push(1, 10**12, [0.5, 0.5])
+    pipe.push(1, 10**12 + 10**10, [0.5, 0.5])  # 10 s ahead of where the clock will start
+    pipe.push(0, 10**12, [1.0, 2.0, 3.0])
+    assert pipe.counters == {"accepted": 2, "ahead_of_clock": 1, "ticks_waiting": 1}

@@ -57,9 +57,20 @@ class Diagnostics:
         """Start counting the inputs of ``spec`` (None: no model); ``max_gap_s``: the node's gap
         limit when it overrides the trained one."""
         n = len(spec.inputs) if spec else 0
-        self.spec = spec
         self.received, self.unreadable, self.last_receipt = [0] * n, [0] * n, [0] * n
         self.lost = [0] * n  # the middleware's message-lost events; -1: not supported by this rmw
+        self.retarget(spec)
+        self._mark = (time.monotonic(), 0, [0] * n, 0)  # time, estimates, received, non-finite outputs
+        # Per input: [first stamp, last stamp, samples] of the samples in stamp order since the last
+        # rate verdict, and that verdict (Hz, None before the first).
+        self.window: list[list[int]] = [[0, 0, 0] for _ in range(n)]
+        self.rates: list[float | None] = [None] * n
+        self._gap_ns = int((max_gap_s or (spec.pipeline.max_gap_s if spec else 0)) * 1e9)
+
+    def retarget(self, spec: ServingSpec | None) -> None:
+        """Judge the estimates of the model of ``spec`` (a hot reload, same inputs): its trained
+        rates, validation error and novelty statistics; what was recorded of the last model goes."""
+        self.spec = spec
         # Predicted std over the validation RMSE, averaged over channels, per estimate (variance head):
         # about 1 on data like the validation data, far above it out of the model's depth.
         self.std_ratio: deque[float] = deque(maxlen=200)
@@ -69,13 +80,7 @@ class Diagnostics:
         self._novelty_warn = spec.novelty.warn if spec and spec.novelty else None
         mse = spec.validation_mse if spec else None
         self._typical_var = np.asarray(mse) if mse else None
-        self._mark = (time.monotonic(), 0, [0] * n, 0)  # time, estimates, received, non-finite outputs
-        # Per input: [first stamp, last stamp, samples] of the samples in stamp order since the last
-        # rate verdict, and that verdict (Hz, None before the first); the rate each is expected at.
-        self.window: list[list[int]] = [[0, 0, 0] for _ in range(n)]
-        self.rates: list[float | None] = [None] * n
         self.expected = spec.expected_rates_hz() if spec else []
-        self._gap_ns = int((max_gap_s or (spec.pipeline.max_gap_s if spec else 0)) * 1e9)
 
     def sample(self, i: int, stamp: int) -> None:
         """Count input ``i``'s sample stamped ``stamp`` toward its live rate: the data's own rate,
@@ -154,8 +159,8 @@ class Diagnostics:
                 "intake": node.intake.mode if node.intake is not None else node.p["intake"],
                 **({"predicted_std_over_validation_rmse_median": f"{np.median(self.std_ratio):.2f}"}
                    if self.std_ratio else {}),
-                **({"input_novelty_median": f"{np.median(self.novelty):.2f}",
-                    "input_novelty_warn_level": f"{self._novelty_warn:.2f}"} if self.novelty else {}),
+                **({"input_novelty_median": f"{np.median(self.novelty):.2f}"} if self.novelty else {}),
+                **({"input_novelty_warn_level": f"{self._novelty_warn:.2f}"} if self._novelty_warn else {}),
                 **{key: value for t, pubs, n, m, bad, lost, r in zip(
                     topics, node.intake.publishers() if node.intake else [0] * len(topics), self.received, recv_then,
                     self.unreadable, self.lost, self.rates, strict=True)

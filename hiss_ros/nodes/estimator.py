@@ -126,6 +126,13 @@ class Estimator(ModelSwap, LifecycleNode):
         self.est.restart("deactivated")
         return super().on_deactivate(state)
 
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.intake is not None:  # from active: no estimate after it
+            self.on_deactivate(state)
+        if self.est is not None:
+            self.on_cleanup(state)
+        return super().on_shutdown(state)
+
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         for pub in [*self._outputs.values(), *([self.markers] if self.markers else [])]:
             self.destroy_lifecycle_publisher(pub)
@@ -151,6 +158,8 @@ class Estimator(ModelSwap, LifecycleNode):
                                 per_estimate=est.predicts_variance)
 
     def _publisher(self, topic: str, msg_type: str) -> Any:
+        if (known := [t for top, t in self._outputs if top == topic and t != msg_type]):
+            raise HissError(f"{topic} would change type from {known[0]} to {msg_type}: restart the node to change it")
         if (topic, msg_type) not in self._outputs:
             pub = self.create_lifecycle_publisher(message_class(msg_type), topic, 10)
             if self.intake is not None:  # active already (a hot reload with a new output type): enable it now
@@ -181,7 +190,7 @@ class Estimator(ModelSwap, LifecycleNode):
             self.intake.flush()
 
     def _process(self, i: int, data: bytes, steady: int) -> int | None:
-        """Input ``i``'s sample, received at ``steady``, into the model; its pipeline stamp (None: unreadable)."""
+        """Input ``i``'s sample, received at ``steady``, into the model; its stamp (None: unreadable or dropped)."""
         spec, diag = self._inputs[i], self.diagnostics
         # Straight from the bytes where the type allows (wire.Layout), once the stamp source is known.
         read = self.decoders[i].read(data) if self._stamps.header[i] is not None else None
@@ -201,10 +210,16 @@ class Estimator(ModelSwap, LifecycleNode):
                 return None
         diag.received[i] += 1
         diag.last_receipt[i] = steady
-        stamp = self._stamps(i, header_ns, steady, msg)
+        stamp, est = self._stamps(i, header_ns, steady, msg), self.est
+        counters = est.pipeline.counters
+        taken = counters["accepted"]
+        chunks = est.pipeline.push(i, stamp, values)
+        if counters["accepted"] == taken:  # dropped (counted): its stamp informs no timing
+            return None
         diag.sample(i, stamp)
-        est = self.est
-        for chunk in est.pipeline.push(i, stamp, values):
+        if i == 0:
+            self._stamps.anchor(stamp, steady)
+        for chunk in chunks:
             t0, cpu = time.perf_counter(), time.thread_time_ns()
             estimate = est.estimate(chunk)
             if estimate is not None:

@@ -1,6 +1,7 @@
 """The estimator's model swaps: hot reload of ``model_path`` and the compiled step (in the
 background after a reload). A mixin of ``hiss_ros.nodes.estimator.Estimator``: it uses the node's
-``est``, ``messages``, ``diagnostics``, ``p``, ``intake``, ``flush``, ``_load`` and ``_messages``."""
+``est``, ``messages``, ``diagnostics``, ``p``, ``intake``, ``flush``, ``_load``, ``_messages`` and
+``_outputs``."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class ModelSwap:
     compile_status: str
     reloads: int
     _compile_lock: threading.Lock
+    _outputs: dict[tuple[str, str], Any]
 
     def _on_parameters(self, params: list[Parameter]) -> SetParametersResult:
         """Hot reload: a new model_path is loaded, checked and warmed up, then swapped in; one that
@@ -38,6 +40,7 @@ class ModelSwap:
 
     def _reload(self, path: str) -> str | None:
         """Swap in the model at ``path``; why not, when it cannot be (the old one keeps running)."""
+        before = set(self._outputs)
         try:
             new = self._load(path)
             if not new.spec.same_streams(self.est.spec):
@@ -45,13 +48,15 @@ class ModelSwap:
                                 f"{self.est.spec.describe()} (restart the node to change streams)")
             messages = self._messages(new)
         except Exception as exc:  # any failure of a new model must leave the old one running
+            for key in set(self._outputs) - before:  # ... and no publisher of its outputs behind
+                self.destroy_lifecycle_publisher(self._outputs.pop(key))
             return str(exc) or type(exc).__name__
+        self.flush()  # what the old model's pipeline would have taken (and counted)
         new.counters.update(self.est.counters)
-        self.flush()  # what the old model's pipeline would have taken
         self.est, self.messages = new, messages
         if self.intake is not None:
             self.intake.retarget(new.pipeline)
-        self.diagnostics.expected = new.spec.expected_rates_hz()
+        self.diagnostics.retarget(new.spec)
         if getattr(self, "_stamps", None) is not None and new.spec.input_stamps:  # known now, if not before
             self._stamps.trained = new.spec.input_stamps
         gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it

@@ -5,8 +5,10 @@ records it), or, for a checkpoint that does not say, by the header where the mes
 either case a header stamp of zero on the first message means the receipt (a driver that leaves
 stamps at zero is said once, not dropped as duplicates). Receipt stamps are put on the clock stream's time line
 when the clock stream is header-stamped (its stamp minus the steady clock, so their spacing is
-true whatever the /clock rate), else they are the node's clock at the receipt (sim time honoured:
-its time now, less the steady time since the receipt; samples are processed in batches).
+true whatever the /clock rate; only the samples the pipeline takes move it), else they are the
+node's clock at the receipt (sim time honoured: its time now, less the steady time since the
+receipt; samples are processed in batches; under a coarse sim /clock, whose time stands still
+between ticks, such samples get 1 ns apart rather than out of order).
 Imports without ROS: the node passes its clock and logger in.
 """
 
@@ -51,16 +53,22 @@ class Stamps:
         if use is None:
             use = self.source(i, msg)
         if use:
-            stamp = header_ns
-            if i == 0:
-                self.steady_offset = stamp - steady
-            return stamp
+            return header_ns
         if self.steady_offset is None:  # the clock stream itself is stamped on receipt: the node's clock then
-            return self.now_ns() - (time.monotonic_ns() - steady)
-        # Receipt on the clock stream's time line. Jitter of that mapping never gives a stamp twice;
-        # a jump of the time line (more than a gap back) is followed.
-        stamp, last = steady + self.steady_offset, self.last[i]
+            stamp = self.now_ns() - (time.monotonic_ns() - steady)
+        else:  # receipt on the clock stream's time line
+            stamp = steady + self.steady_offset
+        # Jitter of either mapping (a coarse sim /clock: its time stands still between ticks) never
+        # gives a stamp twice or out of order; a jump of the time line (more than a gap back) is followed.
+        last = self.last[i]
         if last - self.max_gap_ns < stamp <= last:
             stamp = last + 1
         self.last[i] = stamp
         return stamp
+
+    def anchor(self, stamp: int, steady: int) -> None:
+        """The clock stream's sample stamped ``stamp`` (its header), received at ``steady``, was
+        taken by the pipeline: receipt stamps follow its time line. A sample the pipeline dropped
+        (NaN, a stamp far ahead) must not move it."""
+        if self.header[0]:
+            self.steady_offset = stamp - steady

@@ -4,7 +4,10 @@ Samples ``(stamp_ns, values)`` of several streams, each at its own possibly jitt
 put on a fixed input clock of ``input_rate_hz`` ticks. The clock starts at the first sample of
 stream 0 (the reference, e.g. the IMU) and a tick at time t is emitted once stream 0 has
 reached t; every stream contributes its latest sample with stamp <= t (zero-order hold), so no
-tick ever uses a sample from after its own time. Then per stream an optional causal low-pass
+tick ever uses a sample from after its own time. One exception makes this independent of arrival
+order: at a tick emitted by a stream-0 sample stamped exactly t, the other streams contribute their
+latest sample before t (offline, merged in stamp order, stream 0 comes first at a tie; live, a
+sample of another stream stamped t may arrive before or after it). Then per stream an optional causal low-pass
 (Butterworth, second-order sections, state carried), optionally three derived channels appended
 (``strapdown``: a gravity-free velocity from an IMU's gyro and accelerometer, state carried,
 hiss_ros.pipeline.strapdown), normalisation, and ``chunk`` ticks make one chunk, stamped with the
@@ -366,8 +369,9 @@ class Pipeline:
         takes samples from the clock's time line)."""
         for st in self._streams[1:]:
             kept = [(t, v) for t, v in st.samples if t - clock_ns <= self._max_gap_ns]
-            if len(kept) < len(st.samples):
+            if len(kept) < len(st.samples):  # counted once: no longer accepted, dropped
                 self.counters["ahead_of_clock"] += len(st.samples) - len(kept)
+                self.counters["accepted"] -= len(st.samples) - len(kept)
                 st.samples.clear()
                 st.samples.extend(kept)
                 st.last_stamp_ns = kept[-1][0] if kept else None
@@ -376,7 +380,7 @@ class Pipeline:
         """Emit every tick at or before ``stamp_ns`` (the newest time stream 0 has reached)."""
         out: list[Chunk] = []
         while (t := self._tick_ns(self._tick)) <= stamp_ns:
-            held = [s.at(t) for s in self._streams]
+            held = [s.at(t - (k > 0 and t == stamp_ns)) for k, s in enumerate(self._streams)]
             if any(h is None for h in held):
                 if self._emitting:  # a stream's samples up to t were lost (held_overflow): a hole
                     self.restart("stream_silent")

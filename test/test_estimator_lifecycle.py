@@ -1,0 +1,132 @@
+"""The estimator node in this process (no DDS traffic needed: samples go straight to its
+``_process`` as the intakes hand them over): hot reloads, lifecycle shutdown, and what a dropped
+sample may not change."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from conftest import ROS_ENV
+from rclpy.serialization import serialize_message
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hiss_ros.pipeline.core import DROP_REASONS
+from hiss_ros.shipped import shipped_model
+
+T0, PERIOD = 10_000_000_000, 2_500_000  # the contact model's IMU at 400 Hz, tactile at 100 Hz
+
+
+@pytest.fixture()
+def node(monkeypatch):
+    """An estimator, configured and active (autostart), made by ``make(*parameters)``."""
+    import rclpy
+
+    for k, v in ROS_ENV.items():
+        monkeypatch.setenv(k, v)
+    made = []
+
+    def make(*params: str):
+        args = ["hiss_estimator", "--ros-args", "-p", "diagnostics_period_s:=100.0"]
+        for p in params:
+            args += ["-p", p]
+        rclpy.init(args=args)
+        from hiss_ros.nodes.estimator import Estimator
+
+        made.append(Estimator())
+        return made[-1]
+
+    yield make
+    for n in made:
+        n.destroy_node()
+    rclpy.try_shutdown()
+
+
+def imu(stamp_ns: int, gyro=(0.0, 0.0, 0.0)) -> bytes:
+    from sensor_msgs.msg import Imu
+
+    m = Imu()
+    m.header.stamp.sec, m.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+    m.angular_velocity.x, m.angular_velocity.y, m.angular_velocity.z = (float(g) for g in gyro)
+    m.linear_acceleration.z = 9.81
+    return serialize_message(m)
+
+
+def tactile(value: float = 0.0) -> bytes:
+    from std_msgs.msg import Float32MultiArray
+
+    return serialize_message(Float32MultiArray(data=[value] + [0.0] * 14))
+
+
+def feed(node, n: int, start: int = 0) -> None:
+    """``n`` IMU samples (and every fourth a tactile one) from sample ``start``, received now."""
+    for k in range(start, start + n):
+        now = time.monotonic_ns()
+        if k % 4 == 0:
+            node._process(1, tactile(), now)
+        node._process(0, imu(T0 + k * PERIOD), now)
+
+
+def without_novelty(tmp_path) -> str:
+    """The shipped contact model as an older trainer wrote it: no novelty statistics."""
+    with safe_open(str(shipped_model("contact")), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["hiss_ros"])
+    meta["data"].pop("novelty")
+    path = tmp_path / "contact_old.safetensors"
+    save_file(tensors, str(path), metadata={"hiss_ros": json.dumps(meta)})
+    return str(path)
+
+
+def test_a_hot_reload_judges_by_the_new_models_statistics_and_keeps_every_sample_counted(node, tmp_path):
+    from rclpy.parameter import Parameter
+
+    n = node(f"model_path:={without_novelty(tmp_path)}", "intake:=callbacks")
+    feed(n, 200)
+    n.diagnostics.report()
+    assert n.diagnostics._novelty_warn is None
+    steady = time.monotonic_ns()
+    held = (0, imu(T0 + 200 * PERIOD), steady)
+    assert not n.intake.deferral.offer(0, T0 + 200 * PERIOD, steady, held)  # held back: no chunk due
+    assert n.set_parameters([Parameter("model_path", value="contact")])[0].successful
+    assert n.diagnostics._novelty_warn == n.est.spec.novelty.warn  # the new model's, not the last one's
+    feed(n, 200, start=201)
+    n.diagnostics.report()  # its novelty scored and judged (it once formatted the last model's None: TypeError)
+    assert len(n.diagnostics.novelty) > 0
+    counters = n.est.counters
+    received = sum(n.diagnostics.received)
+    assert received == counters["accepted"] + sum(counters[r] for r in DROP_REASONS), (received, counters)
+
+
+def test_a_refused_reload_leaves_no_publisher_behind(node):
+    from rclpy.parameter import Parameter
+
+    n = node("model_path:=contact")
+    before = sorted(n._outputs)
+    result = n.set_parameters([Parameter("model_path", value="contact_uncertainty")])[0]
+    assert not result.successful and "would change type from" in result.reason, result.reason
+    assert sorted(n._outputs) == before
+    topics = {name for name, _ in n.get_publisher_names_and_types_by_node(n.get_name(), n.get_namespace())}
+    assert not any(t.endswith("wrench_variance") for t in topics), topics
+
+
+def test_shutdown_while_active_stops_estimating(node):
+    n = node("model_path:=contact")
+    feed(n, 100)
+    assert n.est.counters["estimates"] > 0
+    n.trigger_shutdown()
+    assert n.intake is None and n.est is None and n._outputs == {}
+
+
+def test_a_dropped_clock_sample_does_not_move_the_receipt_time_line(node):
+    """Header-less samples are stamped on the clock stream's time line; a clock sample the pipeline
+    drops (NaN, stamped 0.4 s ahead) must not move it, nor reach the pacer as a stamp."""
+    n = node("model_path:=contact", "intake:=callbacks")
+    feed(n, 100)
+    offset = n._stamps.steady_offset
+    assert offset is not None
+    assert n._process(0, imu(T0 + 100 * PERIOD + 400_000_000, gyro=(np.nan, 0, 0)), time.monotonic_ns()) is None
+    assert n.est.counters["nonfinite"] == 1 and n._stamps.steady_offset == offset
