@@ -8,7 +8,10 @@ which picks the shipped broad_velocity_uncertainty model (each estimate's own pr
 on the twist's covariance diagonal) and sets velocity_covariance:=true (for a model without the
 variance head: the EKF rejects a twist without covariance); the EKF
 (ekf_filter_node) reads the same file and fuses hiss_estimator/twist (twist0) with imu/data (imu0),
-both relative so namespace:= moves the pair together.
+both relative so namespace:= moves the pair together. It publishes no transform: the EKF drops IMU
+messages it cannot transform into its base_link_frame (tool), so with the sample data (IMU frame_id
+imu, the same frame) also run
+    ros2 run tf2_ros static_transform_publisher --frame-id tool --child-frame-id imu
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """The HiSS estimator (a managed lifecycle node), optionally with RViz.
 
-ros2 launch hiss_ros estimator.launch.py [model_path:=contact|broad_velocity|PATH] [params_file:=YAML]
-    [device:=auto|cpu|cuda] [namespace:=NS] [use_sim_time:=true] [autostart:=false] [rviz:=true]
+ros2 launch hiss_ros estimator.launch.py [model_path:=contact|broad_velocity|contact_uncertainty|
+    broad_velocity_uncertainty|PATH] [params_file:=YAML] [device:=auto|cpu|cuda] [namespace:=NS]
+    [use_sim_time:=true] [autostart:=false] [publish_markers:=true] [step_backend:=eager|compile] [rviz:=true]
 
-model_path, device, use_sim_time and autostart override the parameters file only when given on the
-command line: their default "" leaves the file's value (or the node's default) in place.
+model_path, device, use_sim_time, autostart, publish_markers and step_backend override the parameters
+file only when given on the command line: their default "" leaves the file's value (or the node's
+default) in place.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ OUTPUTS = ("wrench", "twist", "markers")
 def generate_launch_description() -> LaunchDescription:
     return LaunchDescription([
         DeclareLaunchArgument("model_path", default_value="",
-                              description="a shipped model (contact, broad_velocity) or a checkpoint from "
-                                          "hiss-train; empty: the parameters file's"),
+                              description="a shipped model (contact, broad_velocity, contact_uncertainty, "
+                                          "broad_velocity_uncertainty) or a checkpoint from hiss-train; "
+                                          "empty: the parameters file's"),
         DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution([FindPackageShare(PACKAGE),
                                                                                  "config/estimator.yaml"]),
                               description="node parameters (YAML under /**: ros__parameters:)"),
@@ -52,6 +55,12 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("autostart", default_value="",
                               description="false: wait for a lifecycle manager to configure and activate; "
                                           "empty: the parameters file's (true)"),
+        DeclareLaunchArgument("publish_markers", default_value="",
+                              description="true: also publish MarkerArray arrows on ~/markers (the *_uncertainty "
+                                          "RViz views show them); empty: the parameters file's (false)"),
+        DeclareLaunchArgument("step_backend", default_value="",
+                              description="eager | compile (torch.compile'd step, needs g++); "
+                                          "empty: the parameters file's (eager)"),
         DeclareLaunchArgument("rviz", default_value="false", description="also start RViz showing the estimates"),
         OpaqueFunction(function=launch_setup),
     ])
@@ -75,6 +84,8 @@ def overrides(context: LaunchContext) -> dict[str, ParameterValue]:
         "device": (LaunchConfiguration("device"), str),
         "autostart": (LaunchConfiguration("autostart"), bool),
         "use_sim_time": (LaunchConfiguration("use_sim_time"), bool),
+        "publish_markers": (LaunchConfiguration("publish_markers"), bool),
+        "step_backend": (LaunchConfiguration("step_backend"), str),
     }
     return {name: ParameterValue(value, value_type=kind) for name, (value, kind) in given.items()
             if value.perform(context)}

@@ -31,7 +31,8 @@ MAIN = ROOT / "launch" / "estimator.launch.py"
 EKF = ROOT / "launch" / "ekf_velocity.launch.py"
 # What the README documents for each launch file.
 ARGUMENTS = {
-    MAIN: {"model_path", "params_file", "device", "namespace", "use_sim_time", "rviz", "autostart"},
+    MAIN: {"model_path", "params_file", "device", "namespace", "use_sim_time", "rviz", "autostart",
+           "publish_markers", "step_backend"},
     EKF: {"model_path", "namespace", "use_sim_time"},
 }
 LAUNCH_IDS = [p.name for p in ARGUMENTS]
@@ -178,8 +179,12 @@ def test_launch_overrides_are_node_parameters():
     function = next(f for f in tree(MAIN).body if isinstance(f, ast.FunctionDef) and f.name == "overrides")
     (table,) = [n for n in ast.walk(function) if isinstance(n, ast.Dict)]
     keys = {k.value for k in table.keys}
-    assert keys == {"model_path", "device", "autostart", "use_sim_time"}
+    assert keys == {"model_path", "device", "autostart", "use_sim_time", "publish_markers", "step_backend"}
     assert keys <= set(parameters)
+    for key, value in zip(table.keys, table.values, strict=True):  # "name": (LaunchConfiguration("name"), type)
+        configuration, kind = value.elts
+        assert first_string(configuration) == key.value
+        assert kind.id == type(parameters[key.value]).__name__, f"{key.value}: typed {kind.id}"
     assert constants(MAIN)["DEFAULT_MODEL"] == parameters["model_path"]
 
 
@@ -316,8 +321,9 @@ def test_launch_descriptions_visit_where_launch_is_installed(tmp_path: Path):
     plain = visit(MAIN, {}, prefix)
     assert plain["nodes"] == [["hiss_ros", "estimator", "/hiss_estimator"]] and plain["overrides"] == {}
     given = visit(MAIN, {"namespace": "robot1", "model_path": "broad_velocity", "autostart": "false",
-                         "rviz": "true"}, prefix)
-    assert given["overrides"] == {"model_path": "broad_velocity", "autostart": False}
+                         "publish_markers": "true", "step_backend": "compile", "rviz": "true"}, prefix)
+    assert given["overrides"] == {"model_path": "broad_velocity", "autostart": False, "publish_markers": True,
+                                  "step_backend": "compile"}
     assert given["nodes"][0] == ["hiss_ros", "estimator", "/robot1/hiss_estimator"]
     if len(given["nodes"]) == 1:  # no rviz2 in the ament index: a notice, and the estimator still runs
         assert any("rviz2 is not installed" in line for line in given["logs"]), given["logs"]
