@@ -19,8 +19,8 @@ MS = 1_000_000
 
 
 def stream(est: StreamingEstimator, seconds: float, start_ns: int = 1_000 * MS, imu=None):
-    """Feed every input of ``est`` at its rate (stream 0 at the input clock, others at 1/4 of it);
-    ``imu(k)`` overrides the values of stream 0's k-th sample. Returns the estimates."""
+    """Feed every input of ``est`` at its rate (stream 0 at the input clock, others at 1/4 of it,
+    1 ns before stream 0's sample: not tied with it); ``imu(k)`` overrides the values of stream 0's k-th sample. Returns the estimates."""
     dims, rate = est.spec.pipeline.input_dims, est.spec.pipeline.input_rate_hz
     rng = np.random.default_rng(0)
     out = []
@@ -28,7 +28,7 @@ def stream(est: StreamingEstimator, seconds: float, start_ns: int = 1_000 * MS, 
         t = start_ns + round(k * 1e9 / rate)
         for i in range(1, len(dims)):
             if k % 4 == 0:
-                out += est.push(i, t, rng.standard_normal(dims[i]))
+                out += est.push(i, t - 1, rng.standard_normal(dims[i]))
         values = rng.standard_normal(dims[0]) if imu is None or imu(k) is None else imu(k)
         out += est.push(0, t, values)
     return out
