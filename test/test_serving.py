@@ -20,7 +20,8 @@ MS = 1_000_000
 
 def stream(est: StreamingEstimator, seconds: float, start_ns: int = 1_000 * MS, imu=None):
     """Feed every input of ``est`` at its rate (stream 0 at the input clock, others at 1/4 of it,
-    1 ns before stream 0's sample: not tied with it); ``imu(k)`` overrides the values of stream 0's k-th sample. Returns the estimates."""
+    1 ns before stream 0's sample: not tied with it); ``imu(k)`` overrides the values of stream 0's
+    k-th sample. Returns the estimates."""
     dims, rate = est.spec.pipeline.input_dims, est.spec.pipeline.input_rate_hz
     rng = np.random.default_rng(0)
     out = []
