@@ -96,6 +96,38 @@ def test_resume_reaches_the_same_result(tmp_path, bag, monkeypatch):
     assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
 
 
+def test_resume_of_a_run_that_stopped_early_trains_no_more_epochs(tmp_path, bag, monkeypatch):
+    import hiss_ros.train.loop as loop
+
+    real_finish = loop._finish
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the stopping epoch's state, before metrics.json
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_finish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, bag, tmp_path / "o", epochs=16, patience=1, lr=0.1)
+    monkeypatch.setattr(loop, "_finish", real_finish)
+    rows = (tmp_path / "o" / "metrics.csv").read_text().splitlines()
+    assert len(rows) - 1 < 16  # it did stop early
+    for _ in range(2):  # the interrupted run, then the finished one
+        assert run(tmp_path, bag, tmp_path / "o", "--resume", epochs=16, patience=1, lr=0.1) == 0
+        assert (tmp_path / "o" / "metrics.csv").read_text().splitlines() == rows
+        assert json.loads((tmp_path / "o" / "metrics.json").read_text())["epochs_run"] == len(rows) - 1
+
+
+def test_eval_of_a_model_validated_on_val_bags_reproduces_its_val_mse(tmp_path, bag):
+    held_out = contact_bag(tmp_path / "held_out", seconds=20.0, seed=1)
+    assert run(tmp_path, bag, tmp_path / "run", "--val-bag", str(held_out), epochs=2) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert load_checkpoint(tmp_path / "run" / "model.safetensors").data["whole_val_bags"] is True
+    assert eval_main(["--model", str(tmp_path / "run"), "--bag", str(held_out), "--out", str(tmp_path / "ev"),
+                      "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["chunks"] == metrics["val_chunks"]
+    assert ev["val_mse"] == pytest.approx(metrics["val_mse"], rel=1e-6)
+
+
 def test_missing_topic_is_a_clear_error_without_traceback(tmp_path, bag, capsys):
     cfg = yaml.safe_load(config(tmp_path).read_text())
     cfg["inputs"][0]["topic"] = "/imu/raw"

@@ -153,8 +153,10 @@ class StreamSpec:
         if not isinstance(data, dict) or set(data) - keys:
             raise ConfigError(f"stream: expected {{topic, type, fields}} (or derive instead of fields; optional "
                               f"stamp, rate_hz), got {data!r}")
+        fields = data.get("fields") or ()
+        fields = (fields,) if isinstance(fields, str) else tuple(fields)  # ``fields: data``: one field, not its letters
         try:
-            return cls(data["topic"], data["type"], tuple(data.get("fields") or ()), data.get("derive"),
+            return cls(data["topic"], data["type"], fields, data.get("derive"),
                        data.get("stamp", "auto"), data.get("rate_hz"))
         except KeyError as exc:
             raise ConfigError(f"stream {data.get('topic')!r}: missing key {exc}") from None

@@ -10,6 +10,7 @@ from typing import Any
 from hiss_ros.configfile import read_yaml, reject_unknown
 from hiss_ros.data.streams import StreamSpec
 from hiss_ros.errors import ConfigError
+from hiss_ros.models import model_config_from_dict
 from hiss_ros.pipeline import FilterConfig, Normalization, PipelineConfig
 from hiss_ros.pipeline.novelty import Novelty
 from hiss_ros.pipeline.strapdown import StrapdownConfig
@@ -148,6 +149,10 @@ class TrainConfig:
             vector_offsets(self.inputs, "input")
             vector_offsets(self.outputs, "output")
         self.strapdown_config()  # refused here, naming the key, rather than at the first bag
+        # the model section too (a typo'd key), rather than after every bag is read: placeholder
+        # dims, as the data's are not known yet
+        model_config_from_dict({**self.model, "input_dim": 1, "output_dim": 1,
+                                "chunk": max(1, round(self.input_rate_hz / self.output_rate_hz))})
         if self.train.loss == "nll" and self.model.get("variance") is not True:
             raise ConfigError("train.loss = 'nll' needs the variance head: set model.variance: true "
                               f"(model.variance is {self.model.get('variance', False)!r})")
@@ -193,7 +198,8 @@ class TrainConfig:
     def from_checkpoint(cls, data: dict[str, Any], model: dict[str, Any]) -> TrainConfig:
         """The config a checkpoint was trained with, from its data spec and model config."""
         # input_dims are the data's, validation the trained model's: neither is part of the config
-        measured = ("input_dims", "validation", "variance_scale", "input_stamps", "input_rates_hz", "novelty")
+        measured = ("input_dims", "validation", "variance_scale", "input_stamps", "input_rates_hz", "novelty",
+                    "whole_val_bags")
         spec = {k: v for k, v in data.items() if k not in measured}
         return cls.from_dict({**spec, "model": model}, source="checkpoint data spec")
 
@@ -227,6 +233,8 @@ class TrainConfig:
                            None if variance_scale is None else tuple(variance_scale), input_stamps, input_rates_hz,
                            novelty)
 
-    def checkpoint_extra(self) -> dict[str, Any]:
-        """Stored beside the serving spec: the settings, so hiss-eval can rebuild the same validation split."""
-        return {"train": asdict(self.train)}
+    def checkpoint_extra(self, whole_val_bags: bool = False) -> dict[str, Any]:
+        """Stored beside the serving spec: the settings, so hiss-eval can rebuild the same validation
+        split; ``whole_val_bags``: validation was every segment of independent bags (--val-bag), whole,
+        not the last val_fraction of each."""
+        return {"train": asdict(self.train), **({"whole_val_bags": True} if whole_val_bags else {})}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hiss_ros.data import read_streams
+from hiss_ros.data import StreamData, read_streams
 from hiss_ros.data.streams import StreamSpec, measured_rate_hz
 from hiss_ros.errors import ConfigError, HissError
 from hiss_ros.pipeline import Normalization, Pipeline
@@ -52,14 +52,16 @@ class Dataset:
     pipeline_counters: dict[str, int] = field(default_factory=dict)
     input_stamps: tuple[str, ...] | None = None  # per input: header | receive, as read from the bags
     input_rates_hz: tuple[float, ...] | None = None  # per input, measured over the training bags
+    whole_val_bags: bool = False  # validation: every segment of independent bags (--val-bag), whole
 
 
-def _targets(cfg: TrainConfig, streams: dict, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(K, O) ground truth at ``stamps`` and a (K,) mask of where it is defined."""
+def _targets(cfg: TrainConfig, outputs: Sequence[StreamData], stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(K, O) ground truth at ``stamps`` and a (K,) mask of where it is defined; ``outputs``: one
+    stream per output spec (two may share a topic: each has its own fields' values)."""
     cols, ok = [], np.ones(len(stamps), bool)
     gap = cfg.max_gap_s * 1e9
-    for spec in cfg.outputs:
-        t, v = streams[spec.topic].stamps_ns, streams[spec.topic].values
+    for stream in outputs:
+        t, v = stream.stamps_ns, stream.values
         i = np.clip(np.searchsorted(t, stamps), 1, len(t) - 1)
         nearest = np.minimum(np.abs(t[i] - stamps), np.abs(t[i - 1] - stamps))
         ok &= (stamps >= t[0]) & (stamps <= t[-1]) & (nearest <= gap)
@@ -84,6 +86,9 @@ class Segments:
     counters: dict[str, int]
     input_stamps: tuple[str, ...] | None = None
     input_rates_hz: tuple[float, ...] | None = None
+    chunks_read: int = 0  # the pipeline's chunks, with a target or not
+    chunks_with_target: int = 0
+    spans_ns: dict[str, tuple[int, int]] = field(default_factory=dict)  # per stream, its first and last stamp
 
 
 class Rates:
@@ -100,10 +105,11 @@ class Rates:
             s.rate_hz or cfg.input_rate_hz for s in cfg.inputs]
         self.intervals, self.seconds = [0.0] * len(cfg.inputs), [0.0] * len(cfg.inputs)
 
-    def check(self, bag: str | Path, streams: dict) -> None:
+    def check(self, bag: str | Path, inputs: Sequence[StreamData]) -> None:
+        """``inputs``: one stream per input spec, of one time line of ``bag``."""
         cfg = self.cfg
         for i, spec in enumerate(cfg.inputs):
-            measured = measured_rate_hz(streams[spec.topic].stamps_ns, cfg.max_gap_s)
+            measured = measured_rate_hz(inputs[i].stamps_ns, cfg.max_gap_s)
             if measured is None:
                 continue
             rate, seconds = measured
@@ -138,51 +144,87 @@ class Rates:
 def collect_segments(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | Path | None = None,
                      progress: bool = True, val_fraction: float | None = None,
                      expected_rates: Sequence[float | None] | None = None) -> Segments:
-    """Each bag is its own time line (its own pipeline run); all their segments are pooled.
+    """Each bag is its own time line (its own pipeline run), or several where its clock stream
+    restarts (``read_streams``' ``restart_gap_s``); all their segments are pooled.
     ``val_fraction`` (default ``cfg.train.val_fraction``) of each segment's end validates; 0: none.
     ``expected_rates``: see ``Rates``."""
     frac = cfg.train.val_fraction if val_fraction is None else val_fraction
     train, val = Split(), Split()
     dims: tuple[int, ...] | None = None
-    skipped, chunk, counters = 0, 0, {}
+    skipped, chunk, counters, read, targeted = 0, 0, {}, 0, 0
+    spans: dict[str, tuple[int, int]] = {}
     rates, stamps = Rates(cfg, expected_rates), None
+    n_in = len(cfg.inputs)
     for bag in bags:
+        # the pipeline's offline ``process`` sorts all samples by stamp: one time line at a time
         data = read_streams([bag], [*cfg.inputs, *cfg.outputs], cache_dir=cache_dir, progress=progress,
-                            msg_paths=cfg.msg_paths)
-        rates.check(bag, data.streams)
-        bag_stamps = tuple(data.report[s.topic].stamp_source for s in cfg.inputs)
+                            msg_paths=cfg.msg_paths, restart_gap_s=cfg.max_gap_s)
+        bag_stamps = tuple(r.stamp_source for r in data.reports[:n_in])
         if stamps is not None and bag_stamps != stamps:
             log.warning("%s: inputs stamped by %s, the earlier bags' by %s: set stamp: on each stream to make "
                         "them agree", bag, list(bag_stamps), list(stamps))
         stamps = stamps or bag_stamps
-        inputs = [(data.streams[s.topic].stamps_ns, data.streams[s.topic].values) for s in cfg.inputs]
-        bag_dims = tuple(v.shape[1] for _, v in inputs)
-        if dims is not None and bag_dims != dims:
-            raise HissError(f"{bag}: input channels {bag_dims} differ from the earlier bags' {dims}")
-        dims = bag_dims
-        pipe = Pipeline(cfg.pipeline_config(dims))
-        chunk = pipe.config.chunk
-        for ep in pipe.process(inputs):
-            y, ok = _targets(cfg, data.streams, ep.stamps_ns)
-            for seg in _segments(ok):
-                n = seg.stop - seg.start
-                n_val = round(n * frac)
-                if n - n_val < cfg.train.seq_chunks or (n_val < 1 and frac > 0):
-                    skipped += 1
-                    log.warning("%s: skipping a segment of %d chunks (%.1f s): shorter than one training "
-                                "sequence (%d chunks) plus its validation part", bag, n, n / cfg.output_rate_hz,
-                                cfg.train.seq_chunks)
-                    continue
-                cut = seg.start + n - n_val
-                for part, sl in ((train, slice(seg.start, cut)), (val, slice(cut, seg.stop))):
-                    if sl.stop == sl.start:  # val_fraction 0: no validation part
+        for line in data.timelines:
+            rates.check(bag, line[:n_in])
+            for spec, stream in zip([*cfg.inputs, *cfg.outputs], line, strict=True):
+                lo, hi = spans.get(spec.topic, (stream.stamps_ns[0], stream.stamps_ns[-1]))
+                spans[spec.topic] = (min(lo, int(stream.stamps_ns[0])), max(hi, int(stream.stamps_ns[-1])))
+            inputs = [(s.stamps_ns, s.values) for s in line[:n_in]]
+            bag_dims = tuple(v.shape[1] for _, v in inputs)
+            if dims is not None and bag_dims != dims:
+                raise HissError(f"{bag}: input channels {bag_dims} differ from the earlier bags' {dims}")
+            dims = bag_dims
+            pipe = Pipeline(cfg.pipeline_config(dims))
+            chunk = pipe.config.chunk
+            for ep in pipe.process(inputs):
+                y, ok = _targets(cfg, line[n_in:], ep.stamps_ns)
+                read, targeted = read + len(ok), targeted + int(ok.sum())
+                for seg in _segments(ok):
+                    n = seg.stop - seg.start
+                    n_val = round(n * frac)
+                    if n - n_val < cfg.train.seq_chunks or (n_val < 1 and frac > 0):
+                        skipped += 1
+                        log.warning("%s: skipping a segment of %d chunks (%.1f s): shorter than one training "
+                                    "sequence (%d chunks) plus its validation part", bag, n, n / cfg.output_rate_hz,
+                                    cfg.train.seq_chunks)
                         continue
-                    part.x.append(ep.x[sl])
-                    part.y.append(y[sl])
-                    part.stamps.append(ep.stamps_ns[sl])
-        for k, v in pipe.counters.items():
-            counters[k] = counters.get(k, 0) + v
-    return Segments(train, val, dims or (), chunk, skipped, counters, stamps, rates.rates_hz)
+                    cut = seg.start + n - n_val
+                    for part, sl in ((train, slice(seg.start, cut)), (val, slice(cut, seg.stop))):
+                        if sl.stop == sl.start:  # val_fraction 0: no validation part
+                            continue
+                        part.x.append(ep.x[sl])
+                        part.y.append(y[sl])
+                        part.stamps.append(ep.stamps_ns[sl])
+            for k, v in pipe.counters.items():
+                counters[k] = counters.get(k, 0) + v
+    return Segments(train, val, dims or (), chunk, skipped, counters, stamps, rates.rates_hz, read, targeted, spans)
+
+
+def no_data_error(what: str, cfg: TrainConfig, seg: Segments, bags: Sequence[str | Path]) -> HissError:
+    """Why ``bags`` gave no ``what`` (training / validation) data. Where chunks had no target at
+    all, or the pipeline made none, the likely cause is streams on different clocks (ground truth
+    stamped on wall-clock time, an IMU on its device clock; a stream stamped on receipt): the
+    streams' time spans and the pipeline's counters say so. Otherwise the segments are too short."""
+    names = ", ".join(map(str, bags))
+    if seg.chunks_with_target:
+        return HissError(
+            f"no {what} data: every segment of {names} is shorter than one training sequence "
+            f"({cfg.train.seq_chunks} chunks = {cfg.train.seq_chunks / cfg.output_rate_hz:.1f} s)"
+            + (" plus its validation part" if what == "training" else "")
+            + "; record longer runs or lower train.seq_chunks")
+    spans = "; ".join(f"{'input' if k < len(cfg.inputs) else 'output'} {s.topic} {_span(seg.spans_ns.get(s.topic))}"
+                      for k, s in enumerate([*cfg.inputs, *cfg.outputs]))
+    counted = ", ".join(f"{k} {v}" for k, v in sorted(seg.counters.items()) if v and k != "accepted")
+    why = (f"none of the pipeline's {seg.chunks_read} chunks falls within the outputs' time span" if seg.chunks_read
+           else "the pipeline made no chunk")
+    return HissError(
+        f"no {what} data in {names}: {why}; are the streams on different clocks (e.g. ground truth on "
+        f"wall-clock time, the IMU on its device clock)? stamps: {spans}; pipeline counters: {counted or 'none'}; "
+        "set stamp: receive on the streams (the bag's receive time, one clock for all) or stamp: header")
+
+
+def _span(span: tuple[int, int] | None) -> str:
+    return "(no sample)" if span is None else f"{span[0] / 1e9:.3f} .. {span[1] / 1e9:.3f} s"
 
 
 def whole_segments(seg: Segments) -> Split:
@@ -201,19 +243,16 @@ def load_dataset(cfg: TrainConfig, bags: Sequence[str | Path], cache_dir: str | 
     recordings, where the end of a training recording is neither independent nor typical."""
     seg = collect_segments(cfg, bags, cache_dir, progress, val_fraction=0.0 if val_bags else None)
     if val_bags:
-        seg.val = collect_segments(cfg, val_bags, cache_dir, progress, val_fraction=0.0).train
-        if not seg.val.y:
-            raise HissError(f"no validation data: every segment of {', '.join(map(str, val_bags))} is shorter "
-                            f"than one training sequence ({cfg.train.seq_chunks} chunks)")
+        held_out = collect_segments(cfg, val_bags, cache_dir, progress, val_fraction=0.0)
+        if not held_out.train.y:
+            raise no_data_error("validation", cfg, held_out, val_bags)
+        seg.val = held_out.train
     if not seg.train.y:
-        raise HissError(
-            f"no training data: every segment of {', '.join(map(str, bags))} is shorter than one training "
-            f"sequence ({cfg.train.seq_chunks} chunks = {cfg.train.seq_chunks / cfg.output_rate_hz:.1f} s) plus "
-            f"its validation part; record longer runs or lower train.seq_chunks"
-        )
+        raise no_data_error("training", cfg, seg, bags)
     norm = _fit(cfg, seg, bags)
     return Dataset(normalised(seg.train, norm), normalised(seg.val, norm), seg.input_dims, norm.output_mean.size,
-                   seg.chunk, norm, seg.skipped, seg.counters, seg.input_stamps, seg.input_rates_hz)
+                   seg.chunk, norm, seg.skipped, seg.counters, seg.input_stamps, seg.input_rates_hz,
+                   whole_val_bags=bool(val_bags))
 
 
 def _fit(cfg: TrainConfig, seg: Segments, bags: Sequence[str | Path]) -> Normalization:

@@ -3,7 +3,8 @@
     hiss-eval --model runs/contact --bag run3.mcap --out runs/contact/eval_run3 [--split val|all]
 
 ``--split val`` (default) evaluates the validation part of each segment exactly as the trainer
-did, so its ``val_mse`` reproduces the trainer's; ``all`` evaluates each whole segment as one
+did (for a model trained with ``--val-bag``: each whole segment, as it validated on those bags),
+so its ``val_mse`` reproduces the trainer's; ``all`` evaluates each whole segment as one
 stream from its start, as the live node runs it.
 
 For a model with the variance head, the calibrated variance (as served) is checked on the same
@@ -55,8 +56,12 @@ def evaluate_bags(model_path: Path, bags: list[Path], split: str = "val", cache_
     served = load_model(model_path)  # the serving spec: the node's normalisation, streams and pipeline
     cfg = TrainConfig.from_checkpoint(served.data, config_to_dict(served.model.config))
     cfg = replace(cfg, msg_paths=tuple(map(str, msg_paths)), allow_rate_mismatch=allow_rate_mismatch)
-    seg = collect_segments(cfg, bags, cache_dir, progress, expected_rates=served.spec.expected_rates_hz())
-    raw = seg.val if split == "val" else whole_segments(seg)
+    rates = served.spec.expected_rates_hz()
+    if split == "val" and served.data.get("whole_val_bags"):  # trained with --val-bag: it validated on whole bags
+        raw = collect_segments(cfg, bags, cache_dir, progress, val_fraction=0.0, expected_rates=rates).train
+    else:
+        seg = collect_segments(cfg, bags, cache_dir, progress, expected_rates=rates)
+        raw = seg.val if split == "val" else whole_segments(seg)
     if not raw.y:
         raise HissError(f"nothing to evaluate in {', '.join(map(str, bags))} (no segment long enough)")
     norm = served.spec.normalization

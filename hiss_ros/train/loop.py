@@ -397,6 +397,11 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
                 *([BiasAugment(s.augment_bias_std, ds.normalization.input_mean.size)] if s.augment_bias_std else [])]
     novelty = Novelty.fit(ds.train.x, inflate=s.novelty_inflation and model.config.variance)
     for epoch in range(meta["epoch"], plan.epochs):
+        # checked before an epoch, not only after one: a state saved at the stopping epoch (a run
+        # interrupted before its metrics.json, or a finished one) resumes to the same result
+        if meta["bad_epochs"] >= s.patience:
+            log.info("early stop: no validation improvement for %d epochs", s.patience)
+            break
         train_loss = fit_epoch(net, model, opt, xw, yw, s, plan, epoch, device, augments, ema)
         val, _ = evaluate(served, ds.val, device)
         if not (math.isfinite(val) and math.isfinite(train_loss)):
@@ -411,7 +416,7 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
             if lead:
                 spec = cfg.serving_spec(ds.input_dims, ds.normalization, input_stamps=ds.input_stamps,
                                         input_rates_hz=ds.input_rates_hz, novelty=novelty)
-                save_model(out / MODEL_FILE, served, spec, cfg.checkpoint_extra())
+                save_model(out / MODEL_FILE, served, spec, cfg.checkpoint_extra(ds.whole_val_bags))
         else:
             meta["bad_epochs"] += 1
         meta.update(epoch=epoch + 1, seconds=time.perf_counter() - t_start)
@@ -421,9 +426,6 @@ def train(cfg: TrainConfig, ds: Dataset, out: Path, resume: bool = False, progre
             report(record)
         if lead:
             _save_state(out / STATE_FILE, model, opt, meta, ema)
-        if meta["bad_epochs"] >= s.patience:
-            log.info("early stop: no validation improvement for %d epochs", s.patience)
-            break
     for report in reporters:
         report.close()
     if world > 1:
@@ -485,6 +487,6 @@ def _finish(out: Path, cfg: TrainConfig, ds: Dataset, meta: dict[str, Any], seco
         # The validation error travels with the model: the node's velocity covariance.
         spec = cfg.serving_spec(ds.input_dims, ds.normalization, physical, scale, ds.input_stamps, ds.input_rates_hz,
                                 novelty)
-        save_model(out / MODEL_FILE, best, spec, cfg.checkpoint_extra())
+        save_model(out / MODEL_FILE, best, spec, cfg.checkpoint_extra(ds.whole_val_bags))
         atomic_write(out / METRICS_FILE, blob)  # last: its presence says the run finished
     return result
