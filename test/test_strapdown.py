@@ -123,7 +123,8 @@ def train_config(strapdown) -> TrainConfig:
         "inputs": [IMU], "input_rate_hz": 200, "output_rate_hz": 20, "strapdown": strapdown,
         "outputs": [{"topic": "/twist", "type": "geometry_msgs/msg/TwistStamped",
                      "fields": ["twist.linear.x", "twist.linear.y", "twist.linear.z"]}],
-        "model": {"kind": "hiss"}})
+        "model": {"kind": "hiss", "low": {"kind": "s4d", "d_model": 8, "n_layers": 1},
+                  "high": {"kind": "mamba", "d_model": 8, "n_layers": 1}}})
 
 
 def test_config_names_the_imu_channels_and_refuses_what_does_not_fit():
