@@ -236,6 +236,7 @@ class Run:
     step_ms: str  # of which the model step alone, p50 ("-": a node that does not report it)
     glue_cpu_ms: str = "-"  # the node's thread CPU time per estimate beyond the model step, p50
     counters: dict[str, str] = field(default_factory=dict)  # its non-zero drop and reset counters
+    lost: dict[str, str] = field(default_factory=dict)  # per input, the middleware's message-lost count
 
     @property
     def why_missing(self) -> str:
@@ -248,6 +249,13 @@ class Run:
     @property
     def dropped_inputs(self) -> int:
         return sum(self.published[t] - self.node_received.get(t, 0) for t in self.published)
+
+    @property
+    def why_dropped(self) -> str:
+        """Which inputs the node did not receive, and what the middleware said it lost (empty: none)."""
+        said = [f"{t}: {n - self.node_received.get(t, 0)} of {n} not received (the middleware reported "
+                f"{self.lost.get(t, '?')} lost)" for t, n in self.published.items() if self.node_received.get(t, 0) < n]
+        return f"{self.node}: {'; '.join(said)}" if said else ""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -397,7 +405,8 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     return Run(name, latencies, expected, len(got), published, node_received,
                100 * (cpu1 - cpu0) / (t1 - t0), (diag.get("inference_ms_p50", "?"), diag.get("inference_ms_p99", "?")),
                diag.get("step_ms_p50", "-"), diag.get("glue_cpu_ms_p50", "-"),
-               {k: v for k, v in diag.items() if (k.startswith("pipeline ") or k == "resets") and v not in ("0", "")})
+               {k: v for k, v in diag.items() if (k.startswith("pipeline ") or k == "resets") and v not in ("0", "")},
+               {s.topic: diag.get(f"lost {key(s.topic)}", "?") for s in cfg.inputs})
 
 
 def wait_for(condition, timeout_s: float, message: str | None) -> None:
@@ -463,7 +472,7 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
         f"p99 {p99:.2f} ms (target <= {TARGET_P99_MS:g} ms: {'met' if p99 <= TARGET_P99_MS else 'NOT met'})",
         f"dropped {s.dropped_inputs} inputs, {s.expected - s.received} estimates (target 0: "
         f"{'met' if s.dropped_inputs == 0 and s.received == s.expected else 'NOT met'}"
-        + (f"; {s.why_missing}" if s.why_missing else "") + ")",
+        + (f"; {s.why_missing}" if s.why_missing else "") + (f"; {s.why_dropped}" if s.why_dropped else "") + ")",
         f"CPU {s.cpu_pct:.1f} % of one core (target <= {TARGET_CPU_PCT:g} %: "
         f"{'met' if s.cpu_pct <= TARGET_CPU_PCT else 'NOT met'})",
     ]
@@ -584,9 +593,10 @@ def main() -> int:
             if args.peer_rev:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", peer], capture_output=True)
     print(text_table(HEADERS, rows(runs)))
-    for run in runs:
-        if run.why_missing:
-            print(run.why_missing)
+    for run in [*runs, *extra]:
+        for why in (run.why_missing, run.why_dropped):
+            if why:
+                print(why)
     floor = None
     if not args.quick and runs[0].node == STREAMING:
         with tempfile.TemporaryDirectory() as work:
