@@ -380,7 +380,8 @@ class Pipeline:
         """Emit every tick at or before ``stamp_ns`` (the newest time stream 0 has reached)."""
         out: list[Chunk] = []
         while (t := self._tick_ns(self._tick)) <= stamp_ns:
-            held = [s.at(t - (k > 0 and t == stamp_ns)) for k, s in enumerate(self._streams)]
+            others_at = t - 1 if t == stamp_ns else t  # a tie with the emitting sample enters at the next tick
+            held = [self._streams[0].at(t), *(s.at(others_at) for s in self._streams[1:])]
             if any(h is None for h in held):
                 if self._emitting:  # a stream's samples up to t were lost (held_overflow): a hole
                     self.restart("stream_silent")
