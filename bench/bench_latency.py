@@ -20,8 +20,10 @@ What is measured, and why:
   input topic have matched (DDS discovery is per side; best-effort samples sent before are lost).
 - Dropped: published inputs the node never received (its ``/diagnostics`` counters), and
   estimates that never arrived (expected = one per chunk of the published stream-0 stamps).
-- The node with its other choices: ``step_backend:=compile``, rclpy's default executor, and
-  ``intake:=callbacks`` (a callback per input message instead of the paced intake).
+- The node with its other choices: ``step_backend:=compile``, rclpy's default executor,
+  ``intake:=callbacks`` (a callback per input message instead of the paced intake), and
+  ``realtime_priority:=0`` (normal scheduling; by default the node's threads run SCHED_FIFO where
+  permitted, ``hiss_ros.nodes.realtime``).
 - The same run with ``bench/naive_estimator.py``: the same node, except that every estimate
   reruns ``model(window)`` over the last 10 s of chunks instead of one carried-state step.
 Targets (streaming node, issue #10): p99 <= 3 ms, zero dropped, CPU <= 15 % of one core, its own CPU
@@ -78,6 +80,8 @@ NODES = {  # name -> (command, extra node parameters)
     "streaming, rclpy's default executor": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
                                             ["-p", "executor:=single_threaded"]),
     "streaming, intake:=callbacks": ([sys.executable, "-m", "hiss_ros.nodes.estimator"], ["-p", "intake:=callbacks"]),
+    "streaming, realtime_priority:=0": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
+                                        ["-p", "realtime_priority:=0"]),
     "naive (model over the last 10 s per estimate)": ([sys.executable, str(REPO / "bench" / "naive_estimator.py")],
                                                       []),
 }
@@ -237,6 +241,7 @@ class Run:
     glue_cpu_ms: str = "-"  # the node's thread CPU time per estimate beyond the model step, p50
     counters: dict[str, str] = field(default_factory=dict)  # its non-zero drop and reset counters
     lost: dict[str, str] = field(default_factory=dict)  # per input, the middleware's message-lost count
+    scheduling: str = "-"  # its threads' scheduling at the end (/diagnostics; "-": a node that does not say)
 
     @property
     def why_missing(self) -> str:
@@ -406,7 +411,7 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
                100 * (cpu1 - cpu0) / (t1 - t0), (diag.get("inference_ms_p50", "?"), diag.get("inference_ms_p99", "?")),
                diag.get("step_ms_p50", "-"), diag.get("glue_cpu_ms_p50", "-"),
                {k: v for k, v in diag.items() if (k.startswith("pipeline ") or k == "resets") and v not in ("0", "")},
-               {s.topic: diag.get(f"lost {key(s.topic)}", "?") for s in cfg.inputs})
+               {s.topic: diag.get(f"lost {key(s.topic)}", "?") for s in cfg.inputs}, diag.get("scheduling", "-"))
 
 
 def wait_for(condition, timeout_s: float, message: str | None) -> None:
@@ -428,14 +433,14 @@ def stalled(got: list, quiet_s: float = 3.0) -> bool:
 
 HEADERS = ["node", "estimates received / expected", "latency p50 (ms)", "latency p99 (ms)", "latency max (ms)",
            "in the node p50 / p99 (ms)", "of which model step p50 (ms)", "beyond the step, CPU time p50 (ms)",
-           "node CPU (% of one core)", "inputs dropped"]
+           "node CPU (% of one core)", "inputs dropped", "scheduling"]
 
 
 def rows(runs: list[Run]) -> list[list[str]]:
     return [[r.node, f"{r.received} / {r.expected}", f"{np.percentile(r.latencies_ms, 50):.2f}",
              f"{percentile(list(r.latencies_ms), 99):.2f}", f"{r.latencies_ms.max():.2f}",
              f"{float(r.node_ms[0]):.2f} / {float(r.node_ms[1]):.2f}", r.step_ms, r.glue_cpu_ms, f"{r.cpu_pct:.1f}",
-             f"{r.dropped_inputs} of {sum(r.published.values())}"] for r in runs]
+             f"{r.dropped_inputs} of {sum(r.published.values())}", r.scheduling] for r in runs]
 
 
 def paired_report(paired: list[tuple[Run, Run]]) -> str:
@@ -490,7 +495,8 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
         + (f", the other inputs at {args.other_rate:g} Hz" if len(cfg.inputs) > 1 else "")
         + f", {args.seconds:g} s per node, random values. Publisher, node and receiver are separate processes "
         "(Fast DDS, localhost); the node runs with one torch thread and its defaults (events executor, paced "
-        "intake: messages taken once per chunk). Latency = "
+        "intake: messages taken once per chunk; SCHED_FIFO priority 10 where permitted, the `scheduling` column). "
+        "Latency = "
         "receipt of an estimate minus the stamp (taken just before publishing) of the sample that completed its "
         "chunk. In the node: its own time per estimate, model step and publishing (`inference_ms` of its "
         "`/diagnostics`, last 1,000 estimates, wall time); the rest is DDS and the three processes waking up. "
@@ -514,7 +520,7 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
                  "one estimate per chunk that difference alone is "
                  f"{(float(s.step_ms) - step_ms) * args.clock_rate / cfg.pipeline.chunk / 10:.1f} % of a core.\n")
     by_name = {r.node: r for r in runs}
-    c, d, i, n = (by_name.get(name) for name in list(NODES)[1:])
+    c, d, i, o, n = (by_name.get(name) for name in list(NODES)[1:])
     for peer in (r for r in runs if r.node.endswith("(peer)")):
         body += (f"\n{peer.node}: CPU {peer.cpu_pct:.1f} % against {s.cpu_pct:.1f} %, in the node "
                  f"{float(peer.node_ms[0]):.2f} against {float(s.node_ms[0]):.2f} ms p50, latency p99 "
@@ -534,6 +540,11 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
                  f"callback per message), latency p50 {np.percentile(s.latencies_ms, 50):.2f} against "
                  f"{np.percentile(i.latencies_ms, 50):.2f} ms, p99 {p99:.2f} against "
                  f"{percentile(list(i.latencies_ms), 99):.2f} ms.\n")
+    if o is not None:
+        body += (f"\nRealtime scheduling ({s.scheduling}) against none (`realtime_priority:=0`): latency p50 "
+                 f"{np.percentile(s.latencies_ms, 50):.2f} against {np.percentile(o.latencies_ms, 50):.2f} ms, p99 "
+                 f"{p99:.2f} against {percentile(list(o.latencies_ms), 99):.2f} ms, CPU {s.cpu_pct:.1f} % against "
+                 f"{o.cpu_pct:.1f} %.\n")
     if n is not None:
         ratio = np.percentile(n.latencies_ms, 50) / np.percentile(s.latencies_ms, 50)
         body += (f"\nNaive / streaming: latency p50 {ratio:.0f}x, "

@@ -5,6 +5,7 @@ sample may not change."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -119,6 +120,27 @@ def test_shutdown_while_active_stops_estimating(node):
     assert n.est.counters["estimates"] > 0
     n.trigger_shutdown()
     assert n.intake is None and n.est is None and n._outputs == {}
+
+
+def test_destroying_an_active_node_leaves_nothing_of_it_running(node):
+    """A node made in a larger program (here pytest's) raises the process's threads while active;
+    destroyed, not deactivated first, it leaves them as they were, and no subscription behind (the
+    paced intake's are its own, not the node's)."""
+    import rclpy
+    from test_estimator_node import thread_policies
+    from test_realtime import fifo_permitted
+
+    before = thread_policies(os.getpid())
+    n = node("model_path:=contact", "realtime_priority:=3")
+    assert n.priority.raised == fifo_permitted(), n.priority.status
+    if n.priority.raised:
+        assert thread_policies(os.getpid()) == {(os.SCHED_FIFO, 3)}
+    probe = rclpy.create_node("probe")
+    assert probe.count_subscribers("/imu/data") == 1
+    n.destroy_node()
+    assert thread_policies(os.getpid()) == before and not n.priority.raised
+    assert probe.count_subscribers("/imu/data") == 0
+    probe.destroy_node()
 
 
 def test_a_dropped_clock_sample_does_not_move_the_receipt_time_line(node):

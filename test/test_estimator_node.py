@@ -442,12 +442,20 @@ def test_frame_ids_velocity_covariance_and_max_gap_override(tmp_path, monkeypatc
     assert int(diag["pipeline gap"]) >= 1  # the 0.1 s gap broke the input under the tighter max_gap_s
 
 
+def thread_policies(pid: int) -> set[tuple[int, int]]:
+    """The (scheduling policy, priority) of every thread of process ``pid``."""
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    return {(os.sched_getscheduler(t), os.sched_getparam(t).sched_priority) for t in tids}
+
+
 def test_lifecycle_namespace_reset_and_diagnostics_levels(imu_model, monkeypatch):
     """autostart:=false waits for a lifecycle manager: configure loads, activate estimates,
     deactivate stops; ~/reset forgets the stream; every topic sits under the namespace;
-    /diagnostics is WARN until data flows, OK while it does, WARN once it goes stale."""
+    /diagnostics is WARN until data flows, OK while it does, WARN once it goes stale. While active,
+    every thread of the node runs SCHED_FIFO at the default priority, where permitted."""
     from diagnostic_msgs.msg import DiagnosticStatus
     from std_srvs.srv import Trigger
+    from test_realtime import fifo_permitted
 
     bag, model_path = imu_model
     for k, v in ROS_ENV.items():
@@ -458,8 +466,14 @@ def test_lifecycle_namespace_reset_and_diagnostics_levels(imu_model, monkeypatch
         assert d.spin_until(lambda: d.status[1] == "unconfigured", 30), d.status
         assert d.status[0] == DiagnosticStatus.WARN and d.subs[0].get_publisher_count() == 0
         assert d.transition("configure") and d.spin_until(lambda: "inactive" in d.status[1], 10), d.status
+        assert d.diagnostics["scheduling"] == "normal (inactive)" and thread_policies(d.proc.pid) == {(0, 0)}
         assert d.transition("activate")
         d.wait_until_active()
+        if fifo_permitted():
+            assert d.diagnostics["scheduling"] == "SCHED_FIFO 10", d.diagnostics
+            assert thread_policies(d.proc.pid) == {(os.SCHED_FIFO, 10)}  # the executor's timer thread too
+        else:
+            assert d.diagnostics["scheduling"].startswith("normal (SCHED_FIFO refused"), d.diagnostics
         assert d.status[0] == DiagnosticStatus.WARN and "waiting for data on " + d.imu_topic in d.status[1]
         names = {t for t, _ in d.node.get_topic_names_and_types()}
         assert {d.imu_topic, f"{d.prefix}/wrench"} <= names and not {"/imu/data", "/hiss_estimator/wrench"} & names
@@ -475,6 +489,7 @@ def test_lifecycle_namespace_reset_and_diagnostics_levels(imu_model, monkeypatch
             d.publish(stamps[n], gyro[n], accel[n])
         assert d.spin_until(lambda: "inactive" in d.status[1], 10), d.status
         assert len(d.got) == before  # inactive: nothing is estimated
+        assert d.diagnostics["scheduling"] == "normal (inactive)" and thread_policies(d.proc.pid) == {(0, 0)}
         assert d.transition("cleanup") and d.spin_until(lambda: d.status[1] == "unconfigured", 10), d.status
     finally:
         out = d.close()

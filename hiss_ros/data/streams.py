@@ -104,6 +104,11 @@ class StreamSpec:
     stamp: str = "auto"
     rate_hz: float | None = None
 
+    @property
+    def relative_topic(self) -> str:
+        """``topic`` without its leading slash, as a node subscribes to it: under its namespace, remappable."""
+        return self.topic.lstrip("/")
+
     def __post_init__(self) -> None:
         where = f"stream {self.topic!r}"
         if not isinstance(self.topic, str) or not self.topic.startswith("/"):

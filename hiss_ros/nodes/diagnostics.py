@@ -133,6 +133,7 @@ class Diagnostics:
     def _report(self) -> None:
         node = self.node
         node.flush()  # the samples it holds back count as received
+        node.priority.check()  # a node that cannot keep up gives SCHED_FIFO back
         self._score()
         est = node.est
         if est is not None:
@@ -146,13 +147,13 @@ class Diagnostics:
             t_then, est_then, recv_then, _ = self._mark
             span = max(now - t_then, 1e-9)
             self._mark = (now, counters["estimates"], list(self.received), counters["nonfinite_output"])
-            topics = [s.topic.lstrip("/") for s in self.spec.inputs]
+            topics = [s.relative_topic for s in self.spec.inputs]
             values = {
                 "estimates": counters["estimates"],
                 "estimate_rate_hz": f"{(counters['estimates'] - est_then) / span:.1f}",
                 "resets": counters["resets"], "nonfinite_outputs": counters["nonfinite_output"],
                 "device": node.device, "step_backend": est.runner.backend, "compile": node.compile_status,
-                "model_path": est.path, "reloads": node.reloads,
+                "model_path": est.path, "reloads": node.reloads, "scheduling": node.priority.status,
                 **dict(zip(("inference_ms_p50", "inference_ms_p99"), _ms(node.latencies, 50, 99), strict=True)),
                 "step_ms_p50": _ms(est.step_seconds, 50)[0], "glue_cpu_ms_p50": _ms(node.glue_cpu, 50)[0],
                 "samples_batched": node.intake.batched if node.intake is not None else 0,
@@ -192,7 +193,7 @@ class Diagnostics:
             return WARN, "inactive: configured, not subscribed (lifecycle)"
         now, timeout_ns = time.monotonic_ns(), node.p["sensor_timeout_s"] * 1e9
         for i, s in enumerate(self.spec.inputs):
-            topic = node.resolve_topic_name(s.topic.lstrip("/"))
+            topic = node.resolve_topic_name(s.relative_topic)
             if self.received[i] == 0:
                 if node.throttle.due(("waiting", i), 5.0):
                     node.get_logger().warn(f"waiting for data on {topic}")
@@ -201,7 +202,7 @@ class Diagnostics:
                 return WARN, f"no data on {topic} for {(now - self.last_receipt[i]) / 1e9:.1f} s (stale)"
         for i, (s, live, expected) in enumerate(zip(self.spec.inputs, self.rates, self.expected, strict=True)):
             if live is not None and expected and abs(live / expected - 1) > RATE_TOLERANCE:
-                message = f"{s.topic.lstrip('/')} at {live:.4g} Hz, trained at {expected:.4g} Hz"
+                message = f"{s.relative_topic} at {live:.4g} Hz, trained at {expected:.4g} Hz"
                 if node.throttle.due(("rate", i), 10.0):
                     node.get_logger().warn(f"{message}: the model was trained on another time scale")
                 return WARN, message

@@ -1,10 +1,10 @@
 """``ros2 run hiss_ros estimator``: live estimates from a trained checkpoint, a managed lifecycle node.
 
-A thin adapter around ``hiss_ros.serving.StreamingEstimator``, which holds everything that is
-not ROS (the trainer's pipeline, the model and its carried state, resets, de-normalisation).
-configure loads, checks and warms up the model (and compiles it with step_backend:=compile);
-activate subscribes and publishes; deactivate and cleanup release. ``autostart`` (default)
-configures and activates at start, so plain ``ros2 run`` estimates at once.
+A thin adapter around ``hiss_ros.serving.StreamingEstimator``, which holds everything that is not ROS (the
+trainer's pipeline, the model and its carried state, resets, de-normalisation). configure loads, checks and
+warms up the model (compiles it with step_backend:=compile); activate subscribes, publishes and runs the
+threads SCHED_FIFO where permitted (``realtime_priority``); deactivate, cleanup and destroy undo them.
+``autostart`` (default) configures and activates at start, so plain ``ros2 run`` estimates at once.
 
 Topics are relative: the inputs are the checkpoint's topics without their leading slash
 (``imu/data``, ``tactile``: remap them), the estimates are private (``~/wrench``, ``~/twist``,
@@ -27,13 +27,14 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from hiss_ros.data.streams import StreamSpec, header_stamp_ns, value_reader
+from hiss_ros.data.streams import header_stamp_ns, value_reader
 from hiss_ros.errors import HissError
 from hiss_ros.models import STEP_BACKENDS
 from hiss_ros.nodes.common import Throttle, freeze_heap, input_class, message_class, running, spin
 from hiss_ros.nodes.diagnostics import Diagnostics
 from hiss_ros.nodes.intake import INTAKES, CallbackIntake, PacedIntake, make_intake
 from hiss_ros.nodes.messages import EstimateMessages, frames
+from hiss_ros.nodes.realtime import Priority
 from hiss_ros.nodes.reload import ModelSwap
 from hiss_ros.nodes.stamping import Stamps
 from hiss_ros.nodes.wire import Decoder
@@ -44,7 +45,7 @@ PARAMETERS: dict[str, Any] = {
     "model_path": "contact", "device": "auto", "num_threads": 0, "step_backend": "eager", "frame_id": "tool",
     "wrench_frame_id": "", "twist_frame_id": "", "world_frame_id": "world", "max_gap_s": 0.0,
     "velocity_covariance": False, "executor": "events", "qos_depth": 100, "diagnostics_period_s": 1.0,
-    "publish_markers": False, "autostart": True, "sensor_timeout_s": 1.0, "intake": "paced",
+    "publish_markers": False, "autostart": True, "sensor_timeout_s": 1.0, "intake": "paced", "realtime_priority": 10,
 }
 OK, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
@@ -62,9 +63,8 @@ class Estimator(ModelSwap, LifecycleNode):
             if self.p[name] not in choices:
                 raise HissError(f"{name}:={self.p[name]!r}: expected one of {', '.join(choices)}")
         self.device = resolve_device(self.p["device"])
-        self.est: StreamingEstimator | None = None
-        self.messages: EstimateMessages | None = None
-        self.markers: Any = None
+        self.priority = Priority(self.p["realtime_priority"], self.get_logger().info, self.get_logger().warn)
+        self.est, self.messages, self.markers = None, None, None  # StreamingEstimator, EstimateMessages, publisher
         self.decoders: list[Decoder] = []  # per input while active: rosbags' or rclpy's (/diagnostics says)
         self.intake: PacedIntake | CallbackIntake | None = None  # the inputs, while active
         self._outputs: dict[tuple[str, str], Any] = {}  # (topic, type) -> lifecycle publisher, across reloads
@@ -101,28 +101,29 @@ class Estimator(ModelSwap, LifecycleNode):
         self._inputs = est.spec.inputs
         self.diagnostics.track(est.spec, est.pipeline.config.max_gap_s)
         self.get_logger().info(
-            f"estimating {self.messages.topics} from {[self._topic(s) for s in self._inputs]} on {self.device}, "
+            f"estimating {self.messages.topics} from {[s.relative_topic for s in self._inputs]} on {self.device}, "
             f"chunk {est.pipeline.config.chunk} at {est.pipeline.config.input_rate_hz} Hz")
         return super().on_configure(state)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        sensor = qos_profile_sensor_data
-        qos = QoSProfile(depth=self.p["qos_depth"], reliability=sensor.reliability, durability=sensor.durability,
-                         history=sensor.history)
+        qos = QoSProfile(depth=self.p["qos_depth"], reliability=qos_profile_sensor_data.reliability,
+                         durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history)
         self._readers: list[Any] = [None] * len(self._inputs)
         warn = self.get_logger().warn
         self.decoders = [Decoder(s, c, warn) for s, c in zip(self._inputs, self._classes, strict=True)]
         self._stamps = Stamps(self._inputs, self.est.spec.input_stamps, int(self.est.pipeline.config.max_gap_s * 1e9),
                               lambda: self.get_clock().now().nanoseconds, warn)
         rate = self.est.spec.expected_rates_hz()[0] or self.est.pipeline.config.input_rate_hz
-        self.intake = make_intake(self.p["intake"], self, [self._topic(s) for s in self._inputs], self._classes, qos,
+        self.intake = make_intake(self.p["intake"], self, [s.relative_topic for s in self._inputs], self._classes, qos,
                                   self.diagnostics.lost, self._process, self.est.pipeline, rate, self._stamp_of)
         freeze_heap()  # no 100 ms garbage collection in the middle of the stream
+        self.priority.enter()
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.intake.close()  # what has come is processed first
         self.intake, self.decoders = None, []
+        self.priority.leave()
         self.est.restart("deactivated")
         return super().on_deactivate(state)
 
@@ -133,6 +134,11 @@ class Estimator(ModelSwap, LifecycleNode):
             self.on_cleanup(state)
         return super().on_shutdown(state)
 
+    def destroy_node(self) -> None:
+        if self.intake is not None:  # active (a node in a larger program): the paced intake's own subscriptions
+            self.on_deactivate(None)  # and the threads' SCHED_FIFO would outlive it
+        super().destroy_node()
+
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         for pub in [*self._outputs.values(), *([self.markers] if self.markers else [])]:
             self.destroy_lifecycle_publisher(pub)
@@ -140,10 +146,6 @@ class Estimator(ModelSwap, LifecycleNode):
         self.diagnostics.track(None)
         gc.unfreeze()
         return super().on_cleanup(state)
-
-    @staticmethod
-    def _topic(stream: StreamSpec) -> str:
-        return stream.topic.lstrip("/")  # relative: under the node's namespace, remappable
 
     # --- models -------------------------------------------------------------------------------
 
@@ -179,8 +181,7 @@ class Estimator(ModelSwap, LifecycleNode):
     # --- data path ----------------------------------------------------------------------------
 
     def _stamp_of(self, i: int, data: bytes) -> int | None:
-        """Where input ``i``'s sample may be held back (``intake:=callbacks``): the clock stream's
-        header stamp read from its bytes (0 for any other input), once the stamp sources are known."""
+        """Where input ``i``'s sample may wait (intake:=callbacks): the clock's header stamp, 0 for the others."""
         stamps = self._stamps.header
         return (self.decoders[0].stamp_ns(data) if i == 0 else 0) if stamps[0] and stamps[i] is not None else None
 
@@ -205,14 +206,13 @@ class Estimator(ModelSwap, LifecycleNode):
             except (AttributeError, TypeError, ValueError, LookupError) as exc:  # a message the fields do not fit
                 diag.unreadable[i] += 1
                 if self.throttle.due(("unreadable", i), 5.0):
-                    self.get_logger().warn(f"{self._topic(spec)}: cannot read {list(spec.fields)} ({exc}); "
+                    self.get_logger().warn(f"{spec.relative_topic}: cannot read {list(spec.fields)} ({exc}); "
                                            "sample dropped")
                 return None
         diag.received[i] += 1
         diag.last_receipt[i] = steady
         stamp, est = self._stamps(i, header_ns, steady, msg), self.est
-        counters = est.pipeline.counters
-        taken = counters["accepted"]
+        taken = (counters := est.pipeline.counters)["accepted"]
         chunks = est.pipeline.push(i, stamp, values)
         if counters["accepted"] == taken:  # dropped (counted): its stamp informs no timing
             return None

@@ -14,6 +14,7 @@ from rclpy.parameter import Parameter
 
 from hiss_ros.errors import HissError
 from hiss_ros.nodes.common import freeze_heap
+from hiss_ros.nodes.realtime import normal_thread
 from hiss_ros.serving import StreamingEstimator
 
 
@@ -82,6 +83,7 @@ class ModelSwap:
             self.compile_status = "compiling"
 
         def work() -> None:
+            normal_thread()  # made by an active node's thread: SCHED_FIFO, which ~20 s of compiling must not hold
             status = self._compile(est)
             with self._compile_lock:
                 if est is self.est:  # not swapped out by another reload meanwhile

@@ -36,7 +36,7 @@ class Stamps:
         use = uses_header(spec, msg)
         if use and spec.stamp == "auto" and self.trained and self.trained[i] == "receive":
             use = False  # trained on receive times (its header stamps were unusable there): the same here
-        topic = spec.topic.lstrip("/")
+        topic = spec.relative_topic
         if spec.stamp == "auto" and not use and header_stamp_ns(msg) is not None:
             self.warn(f"{topic}: header stamp is zero (a driver that does not set it?): stamping on receipt")
         trained = self.trained[i] if self.trained else None

@@ -94,7 +94,7 @@ class Decoder:
             same = False
         if not same:
             self.rosbags = None
-            self.warn(f"{self.spec.topic.lstrip('/')}: the installed {self.type} is not ROS 2 Jazzy's standard "
+            self.warn(f"{self.spec.relative_topic}: the installed {self.type} is not ROS 2 Jazzy's standard "
                       "definition (rosbags reads its bytes differently): decoding it with rclpy instead")
             return own
         self.checked = True

@@ -1,0 +1,155 @@
+"""Real-time scheduling of the estimator's threads (hiss_ros.nodes.realtime): raised for every
+thread while active, children and long work kept normal, a runaway node dropped back, refusals
+leave everything as it was. No ROS here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hiss_ros.errors import HissError
+from hiss_ros.nodes import realtime
+from hiss_ros.nodes.realtime import HOW, Priority
+
+
+def fifo_permitted() -> bool:
+    """Whether this machine lets a process of this user take SCHED_FIFO (root, CAP_SYS_NICE, rtprio)."""
+    probe = "import os; os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+# Run in a process of its own: pytest's own threads must not become real-time.
+SCRIPT = textwrap.dedent("""
+    import json, os, subprocess, sys, threading
+    from hiss_ros.nodes.realtime import Priority, normal_thread
+
+    def policies():
+        return {int(t): [os.sched_getscheduler(int(t)), os.sched_getparam(int(t)).sched_priority]
+                for t in os.listdir("/proc/self/task")}
+
+    ready, go, worked, done = (threading.Event() for _ in range(4))
+    seen = {}
+    def before():  # a thread that exists at enter (the middleware's)
+        ready.set()
+        go.wait()
+        normal_thread()  # long work in a thread of an active node
+        seen["after_normal_thread"] = os.sched_getscheduler(0)
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
+                               capture_output=True, text=True)
+        seen["its_child"] = int(child.stdout)
+        worked.set()
+        done.wait()
+    t = threading.Thread(target=before)
+    t.start()
+    ready.wait()
+    said = []
+    p = Priority(int(sys.argv[1]), said.append, said.append)
+    p.enter()
+    out = {"status": p.status, "said": said, "raised": p.raised, "during": policies()}
+    later = threading.Thread(target=lambda: seen.setdefault("made_after", os.sched_getscheduler(0)))
+    later.start(); later.join()
+    go.set()
+    worked.wait()
+    p.leave()
+    out.update(seen, after=policies(), status_after=p.status, raised_after=p.raised)
+    done.set(); t.join()
+    print(json.dumps(out))
+""")
+
+
+def run_script(priority: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(priority)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_every_thread_runs_fifo_while_active_and_children_and_long_work_do_not():
+    got = run_script(7)
+    if not fifo_permitted():  # the refusal, said and reported, nothing changed
+        assert got["status"].startswith("normal (SCHED_FIFO refused") and not got["raised"], got
+        assert any(HOW in s for s in got["said"]), got["said"]
+        assert all(p == [os.SCHED_OTHER, 0] for p in got["during"].values()), got["during"]
+        return
+    assert got["status"] == "SCHED_FIFO 7" and got["raised"], got
+    assert len(got["during"]) >= 2 and all(p == [os.SCHED_FIFO, 7] for p in got["during"].values()), got["during"]
+    assert got["made_after"] == os.SCHED_FIFO  # a thread made while active inherits it (the executor's)
+    assert got["after_normal_thread"] == os.SCHED_OTHER  # a thread about to work for long gave it back ...
+    assert got["its_child"] == os.SCHED_OTHER  # ... so what it starts (the C++ compiler) runs normally
+    assert not got["raised_after"] and got["status_after"] == "normal (inactive)"
+    assert all(p == [os.SCHED_OTHER, 0] for p in got["after"].values()), got["after"]  # as before enter
+
+
+def test_priority_zero_leaves_the_scheduling_alone():
+    got = run_script(0)
+    assert got["status"] == "normal (realtime_priority:=0)" and not got["raised"] and got["said"] == []
+    assert all(p == [os.SCHED_OTHER, 0] for p in got["during"].values()), got["during"]
+
+
+class FakeOS:
+    """os's scheduling calls, recorded; ``refuse`` makes the n-th set raise PermissionError."""
+
+    def __init__(self, monkeypatch, threads: list[int], refuse: int | None = None) -> None:
+        self.policy = {t: (os.SCHED_OTHER, 0) for t in threads}
+        self.sets = 0
+        self.refuse = refuse
+        monkeypatch.setattr(realtime, "_threads", lambda: list(self.policy))
+        monkeypatch.setattr(os, "sched_getscheduler", lambda t: self.policy[t][0])
+        monkeypatch.setattr(os, "sched_getparam", lambda t: os.sched_param(self.policy[t][1]))
+        monkeypatch.setattr(os, "sched_setscheduler", self.set)
+
+    def set(self, tid: int, policy: int, param) -> None:
+        self.sets += 1
+        if self.sets == self.refuse:
+            raise PermissionError(1, "Operation not permitted")
+        self.policy[tid] = (policy, param.sched_priority)
+
+
+def test_a_refusal_part_way_restores_the_threads_already_raised(monkeypatch):
+    fake = FakeOS(monkeypatch, [11, 12, 13], refuse=3)
+    fake.policy[12] = (os.SCHED_FIFO, 5)  # started under chrt by the user: kept as it was
+    said = []
+    p = Priority(20, said.append, said.append)
+    p.enter()
+    assert not p.raised and p.status == "normal (SCHED_FIFO refused: Operation not permitted)"
+    assert fake.policy == {11: (os.SCHED_OTHER, 0), 12: (os.SCHED_FIFO, 5), 13: (os.SCHED_OTHER, 0)}
+    assert len(said) == 1 and "realtime_priority:=20" in said[0] and HOW in said[0]
+
+
+def test_a_node_using_most_of_a_core_gives_the_priority_back(monkeypatch):
+    fake = FakeOS(monkeypatch, [21, 22])
+    clock = {"wall": 100.0, "cpu": 5.0}
+    monkeypatch.setattr(realtime.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(realtime.time, "thread_time", lambda: clock["cpu"])
+    said = []
+    p = Priority(10, lambda m: None, said.append)
+    p.enter()
+    assert p.raised and fake.policy == {21: (os.SCHED_FIFO, 10), 22: (os.SCHED_FIFO, 10)}
+    clock["wall"] += 0.01
+    clock["cpu"] += 0.01  # activating, then a report at once: too short to judge
+    p.check()
+    assert p.raised and said == []
+    clock["wall"] += 0.99
+    clock["cpu"] += 0.49  # half a core over the second: a heavy model, still keeping up
+    p.check()
+    assert p.raised and said == []
+    fake.policy[23] = (os.SCHED_FIFO, 10)  # a thread made while active
+    clock["wall"] += 1.0
+    clock["cpu"] += 0.95
+    p.check()
+    assert not p.raised and p.status == "normal (SCHED_FIFO dropped: 95% of a core)"
+    assert set(fake.policy.values()) == {(os.SCHED_OTHER, 0)}
+    assert len(said) == 1 and "95% of a core" in said[0]
+    p.check()  # nothing raised: nothing to do
+    p.enter()  # activated again: tried again
+    assert p.raised and p.status == "SCHED_FIFO 10"
+
+
+@pytest.mark.parametrize("bad", [-1, 100, True, "10", 2.5])
+def test_a_priority_outside_sched_fifo_range_is_refused(bad):
+    with pytest.raises(HissError, match="realtime_priority"):
+        Priority(bad, print, print)
