@@ -5,8 +5,8 @@ as ros2_control's controller manager runs its update loop (its ``thread_priority
 Why: a normal (SCHED_OTHER) thread woken by the sample that completes a chunk can wait behind
 whatever else has the CPU at that moment (sensor drivers, a planner, the receivers of the estimates).
 On the benchmark machine the node shares 2 cores with the sensor publisher and the estimate receiver.
-In 4 alternating pairs, the node under SCHED_FIFO priority 10 had an end-to-end latency p99 of
-2.62-3.02 ms, against 3.29-4.61 ms without it (``bench/bench_latency.py``; docs/BENCHMARKS.md).
+There, SCHED_FIFO priority 10 lowered the end-to-end latency p99 in 7 of 8 alternating pairs against
+the node without it (``bench/bench_latency.py --peer-rev``; README, "Running the estimator").
 
 Threads started while active inherit it (the executor's timer thread, made once the node spins).
 Kept from harming the rest of the machine:
