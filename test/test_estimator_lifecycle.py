@@ -23,7 +23,8 @@ T0, PERIOD = 10_000_000_000, 2_500_000  # the contact model's IMU at 400 Hz, tac
 
 @pytest.fixture()
 def node(monkeypatch):
-    """An estimator, configured and active (autostart), made by ``make(*parameters)``."""
+    """An estimator, configured and active (autostart), made by ``make(*parameters)``; normal
+    scheduling unless ``realtime_priority`` is given (pytest's own threads are the node's here)."""
     import rclpy
 
     for k, v in ROS_ENV.items():
@@ -31,7 +32,7 @@ def node(monkeypatch):
     made = []
 
     def make(*params: str):
-        args = ["hiss_estimator", "--ros-args", "-p", "diagnostics_period_s:=100.0"]
+        args = ["hiss_estimator", "--ros-args", "-p", "diagnostics_period_s:=100.0", "-p", "realtime_priority:=0"]
         for p in params:
             args += ["-p", p]
         rclpy.init(args=args)
@@ -122,6 +123,43 @@ def test_shutdown_while_active_stops_estimating(node):
     assert n.intake is None and n.est is None and n._outputs == {}
 
 
+def test_destroying_a_node_after_a_shutdown_with_samples_pending_is_quiet(node):
+    """Ctrl-C / SIGTERM: the context goes down first, then ``running`` destroys the node. The samples
+    the paced intake has not taken yet are dropped then: publishing their estimates would raise."""
+    import rclpy
+    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from sensor_msgs.msg import Imu
+    from std_msgs.msg import Float32MultiArray
+
+    BEST_EFFORT = ReliabilityPolicy.BEST_EFFORT
+    n = node("model_path:=contact")
+    feeder = rclpy.create_node("feeder")
+    seen = []
+    feeder.create_subscription(Imu, "/imu/data", seen.append, QoSProfile(depth=100, reliability=BEST_EFFORT))
+    imu_pub, tactile_pub = (feeder.create_publisher(t, topic, qos_profile_sensor_data)
+                            for t, topic in ((Imu, "/imu/data"), (Float32MultiArray, "/tactile")))
+    executor = rclpy.executors.SingleThreadedExecutor()
+    executor.add_node(feeder)
+    deadline = time.monotonic() + 30
+    while (imu_pub.get_subscription_count() < 2 or tactile_pub.get_subscription_count() < 1) \
+            and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+    for k in range(40):  # 4 chunks' worth, never taken: the node is not spun
+        msg = Imu()
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(T0 + k * PERIOD, 1_000_000_000)
+        imu_pub.publish(msg)
+        if k % 4 == 0:
+            tactile_pub.publish(Float32MultiArray(data=[0.0] * 15))
+    while len(seen) < 40 and time.monotonic() < deadline:  # delivered in this process: to the node too
+        executor.spin_once(timeout_sec=0.05)
+    assert len(seen) == 40
+    executor.shutdown()
+    feeder.destroy_node()
+    rclpy.shutdown()
+    n.destroy_node()  # raised RCLError (publisher's context is invalid) when it processed them
+    assert n.est.counters["estimates"] == 0
+
+
 def test_destroying_an_active_node_leaves_nothing_of_it_running(node):
     """A node made in a larger program (here pytest's) raises the process's threads while active;
     destroyed, not deactivated first, it leaves them as they were, and no subscription behind (the
@@ -141,6 +179,34 @@ def test_destroying_an_active_node_leaves_nothing_of_it_running(node):
     assert thread_policies(os.getpid()) == before and not n.priority.raised
     assert probe.count_subscribers("/imu/data") == 0
     probe.destroy_node()
+
+
+def test_reports_check_the_cpu_and_a_reload_compile_thread_stays_normal(node, monkeypatch):
+    """The wiring of hiss_ros.nodes.realtime (made-up threads, whatever this machine permits): each
+    diagnostics report runs the CPU check, and a hot reload's compile thread is kept out of the raise."""
+    import threading
+
+    from test_realtime import FakeOS
+
+    from hiss_ros.nodes import realtime
+
+    fake = FakeOS(monkeypatch, [41, 42])
+    n = node("model_path:=contact", "realtime_priority:=4")
+    assert n.priority.status == "SCHED_FIFO 4" and fake.policy == {41: (os.SCHED_FIFO, 4), 42: (os.SCHED_FIFO, 4)}
+    compiled, kept_normal = threading.Event(), []
+
+    def compile_in_thread(est) -> str:
+        kept_normal.append(threading.get_native_id() in realtime._RAISE.normal)
+        compiled.set()
+        return "in use"
+
+    monkeypatch.setattr(n, "_compile", compile_in_thread)
+    n._compile_in_background(n.est)
+    assert compiled.wait(30) and kept_normal == [True]
+    monkeypatch.setattr(realtime._RAISE, "cpu_share", lambda: 0.97)
+    n.diagnostics.report()
+    assert n.priority.status == "normal (SCHED_FIFO dropped: 97% of a core)"
+    assert set(fake.policy.values()) == {(os.SCHED_OTHER, 0)}
 
 
 def test_a_dropped_clock_sample_does_not_move_the_receipt_time_line(node):

@@ -43,6 +43,8 @@ class Diagnostics:
         self.node = node
         self.name = f"{node.get_fully_qualified_name().lstrip('/')}: estimator"
         self.failure = ""  # why the node has no model, when it has none
+        self.latencies: deque[float] = deque(maxlen=1000)  # per estimate: estimate and publish, wall time
+        self.glue_cpu: deque[float] = deque(maxlen=1000)  # the same beyond the model step, thread CPU time
         self.track(None)
         self.publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         node.create_timer(node.p["diagnostics_period_s"], self._on_timer)
@@ -154,8 +156,8 @@ class Diagnostics:
                 "resets": counters["resets"], "nonfinite_outputs": counters["nonfinite_output"],
                 "device": node.device, "step_backend": est.runner.backend, "compile": node.compile_status,
                 "model_path": est.path, "reloads": node.reloads, "scheduling": node.priority.status,
-                **dict(zip(("inference_ms_p50", "inference_ms_p99"), _ms(node.latencies, 50, 99), strict=True)),
-                "step_ms_p50": _ms(est.step_seconds, 50)[0], "glue_cpu_ms_p50": _ms(node.glue_cpu, 50)[0],
+                **dict(zip(("inference_ms_p50", "inference_ms_p99"), _ms(self.latencies, 50, 99), strict=True)),
+                "step_ms_p50": _ms(est.step_seconds, 50)[0], "glue_cpu_ms_p50": _ms(self.glue_cpu, 50)[0],
                 "samples_batched": node.intake.batched if node.intake is not None else 0,
                 "intake": node.intake.mode if node.intake is not None else node.p["intake"],
                 **({"predicted_std_over_validation_rmse_median": f"{np.median(self.std_ratio):.2f}"}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections import deque
 from typing import Any
 
 import rclpy
@@ -64,14 +63,14 @@ class Estimator(ModelSwap, LifecycleNode):
                 raise HissError(f"{name}:={self.p[name]!r}: expected one of {', '.join(choices)}")
         self.device = resolve_device(self.p["device"])
         self.priority = Priority(self.p["realtime_priority"], self.get_logger().info, self.get_logger().warn)
-        self.est, self.messages, self.markers = None, None, None  # StreamingEstimator, EstimateMessages, publisher
+        self.est: StreamingEstimator | None = None
+        self.messages: EstimateMessages | None = None
+        self.markers: Any = None
         self.decoders: list[Decoder] = []  # per input while active: rosbags' or rclpy's (/diagnostics says)
         self.intake: PacedIntake | CallbackIntake | None = None  # the inputs, while active
         self._outputs: dict[tuple[str, str], Any] = {}  # (topic, type) -> lifecycle publisher, across reloads
         self._compile_lock, self.compile_status, self.reloads = threading.Lock(), "off", 0
         self.throttle = Throttle()  # its repeated warnings (unreadable samples, stale inputs), per input
-        self.latencies: deque[float] = deque(maxlen=1000)  # estimate and publish, wall time
-        self.glue_cpu: deque[float] = deque(maxlen=1000)  # the same beyond the model step, thread CPU time
         self.diagnostics = Diagnostics(self)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.add_on_set_parameters_callback(self._on_parameters)
@@ -121,9 +120,9 @@ class Estimator(ModelSwap, LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.priority.leave()  # first: whatever fails below, the threads' scheduling is back
         self.intake.close()  # what has come is processed first
         self.intake, self.decoders = None, []
-        self.priority.leave()
         self.est.restart("deactivated")
         return super().on_deactivate(state)
 
@@ -134,9 +133,10 @@ class Estimator(ModelSwap, LifecycleNode):
             self.on_cleanup(state)
         return super().on_shutdown(state)
 
-    def destroy_node(self) -> None:
-        if self.intake is not None:  # active (a node in a larger program): the paced intake's own subscriptions
-            self.on_deactivate(None)  # and the threads' SCHED_FIFO would outlive it
+    def destroy_node(self) -> None:  # active (a node in a larger program): undo what activate did
+        self.priority.leave()
+        if self.intake is not None:  # the paced intake's subscriptions are its own; after a shutdown it cannot publish
+            self.intake.close(process_pending=self.context.ok())
         super().destroy_node()
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -227,8 +227,8 @@ class Estimator(ModelSwap, LifecycleNode):
                 self.diagnostics.observe(estimate, chunk.x, est.spec.novelty)
                 if self.markers:
                     self.markers.publish(self.messages.arrows(estimate.values, estimate.stamp_ns))
-            self.latencies.append(time.perf_counter() - t0)
-            self.glue_cpu.append((time.thread_time_ns() - cpu - est.step_cpu_ns) * 1e-9)
+            diag.latencies.append(time.perf_counter() - t0)
+            diag.glue_cpu.append((time.thread_time_ns() - cpu - est.step_cpu_ns) * 1e-9)
         return stamp
 
 

@@ -215,10 +215,11 @@ class CallbackIntake(Intake):
     def retarget(self, pipeline: Pipeline) -> None:
         self.deferral.pipeline = pipeline
 
-    def close(self) -> None:
+    def close(self, process_pending: bool = True) -> None:
         for sub in self.subs:
             self.node.destroy_subscription(sub)
-        self.flush()
+        if process_pending:
+            self.flush()
         self.subs = []
 
 

@@ -1,125 +1,215 @@
-"""Real-time scheduling for the estimator (``realtime_priority``). While the node is active, every
-thread of its process (the executor's and the middleware's) runs under SCHED_FIFO at that priority,
-as ros2_control's controller manager runs its update loop (its ``thread_priority``).
+"""Real-time scheduling for the estimator (``realtime_priority``). While a node is active, the
+threads of its process (the executor's and the middleware's) run under SCHED_FIFO at that
+priority, as ros2_control's controller manager runs its update loop (its ``thread_priority``).
 
 Why: a normal (SCHED_OTHER) thread woken by the sample that completes a chunk can wait behind
 whatever else has the CPU at that moment (sensor drivers, a planner, the receivers of the estimates).
-On the benchmark machine the node shares 2 cores with the sensor publisher and the estimate receiver.
-There, SCHED_FIFO priority 10 lowered the end-to-end latency p99 in 7 of 8 alternating pairs against
-the node without it (``bench/bench_latency.py --peer-rev``; README, "Running the estimator").
+On the benchmark machine the node shares 2 cores with the sensor publisher and the estimate
+receiver; README ("Running the estimator") gives what it changed there (``bench/bench_latency.py``).
 
-Threads started while active inherit it (the executor's timer thread, made once the node spins).
+Scheduling belongs to threads, and the middleware's threads serve every node of the process, so
+the raise is the process's, shared by the nodes in it: the first to activate raises every thread,
+the last to deactivate puts each back as it was. Threads started meanwhile inherit it (the
+executor's timer thread, made once the node spins); a thread already real-time at the priority or
+above is left alone.
+
 Kept from harming the rest of the machine:
-- A thread that will work for long (the background compile of a hot reload) calls
-  ``normal_thread`` first, so the C++ compiler it starts runs normally too. The compile at
-  configure runs before the priority is raised.
-- ``Priority.check`` returns to normal scheduling if the node's executor thread used more than
-  ``CPU_LIMIT`` of a core since the last check. A node that cannot keep up must not starve the
-  robot: Linux leaves normal tasks only 5 % of a CPU that a real-time task keeps busy.
-- Deactivating restores each thread's scheduling as it was before activation.
+- ``normal_thread``: a thread about to work for long (the background compile of a hot reload) runs
+  normally, and so does what it starts (the C++ compiler); no node raises it meanwhile. The compile
+  at configure runs before the raise.
+- ``Priority.check`` (each diagnostics report) gives the raise back if the raised threads used more
+  than ``CPU_LIMIT`` of a core over the last ``CHECK_S`` or more: a node that cannot keep up must not
+  starve the machine (Linux leaves normal tasks 5 % of a CPU that real-time work keeps busy).
 
 Needs permission: root, CAP_SYS_NICE, or an rtprio limit for the user. Examples:
 - ``/etc/security/limits.conf``: ``@realtime - rtprio 99``, then add the user to the ``realtime`` group;
 - docker: ``--cap-add=SYS_NICE --ulimit rtprio=99``.
-Without it, the node says so once (log and /diagnostics ``scheduling``) and runs normally.
-No ROS here.
+Without it, the node says so at each activation (log, and /diagnostics ``scheduling``) and runs
+normally. No ROS here.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from hiss_ros.errors import HissError
 
-CPU_LIMIT = 0.8  # of one core, the executor thread's since the last check: more, and the priority goes
+CPU_LIMIT = 0.8  # of one core, the raised threads' together since the last check: more, and the raise is given back
 CHECK_S = 1.0  # ... over at least this long (a check right after activating would judge its own start)
 MAX_PRIORITY = 99  # SCHED_FIFO's range is 1..99 on Linux
+TASKS = "/proc/self/task"
 HOW = ("allow it with CAP_SYS_NICE or an rtprio limit (limits.conf: '@realtime - rtprio 99'; "
        "docker: --cap-add=SYS_NICE --ulimit rtprio=99), or set realtime_priority:=0")
 
 
 def _threads() -> list[int]:
-    return [int(tid) for tid in os.listdir("/proc/self/task")]
+    return [int(tid) for tid in os.listdir(TASKS)]
 
 
-def normal_thread() -> None:
-    """The calling thread back to normal scheduling (before long work in a thread of an active node)."""
-    if hasattr(os, "sched_setscheduler"):
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # 0: this thread; lowering needs no permission
+def _cpu_ticks(tids: list[int]) -> int:
+    """User + system CPU time of these threads of this process, in clock ticks."""
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"{TASKS}/{tid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after the name, which may hold anything
+        except OSError:  # ended
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14 and 15)
+    return total
+
+
+class _Raise:
+    """The process's one raise, shared by its nodes (``Priority``); every method under ``_LOCK``."""
+
+    def __init__(self) -> None:
+        self.holders = 0  # nodes active with a priority
+        self.priority = 0
+        self.before: dict[int, tuple[int, int]] = {}  # thread raised -> (policy, priority) before
+        self.kept: set[int] = set()  # threads real-time at the priority or above already: left alone
+        self.dropped = ""  # why it was given back while nodes held it ("": it was not)
+        self.mark = (0.0, 0)  # (monotonic s, CPU ticks of the raised threads) at the last check
+        self.normal: set[int] = set()  # threads in ``normal_thread``: never raised
+
+    def up(self, priority: int) -> str:
+        """Raise every thread (until no new one appears); "" when done, else why not (nothing changed)."""
+        if not hasattr(os, "SCHED_FIFO") or not os.path.isdir(TASKS):
+            return "not supported on this system"
+        self.priority, self.before, self.kept, self.dropped, seen = priority, {}, set(), "", set(self.normal)
+        try:
+            while todo := [tid for tid in _threads() if tid not in seen]:
+                for tid in todo:
+                    seen.add(tid)
+                    try:
+                        before = os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+                        if before[0] in (os.SCHED_FIFO, os.SCHED_RR) and before[1] >= priority:
+                            self.kept.add(tid)
+                        else:
+                            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
+                            self.before[tid] = before
+                    except ProcessLookupError:  # ended meanwhile
+                        pass
+        except OSError as exc:  # EPERM: no permission; EINVAL: over this system's range
+            self.down()
+            return exc.strerror or str(exc)
+        self.mark = (time.monotonic(), self.ticks())
+        return ""
+
+    def down(self) -> None:
+        """Each raised thread back as it was; one started since (it inherited the raise) to normal."""
+        before, self.before, seen = self.before, {}, self.normal | self.kept
+        while todo := [tid for tid in _threads() if tid not in seen]:
+            for tid in todo:
+                seen.add(tid)
+                try:
+                    if tid in before:
+                        os.sched_setscheduler(tid, before[tid][0], os.sched_param(before[tid][1]))
+                    elif (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority) == (
+                            os.SCHED_FIFO, self.priority):
+                        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                except ProcessLookupError:
+                    pass
+
+    def ticks(self) -> int:
+        """CPU time of the threads under the raise (all but ``normal``'s), in clock ticks."""
+        return _cpu_ticks([tid for tid in _threads() if tid not in self.normal])
+
+    def cpu_share(self) -> float | None:
+        """Cores' worth of CPU the threads under the raise used since the last call, over at least
+        ``CHECK_S``; None: too soon."""
+        now = time.monotonic()
+        if now - self.mark[0] < CHECK_S:
+            return None
+        ticks = self.ticks()
+        share = (ticks - self.mark[1]) / os.sysconf("SC_CLK_TCK") / (now - self.mark[0])
+        self.mark = (now, ticks)
+        return share
+
+
+_LOCK = threading.Lock()
+_RAISE = _Raise()
+
+
+@contextmanager
+def normal_thread() -> Iterator[None]:
+    """Run the body with the calling thread under normal scheduling, raised by no node meanwhile
+    (long work in a thread of an active node: what it starts runs normally too)."""
+    tid = threading.get_native_id()
+    with _LOCK:
+        _RAISE.normal.add(tid)
+    try:
+        if hasattr(os, "sched_setscheduler"):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # 0: this thread; lowering needs no permission
+        yield
+    finally:
+        with _LOCK:
+            _RAISE.normal.discard(tid)
 
 
 class Priority:
-    """``priority`` 0: the node's scheduling is left alone; 1-99: SCHED_FIFO while active (see the module)."""
+    """One node's claim on the process's raise: ``priority`` 0 leaves the scheduling alone; 1-99:
+    SCHED_FIFO while active (see the module). The first node's priority is the process's."""
 
     def __init__(self, priority: int, info: Callable[[str], object], warn: Callable[[str], object]) -> None:
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
             raise HissError(f"realtime_priority:={priority!r}: expected 0 (off) or a SCHED_FIFO priority 1-99")
         self.priority, self.info, self.warn = priority, info, warn
-        self.status = "normal (realtime_priority:=0)" if priority == 0 else "normal (inactive)"
-        self._before: dict[int, tuple[int, int]] = {}  # thread -> (policy, priority) before enter; empty: not raised
-        self._mark = (0.0, 0.0)  # (monotonic, this thread's CPU time) at the last check
+        self.held = False  # active with a priority: part of the process's raise
+        self.refused = ""  # why the last enter could not raise
 
     @property
     def raised(self) -> bool:
-        return bool(self._before)
+        return self.held and not _RAISE.dropped
+
+    @property
+    def status(self) -> str:
+        if self.priority == 0:
+            return "normal (realtime_priority:=0)"
+        if self.refused:
+            return f"normal (SCHED_FIFO refused: {self.refused})"
+        if not self.held:
+            return "normal (inactive)"
+        return f"normal (SCHED_FIFO dropped: {_RAISE.dropped})" if _RAISE.dropped else f"SCHED_FIFO {_RAISE.priority}"
 
     def enter(self) -> None:
-        """Every thread of this process to SCHED_FIFO (nothing when the priority is 0). A refusal
-        is logged and kept in ``status``, and leaves every thread as it was."""
-        if self.priority == 0 or self.raised:
+        """Take part in the raise (raising every thread if no other node has). A refusal is logged
+        and kept in ``status``, and leaves every thread as it was."""
+        if self.priority == 0 or self.held:
             return
-        if not hasattr(os, "SCHED_FIFO") or not os.path.isdir("/proc/self/task"):
-            return self._refused("not supported on this system")
-        policy = os.SCHED_FIFO  # not SCHED_RESET_ON_FORK: threads started later (the executor's) would not get it
-        try:
-            for tid in _threads():
-                try:
-                    before = os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
-                    os.sched_setscheduler(tid, policy, os.sched_param(self.priority))
-                except ProcessLookupError:  # the thread ended meanwhile
-                    continue
-                self._before[tid] = before
-        except OSError as exc:  # EPERM: no permission; EINVAL: over this system's range
-            self._restore()
-            return self._refused(exc.strerror or str(exc))
-        self.status = f"SCHED_FIFO {self.priority}"
-        self._mark = (time.monotonic(), time.thread_time())
-        self.info(f"realtime scheduling: SCHED_FIFO priority {self.priority} for its {len(self._before)} threads")
+        with _LOCK:
+            self.refused = _RAISE.up(self.priority) if _RAISE.holders == 0 else ""
+            if self.refused:
+                self.warn(f"realtime_priority:={self.priority}: SCHED_FIFO refused ({self.refused}); the node "
+                          f"runs at normal priority, its latency at the mercy of the machine's load: {HOW}")
+                return
+            self.held = True
+            _RAISE.holders += 1
+        self.info(f"realtime scheduling: {self.status} for the process's {len(_RAISE.before)} threads")
 
-    def leave(self, status: str = "normal (inactive)") -> None:
-        """Every thread back to its scheduling before ``enter``; threads made since, to normal."""
-        if self.raised:
-            self._restore()
-            self.status = status
+    def leave(self) -> None:
+        """Leave the raise; the last node to leave puts every thread back."""
+        if self.held:
+            with _LOCK:
+                self.held = False
+                _RAISE.holders -= 1
+                if _RAISE.holders == 0:
+                    _RAISE.down()
+                    _RAISE.dropped = ""
 
     def check(self) -> None:
-        """Call from the executor's thread (the diagnostics timer): back to normal scheduling when
-        that thread used more than ``CPU_LIMIT`` of a core over the last ``CHECK_S`` or more."""
+        """Give the raise back, for every node of the process until they all leave it, when its
+        threads used more than ``CPU_LIMIT`` of a core since the last check (see the module)."""
         if not self.raised:
             return
-        now = time.monotonic(), time.thread_time()
-        wall, cpu = now[0] - self._mark[0], now[1] - self._mark[1]
-        if wall < CHECK_S:
-            return
-        self._mark = now
-        if cpu / wall > CPU_LIMIT:
-            self.leave(f"normal (SCHED_FIFO dropped: {cpu / wall:.0%} of a core)")
-            self.warn(f"realtime scheduling dropped: the node used {cpu / wall:.0%} of a core over {wall:.1f} s, "
-                      "it would starve the rest of the machine (a model too slow for its input rate?); "
-                      "it runs at normal priority until reactivated")
-
-    def _restore(self) -> None:
-        before, self._before = self._before, {}
-        for tid in _threads():
-            policy, priority = before.get(tid, (os.SCHED_OTHER, 0))
-            try:
-                os.sched_setscheduler(tid, policy, os.sched_param(priority))
-            except ProcessLookupError:
-                pass
-
-    def _refused(self, why: str) -> None:
-        self.status = f"normal (SCHED_FIFO refused: {why})"
-        self.warn(f"realtime_priority:={self.priority}: SCHED_FIFO refused ({why}); the node runs at normal "
-                  f"priority, its latency at the mercy of the machine's load: {HOW}")
+        with _LOCK:
+            share = _RAISE.cpu_share()
+            if share is None or share <= CPU_LIMIT:
+                return
+            _RAISE.down()
+            _RAISE.dropped = f"{share:.0%} of a core"
+        self.warn(f"realtime scheduling dropped: the node's threads used {share:.0%} of a core, which would starve "
+                  "the rest of the machine (a model too slow for its input rate?); normal priority until reactivated")

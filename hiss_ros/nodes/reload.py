@@ -83,12 +83,12 @@ class ModelSwap:
             self.compile_status = "compiling"
 
         def work() -> None:
-            normal_thread()  # made by an active node's thread: SCHED_FIFO, which ~20 s of compiling must not hold
-            status = self._compile(est)
-            with self._compile_lock:
-                if est is self.est:  # not swapped out by another reload meanwhile
-                    self.compile_status = status
-            gc.unfreeze()  # what the compiler left, and a model swapped out meanwhile, go now, once
-            freeze_heap()
+            with normal_thread():  # made by an active node's thread: ~20 s of compiling must not hold SCHED_FIFO
+                status = self._compile(est)
+                with self._compile_lock:
+                    if est is self.est:  # not swapped out by another reload meanwhile
+                        self.compile_status = status
+                gc.unfreeze()  # what the compiler left, and a model swapped out meanwhile, go now, once
+                freeze_heap()
 
         threading.Thread(target=work, name="hiss_compile", daemon=True).start()
