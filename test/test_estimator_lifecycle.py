@@ -183,16 +183,28 @@ def test_destroying_an_active_node_leaves_nothing_of_it_running(node):
 
 def test_reports_check_the_cpu_and_a_reload_compile_thread_stays_normal(node, monkeypatch):
     """The wiring of hiss_ros.nodes.realtime (made-up threads, whatever this machine permits): each
-    diagnostics report runs the CPU check, and a hot reload's compile thread is kept out of the raise."""
+    diagnostics report runs the CPU check; a hot reload loads the new model at normal scheduling,
+    and its compile thread is kept out of the raise."""
     import threading
 
+    from rclpy.parameter import Parameter
     from test_realtime import FakeOS
 
     from hiss_ros.nodes import realtime
 
-    fake = FakeOS(monkeypatch, [41, 42])
+    me = threading.get_native_id()  # the executor's thread: here, pytest's
+    fake = FakeOS(monkeypatch, [41, me])
     n = node("model_path:=contact", "realtime_priority:=4")
-    assert n.priority.status == "SCHED_FIFO 4" and fake.policy == {41: (os.SCHED_FIFO, 4), 42: (os.SCHED_FIFO, 4)}
+    assert n.priority.status == "SCHED_FIFO 4" and fake.policy == {41: (os.SCHED_FIFO, 4), me: (os.SCHED_FIFO, 4)}
+    load, loaded_at = n._load, []
+
+    def load_and_see(path: str):
+        loaded_at.append(fake.policy[me])
+        return load(path)
+
+    monkeypatch.setattr(n, "_load", load_and_see)
+    assert n.set_parameters([Parameter("model_path", value="contact")])[0].successful
+    assert loaded_at == [(os.SCHED_OTHER, 0)] and fake.policy[me] == (os.SCHED_FIFO, 4)
     compiled, kept_normal = threading.Event(), []
 
     def compile_in_thread(est) -> str:

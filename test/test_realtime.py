@@ -110,9 +110,12 @@ class FakeOS:
         monkeypatch.setattr(realtime, "_RAISE", realtime._Raise())  # a process with no node active yet
         monkeypatch.setattr(realtime, "_threads", lambda: list(self.policy))
         monkeypatch.setattr(realtime, "_cpu_ticks", lambda tids: self.ticks)
-        monkeypatch.setattr(os, "sched_getscheduler", lambda t: self.policy[t][0])
-        monkeypatch.setattr(os, "sched_getparam", lambda t: os.sched_param(self.policy[t][1]))
+        monkeypatch.setattr(os, "sched_getscheduler", lambda t: self.get(t)[0])
+        monkeypatch.setattr(os, "sched_getparam", lambda t: os.sched_param(self.get(t)[1]))
         monkeypatch.setattr(os, "sched_setscheduler", self.set)
+
+    def get(self, tid: int) -> tuple[int, int]:
+        return self.policy.get(tid or threading.get_native_id(), (os.SCHED_OTHER, 0))  # 0: the calling thread
 
     def set(self, tid: int, policy: int, param) -> None:
         tid = tid or threading.get_native_id()  # 0: the calling thread
@@ -193,6 +196,28 @@ def test_normal_thread_keeps_its_thread_out_of_a_raise(monkeypatch):
         Priority(10, print, print).enter()
         assert fake.policy == {31: (os.SCHED_FIFO, 10), me: (os.SCHED_OTHER, 0)}
     assert me not in realtime._RAISE.normal
+
+
+def test_normal_thread_work_is_not_counted_and_the_raise_comes_back_after(monkeypatch):
+    me = threading.get_native_id()
+    fake = FakeOS(monkeypatch, [51, me])
+    hz = os.sysconf("SC_CLK_TCK")
+    wall = [100.0]
+    monkeypatch.setattr(realtime.time, "monotonic", lambda: wall[0])
+    p = Priority(10, print, print)
+    p.enter()
+    with realtime.normal_thread():  # the executor's thread loading a model on a hot reload
+        assert fake.policy[me] == (os.SCHED_OTHER, 0)
+        wall[0] += 3.0
+        fake.ticks += 3 * hz  # three seconds of it
+    assert fake.policy[me] == (os.SCHED_FIFO, 10)  # raised again
+    wall[0] += 1.0
+    fake.ticks += hz // 10
+    p.check()  # the load does not count: a tenth of a core since
+    assert p.raised
+    with realtime.normal_thread():
+        p.leave()  # the raise ends meanwhile (deactivated)
+    assert fake.policy[me] == (os.SCHED_OTHER, 0) and not p.raised  # not raised again
 
 
 @pytest.mark.parametrize("bad", [-1, 100, True, "10", 2.5])

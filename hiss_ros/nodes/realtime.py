@@ -14,9 +14,10 @@ executor's timer thread, made once the node spins); a thread already real-time a
 above is left alone.
 
 Kept from harming the rest of the machine:
-- ``normal_thread``: a thread about to work for long (the background compile of a hot reload) runs
-  normally, and so does what it starts (the C++ compiler); no node raises it meanwhile. The compile
-  at configure runs before the raise.
+- ``normal_thread``: a thread about to work for long runs it normally, and so does what it starts;
+  no node raises it meanwhile. The hot reload loads the new model so (then the executor's thread is
+  raised again) and compiles it so in a thread of its own (the C++ compiler included). The load and
+  compile at configure run before the raise.
 - ``Priority.check`` (each diagnostics report) gives the raise back if the raised threads used more
   than ``CPU_LIMIT`` of a core over the last ``CHECK_S`` or more: a node that cannot keep up must not
   starve the machine (Linux leaves normal tasks 5 % of a CPU that real-time work keeps busy).
@@ -34,7 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from hiss_ros.errors import HissError
 
@@ -137,10 +138,14 @@ _RAISE = _Raise()
 @contextmanager
 def normal_thread() -> Iterator[None]:
     """Run the body with the calling thread under normal scheduling, raised by no node meanwhile
-    (long work in a thread of an active node: what it starts runs normally too)."""
+    (long work in a thread of an active node: what it starts runs normally too). Afterwards the
+    thread is under the raise again if it was before and the raise still holds; its CPU time
+    meanwhile does not count toward ``Priority.check``."""
     tid = threading.get_native_id()
     with _LOCK:
         _RAISE.normal.add(tid)
+        raised = bool(_RAISE.before or _RAISE.holders) and hasattr(os, "sched_setscheduler") \
+            and os.sched_getscheduler(0) == os.SCHED_FIFO
     try:
         if hasattr(os, "sched_setscheduler"):
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # 0: this thread; lowering needs no permission
@@ -148,6 +153,10 @@ def normal_thread() -> Iterator[None]:
     finally:
         with _LOCK:
             _RAISE.normal.discard(tid)
+            if raised and _RAISE.holders and not _RAISE.dropped:
+                with suppress(OSError):  # permitted, as it was a moment ago; if not, this thread stays normal
+                    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(_RAISE.priority))
+                _RAISE.mark = (time.monotonic(), _RAISE.ticks())
 
 
 class Priority:

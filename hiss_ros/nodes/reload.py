@@ -43,7 +43,8 @@ class ModelSwap:
         """Swap in the model at ``path``; why not, when it cannot be (the old one keeps running)."""
         before = set(self._outputs)
         try:
-            new = self._load(path)
+            with normal_thread():  # reading and warming up a model may take seconds: not at SCHED_FIFO
+                new = self._load(path)
             if not new.spec.same_streams(self.est.spec):
                 raise HissError(f"{path} expects {new.spec.describe()}; the running model has "
                                 f"{self.est.spec.describe()} (restart the node to change streams)")
