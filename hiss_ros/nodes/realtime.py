@@ -51,6 +51,15 @@ def _threads() -> list[int]:
     return [int(tid) for tid in os.listdir(TASKS)]
 
 
+def _each_thread(skip: set[int]) -> Iterator[int]:
+    """Every thread of this process but ``skip``'s, those started meanwhile included (listed again
+    until no new one appears)."""
+    seen = set(skip)
+    while todo := [tid for tid in _threads() if tid not in seen]:
+        seen.update(todo)
+        yield from todo
+
+
 def _cpu_ticks(tids: list[int]) -> int:
     """User + system CPU time of these threads of this process, in clock ticks."""
     total = 0
@@ -80,20 +89,18 @@ class _Raise:
         """Raise every thread (until no new one appears); "" when done, else why not (nothing changed)."""
         if not hasattr(os, "SCHED_FIFO") or not os.path.isdir(TASKS):
             return "not supported on this system"
-        self.priority, self.before, self.kept, self.dropped, seen = priority, {}, set(), "", set(self.normal)
+        self.priority, self.before, self.kept, self.dropped = priority, {}, set(), ""
         try:
-            while todo := [tid for tid in _threads() if tid not in seen]:
-                for tid in todo:
-                    seen.add(tid)
-                    try:
-                        before = os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
-                        if before[0] in (os.SCHED_FIFO, os.SCHED_RR) and before[1] >= priority:
-                            self.kept.add(tid)
-                        else:
-                            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
-                            self.before[tid] = before
-                    except ProcessLookupError:  # ended meanwhile
-                        pass
+            for tid in _each_thread(self.normal):
+                try:
+                    before = os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+                    if before[0] in (os.SCHED_FIFO, os.SCHED_RR) and before[1] >= priority:
+                        self.kept.add(tid)
+                    else:
+                        os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
+                        self.before[tid] = before
+                except ProcessLookupError:  # ended meanwhile
+                    pass
         except OSError as exc:  # EPERM: no permission; EINVAL: over this system's range
             self.down()
             return exc.strerror or str(exc)
@@ -102,18 +109,16 @@ class _Raise:
 
     def down(self) -> None:
         """Each raised thread back as it was; one started since (it inherited the raise) to normal."""
-        before, self.before, seen = self.before, {}, self.normal | self.kept
-        while todo := [tid for tid in _threads() if tid not in seen]:
-            for tid in todo:
-                seen.add(tid)
-                try:
-                    if tid in before:
-                        os.sched_setscheduler(tid, before[tid][0], os.sched_param(before[tid][1]))
-                    elif (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority) == (
-                            os.SCHED_FIFO, self.priority):
-                        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-                except ProcessLookupError:
-                    pass
+        before, self.before = self.before, {}
+        for tid in _each_thread(self.normal | self.kept):
+            try:
+                if tid in before:
+                    os.sched_setscheduler(tid, before[tid][0], os.sched_param(before[tid][1]))
+                elif (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority) == (
+                        os.SCHED_FIFO, self.priority):
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except ProcessLookupError:
+                pass
 
     def ticks(self) -> int:
         """CPU time of the threads under the raise (all but ``normal``'s), in clock ticks."""
@@ -139,23 +144,22 @@ _RAISE = _Raise()
 def normal_thread() -> Iterator[None]:
     """Run the body with the calling thread under normal scheduling, raised by no node meanwhile
     (long work in a thread of an active node: what it starts runs normally too). Afterwards the
-    thread is under the raise again if it was before and the raise still holds; its CPU time
-    meanwhile does not count toward ``Priority.check``."""
-    tid = threading.get_native_id()
+    thread's scheduling is as it was before, if the raise still holds; its CPU time meanwhile does
+    not count toward ``Priority.check``."""
+    tid, settable = threading.get_native_id(), hasattr(os, "sched_setscheduler")
     with _LOCK:
         _RAISE.normal.add(tid)
-        raised = bool(_RAISE.before or _RAISE.holders) and hasattr(os, "sched_setscheduler") \
-            and os.sched_getscheduler(0) == os.SCHED_FIFO
+    before = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) if settable else None  # 0: this thread
     try:
-        if hasattr(os, "sched_setscheduler"):
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # 0: this thread; lowering needs no permission
+        if settable:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # lowering needs no permission
         yield
     finally:
         with _LOCK:
             _RAISE.normal.discard(tid)
-            if raised and _RAISE.holders and not _RAISE.dropped:
+            if before is not None and _RAISE.holders and not _RAISE.dropped:
                 with suppress(OSError):  # permitted, as it was a moment ago; if not, this thread stays normal
-                    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(_RAISE.priority))
+                    os.sched_setscheduler(0, before[0], os.sched_param(before[1]))
                 _RAISE.mark = (time.monotonic(), _RAISE.ticks())
 
 
