@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 import pytest
@@ -15,6 +16,10 @@ CHUNK = 10
 # test_cuda.py compares every model on CUDA with the CPU: collected where torch sees a GPU (or a
 # device is named, as bench/gpu_check.py's dry run does), not as 69 skips on every CPU run.
 collect_ignore = [] if torch.cuda.is_available() or os.environ.get("HISS_TEST_DEVICE") else ["test_cuda.py"]
+
+# Compiled steps (step_backend compile, hiss_ros.models.aot) go to a cache of this run's own, not the
+# user's: the nodes the tests start inherit it.
+os.environ["HISS_ROS_CACHE"] = tempfile.mkdtemp(prefix="hiss_ros_cache-")
 
 # DDS tests of this run talk in a domain of their own (valid domains 1..101 here) and discover
 # peers on this host only, so parallel test runs do not hear each other.

@@ -12,6 +12,7 @@ import torch
 from conftest import CHUNK, MODEL_CONFIGS, flat_config, hiss_config
 
 from hiss_ros.errors import ConfigError
+from hiss_ros.models.aot import CACHE_ENV
 from hiss_ros.models import FlatConfig, HiSSConfig, StackConfig, StepRunner, build_model, model_config_from_dict
 
 N_CHUNKS = 50
@@ -272,48 +273,49 @@ def test_param_cache_recomputes_only_when_a_parameter_changed():
         assert get().requires_grad and len(calls) == 7  # computed, not cached, under autograd
 
 
-def test_compiled_step_equals_offline_without_recompiling():
-    """Runner backend "compile": compiled ahead by compile, the same outputs as the offline
-    forward, no compile while streaming (the state it returns, chunks sliced out of a longer
-    tensor and a weight update do not compile it again), and the eager path back on request."""
+def test_compiled_step_equals_offline_and_is_cached(tmp_path, monkeypatch):
+    """Runner backend "compile" (AOTInductor, ``hiss_ros.models.aot``): compiled ahead by compile
+    into the on-disk cache, the same outputs as the offline forward (in inference mode and under
+    no_grad); new weights and a new delta scale (a buffer) are seen with no new compile; another
+    runner of the same architecture loads the cached package instead of compiling; a batch of 2
+    is another package; a corrupt package in the cache is compiled again."""
     if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
-        pytest.skip("torch.compile needs a C++ compiler (g++), none on PATH")
-    model = build_model(hiss_config("s4d", "mamba")).eval()
-    runner = StepRunner(model)
-    runner.compile()  # compiled ahead, not yet used
+        pytest.skip("the compiled step needs a C++ compiler (g++), none on PATH")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    config = {**hiss_config("s4d", "mamba"), "scale_deltas": True}
+    model = build_model(config).eval()
+    runner, told = StepRunner(model), []
+    runner.compile(progress=told.append)  # compiled ahead, not yet used
+    packages = sorted((tmp_path / "steps").glob("*.pt2"))
+    assert len(told) == 1 and str(packages[0]) in told[0] and len(packages) == 1
     assert runner.backend == "eager"
     runner.set_backend("compile")
     assert runner.backend == "compile"
     x = torch.randn(1, 12 * CHUNK, 6)
-    other = build_model(hiss_config("s4d", "mamba")).eval()
     with torch.inference_mode():
-        state = model.init_state(1)
-        with torch.compiler.set_stance("fail_on_recompile"):
-            steps = []
-            for k in range(x.shape[1] // CHUNK):
-                y, state = runner.step(x[:, k * CHUNK : (k + 1) * CHUNK], state)
-                steps.append(y)
-            first = steps[0]
-            online = torch.stack(steps, dim=1)
-            torch.testing.assert_close(online, model(x), atol=1e-4, rtol=0)
-            with torch.no_grad():
-                model.high.blocks[0].mixer.D.add_(1.0)  # weights are inputs of the compiled step
-            changed, _ = runner.step(x[:, :CHUNK], model.init_state(1))
-            # another runner over another model of the same architecture: no new compile either
-            torch.testing.assert_close(stream(other, x, StepRunner(other, "compile").step), other(x),
-                                       atol=1e-4, rtol=0)
+        torch.testing.assert_close(stream(model, x, runner.step), model(x), atol=1e-4, rtol=0)
+        first, _ = runner.step(x[:, :CHUNK], model.init_state(1))
+    with torch.no_grad():  # weights are inputs of the compiled step, buffers its constants (the model's own)
+        model.high.blocks[0].mixer.D.add_(1.0)
+        model.set_delta_std(torch.full((6,), 2.0))
+        changed, _ = runner.step(x[:, :CHUNK], model.init_state(1))
         torch.testing.assert_close(changed, model(x[:, :CHUNK])[:, 0], atol=1e-4, rtol=0)
         assert (changed - first).abs().max().item() > 1e-4
-    with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):  # outside inference mode: eager
-        torch.testing.assert_close(stream(model, x, runner.step), model(x), atol=1e-4, rtol=0)
-    # Past torch's recompile limit (a batch of 2 needs a new variant): eager from then on, with a warning.
-    x2 = torch.randn(2, 3 * CHUNK, 6)
-    with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=1):
-        with pytest.warns(RuntimeWarning, match="compiled step given up"):
-            online = stream(model, x2, runner.step)
-        torch.testing.assert_close(online, model(x2), atol=1e-4, rtol=0)
-    assert runner.backend == "eager"
-    runner.set_backend("compile")
+        torch.testing.assert_close(stream(model, x, runner.step), model(x), atol=1e-4, rtol=0)  # not inference mode
+    other, told = build_model(config).eval(), []
+    StepRunner(other).compile(progress=told.append)
+    assert told == []  # the same architecture: loaded from the cache
+    with torch.inference_mode():
+        torch.testing.assert_close(stream(other, x, StepRunner(other, "compile").step), other(x), atol=1e-4, rtol=0)
+        x2 = torch.randn(2, 3 * CHUNK, 6)  # another batch size: compiled at its first step
+        torch.testing.assert_close(stream(model, x2, runner.step), model(x2), atol=1e-4, rtol=0)
+    assert len(list((tmp_path / "steps").glob("*.pt2"))) == 2
+    packages[0].write_bytes(b"not a package")
+    fresh, told = StepRunner(build_model(config).eval(), "compile"), []
+    fresh.compile(progress=told.append)
+    assert len(told) == 1  # unreadable: compiled again
+    with torch.inference_mode():
+        torch.testing.assert_close(stream(fresh.model, x, fresh.step), fresh.model(x), atol=1e-4, rtol=0)
     runner.set_backend("eager")
     assert runner.backend == "eager"
 

@@ -9,7 +9,9 @@ For a model the fast step covers (``uncovered`` is None: HiSS with an S4D low le
 level, pool ``last`` and chunk <= ``TOEPLITZ_MAX_LEN``), in eval mode with autograd off, a step runs
 ``hiss_ros.models.streaming.step`` on weights gathered once into plain tuples (gathered again when a
 parameter is updated in place, replaced, moved or converted: ``ParamCache``, checked each step), or,
-with the ``"compile"`` backend under ``torch.inference_mode``, that function through torch.compile.
+with the ``"compile"`` backend, that function compiled ahead of time (``hiss_ros.models.aot``: a
+shared library per architecture, batch size, dtype and device, cached on disk; the weights are its
+inputs, so new weights need no new compile).
 Anything else (training, autograd, another model) calls ``model.step_chunk``, the module path.
 
 The runner holds no parameters: the model's state dict and checkpoints do not see it. It follows
@@ -19,26 +21,31 @@ made is not seen (make a new runner).
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from hiss_ros.models.aot import CompiledStep, compiled_step, step_inputs
 from hiss_ros.models.cache import ParamCache
 from hiss_ros.models.hiss import ChunkedModel, StreamState
 from hiss_ros.models.s4d import TOEPLITZ_MAX_LEN
-from hiss_ros.models.streaming import Weights, compile_fast, gather
+from hiss_ros.models.streaming import Weights, gather
 from hiss_ros.models.streaming import step as fast_step
 
 STEP_BACKENDS = ("eager", "compile")
 
 
 def _advance_fast(model: ChunkedModel, w: Weights, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
-    """One checked chunk through the fast step (the function torch.compile compiles: its variants
-    are kept on this code, shared by every runner of the process)."""
+    """One checked chunk through the fast step."""
     return model._advance(x, state, partial(fast_step, w))
+
+
+def _variant(w: Weights, batch_size: int) -> tuple:
+    """What a compiled step is made for: batch size, dtype and device (of the weights)."""
+    return batch_size, w.head_b.dtype, w.head_b.device
 
 
 class StepRunner:
@@ -47,11 +54,14 @@ class StepRunner:
     def __init__(self, model: ChunkedModel, backend: str = "eager") -> None:
         self.model = model
         self._covered = self.uncovered(model.config) is None
-        # (module._parameters, name) of every parameter: a parameter replaced is seen
-        self._slots = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items() if p is not None]
+        # (module._parameters, name) of every parameter, and the same of every buffer (an input of the
+        # compiled step): one replaced is seen
+        self._slots = [(d, n) for m in model.modules() for d in (m._parameters, m._buffers)
+                       for n, p in d.items() if p is not None]
         self._weights: ParamCache[Weights] = ParamCache(partial(gather, model))
-        self._compiled: Any = None  # _advance_fast through compile_fast, made at the first use
-        self._compile = False  # the backend: through torch.compile instead of eagerly
+        self._compiled: dict[tuple, CompiledStep] = {}  # (batch size, dtype, device) -> its compiled step
+        self._flat: tuple[Any, list[Tensor]] = (None, [])  # (gathered weights, step_inputs for the compiled step)
+        self._compile = False  # the backend: the compiled step instead of the eager one
         self.set_backend(backend)
 
     @staticmethod
@@ -72,9 +82,10 @@ class StepRunner:
         return "compile" if self._compile else "eager"
 
     def set_backend(self, backend: str) -> None:
-        """``"eager"`` (default) or ``"compile"``: the fast step through torch.compile under
-        ``torch.inference_mode``, ~1.4x faster for the paper-size HiSS; needs a C++ compiler and
-        compiles at the first step unless ``compile`` ran. ``ValueError`` for an unknown backend, or
+        """``"eager"`` (default) or ``"compile"``: the fast step compiled ahead of time
+        (``hiss_ros.models.aot``), ~6x faster back to back and ~3x after idle for the shipped contact
+        model; needs a C++ compiler and compiles (or loads from the cache) at the first step of a
+        batch size unless ``compile`` ran. ``ValueError`` for an unknown backend, or
         for ``"compile"`` on a model it does not cover, saying why."""
         if backend not in STEP_BACKENDS:
             raise ValueError(f"step backend {backend!r}: expected one of {', '.join(STEP_BACKENDS)}")
@@ -82,18 +93,17 @@ class StepRunner:
             self._require_covered()
         self._compile = backend == "compile"
 
-    def compile(self, batch_size: int = 1) -> None:
-        """Compile the ``"compile"`` backend's step now, without switching to it;
-        ``set_backend("compile")`` then takes it at once. Safe in another thread while this runner
-        steps eagerly. ``ValueError`` as ``set_backend``; Inductor's own errors when compiling fails
-        (no C++ compiler, ...)."""
+    def compile(self, batch_size: int = 1, progress: Callable[[str], object] | None = None) -> None:
+        """Compile (or load from the on-disk cache) the ``"compile"`` backend's step for
+        ``batch_size`` now, without switching to it; ``set_backend("compile")`` then takes it at
+        once. Safe in another thread while this runner steps eagerly; ``progress(message)`` is told
+        before a compile that is not cached. ``ValueError`` as ``set_backend``; the compiler's own
+        errors when compiling fails (no C++ compiler, ...)."""
         self._require_covered()
-        model, p = self.model, next(self.model.parameters())
         with torch.inference_mode():
-            x = torch.zeros(batch_size, model.config.chunk, model.config.input_dim, device=p.device, dtype=p.dtype)
-            step = self._compiled_step()
-            _, state = step(model, self.weights(), x, model.init_state(batch_size))
-            step(model, self.weights(), x, state)  # from a carried state too: nothing left to compile
+            weights = self.weights()
+        if (key := _variant(weights, batch_size)) not in self._compiled:
+            self._compiled[key] = compiled_step(self.model, weights, batch_size, progress)
 
     def applies(self) -> bool:
         """Whether a step now takes the fast (or compiled) step: a covered model, in eval mode,
@@ -112,35 +122,16 @@ class StepRunner:
             return model.step_chunk(x, state)
         model.check_chunk(x, state)
         w = self.weights()
-        if self._compile and torch.is_inference_mode_enabled():  # the mode the compiled graph is made for
-            out = self._run_compiled(w, x, state)
-            if out is not None:
-                return out
+        if self._compile:
+            if (compiled := self._compiled.get(_variant(w, x.shape[0]))) is None:
+                self.compile(x.shape[0])  # not compiled ahead: now, or loaded from the cache
+                compiled = self._compiled[_variant(w, x.shape[0])]
+            if self._flat[0] is not w:  # new weights (or buffers): what the compiled step reads
+                self._flat = (w, step_inputs(model, w))
+            return compiled(x, state, self._flat[1])
         return _advance_fast(model, w, x, state)
 
     def _require_covered(self) -> None:
         reason = self.uncovered(self.model.config)
         if reason:
             raise ValueError(f"step backend 'compile' does not apply to this model: {reason}")
-
-    def _compiled_step(self) -> Any:
-        if self._compiled is None:
-            self._compiled = compile_fast(_advance_fast)
-        return self._compiled
-
-    def _run_compiled(self, w: Weights, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState] | None:
-        """The compiled step; None once torch's recompile limit is reached (a variant per
-        architecture, batch size, dtype and device, 8 by default in a process): this runner then
-        steps eagerly from now on, with a warning."""
-        from torch._dynamo.exc import FailOnRecompileLimitHit  # loaded with the compiler already
-
-        try:
-            return self._compiled_step()(self.model, w, x, state)
-        except FailOnRecompileLimitHit as exc:
-            self._compile = False
-            reason = (str(exc).strip().splitlines() or [""])[0]
-            warnings.warn(f"compiled step given up for this model ({reason}); it steps eagerly from now on "
-                          "(raise torch._dynamo.config.recompile_limit for more compiled variants)",
-                          RuntimeWarning, stacklevel=3)
-            return None
-

@@ -14,18 +14,14 @@ stack and a Mamba high stack, ``step`` computes what the modules compute, up to 
 It is for inference only (eval mode, autograd off); the runner takes the module path otherwise,
 and for what the fast step does not cover (``StepRunner.uncovered``).
 
-Compiled (``compile_fast``, the runner's ``"compile"`` backend): the same function through
-``torch.compile`` (Inductor, C++ wrapper), which fuses the element-wise work into generated C++ loops
-and drops the per-operation dispatch: ~0.7 ms instead of ~1.1 ms for the paper-size model on the
-benchmark CPU. It needs a C++ compiler and compiles once per architecture, batch size, dtype and
-device (not per weight values): ~20 s on 2 cores, a few seconds when Inductor's on-disk cache already
-holds the graph. Torch allows 8 such variants in a process (``torch._dynamo.config.recompile_limit``).
+Compiled (the runner's ``"compile"`` backend, ``hiss_ros.models.aot``): the same function compiled
+ahead of time by AOTInductor into a shared library, which fuses the element-wise work into
+generated C++ loops and is called without Python or the dispatcher in between.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -115,26 +111,3 @@ def step(w: Weights, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
     """x (B, L, I') chunk features -> (y (B, W), new high-stack state)."""
     h, state = high_step(w.high, low_last(w.low, x), state)
     return torch.addmm(w.head_b, h, w.head_t), state
-
-
-def _canonical(tree: Any) -> Any:
-    """A nest of tuples of tensors, each tensor copied into standard contiguous strides in the
-    current autograd mode (NamedTuples keep their type)."""
-    if isinstance(tree, Tensor):
-        return tree.clone(memory_format=torch.contiguous_format)
-    items = [_canonical(t) for t in tree]
-    return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-
-
-def compile_fast(fn: Callable) -> Callable:
-    """``fn(model, w, x, state) -> (y, state)`` through torch.compile, compiled at its first call for
-    each input shape. The weights are inputs, not constants: new values need no new compile. x and
-    the state are passed as fresh contiguous copies: torch.compile specialises on strides (even of
-    size-1 dimensions) and on whether a tensor was made in inference mode, and the outputs of one
-    call would otherwise compile the function again at the next (~30 us for the copies)."""
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-
-    def call(model: nn.Module, w: Weights, x: Tensor, state: Any) -> Any:
-        return compiled(model, w, *_canonical((x, state)))
-
-    return call

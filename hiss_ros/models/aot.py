@@ -1,0 +1,172 @@
+"""The compiled step: the fast step (``hiss_ros.models.streaming.step`` through ``HiSS._advance``)
+compiled ahead of time by AOTInductor (``torch.export`` + ``torch._inductor.aoti_compile_and_package``)
+into a shared library, kept in an on-disk cache and called without Python in between.
+
+Why ahead of time: at batch 1 a step is per-operation overhead. Compiled, the contact model's step
+costs ~50 us back to back and ~0.4 ms after idle, against ~0.3 and ~1.1 ms eagerly on the benchmark
+CPU (and ``torch.compile``'s runtime wrappers in Python cost most of what its kernels saved after idle).
+
+A package is compiled once per architecture (the model config), batch size, dtype, device, torch
+thread count, torch version and source of the step, and cached under ``cache_dir()`` (written
+atomically: compiled into a temporary name, then renamed), so later runs load it in well under a
+second. Compiling takes ~10-30 s on 2 cores and needs a C++ compiler. The weights are inputs of the
+compiled graph, not constants, and so are the model's buffers (``delta_std``): new weights (a hot
+reload, an optimizer step) need no new compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections import namedtuple
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from hiss_ros.models.config import config_to_dict
+from hiss_ros.models.hiss import StreamState
+from hiss_ros.models.streaming import step
+
+CACHE_ENV = "HISS_ROS_CACHE"
+# The modules whose code the compiled step is made of: a change to any of them compiles anew.
+_SOURCES = ("streaming", "hiss", "mamba", "scan", "s4d", "blocks", "aot")
+_LOCK = threading.Lock()  # one compile at a time in a process (Inductor's state is global)
+
+
+def cache_dir() -> Path:
+    """Where compiled steps are kept: ``$HISS_ROS_CACHE``, else ``$XDG_CACHE_HOME/hiss_ros``, else
+    ``~/.cache/hiss_ros``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hiss_ros"
+
+
+def _source_digest() -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return h.hexdigest()
+
+
+class _Advance(nn.Module):
+    """(x, state leaves, weight tensors) -> (y, *new state leaves): the fast step on flat tensors."""
+
+    def __init__(self, model: nn.Module, state_spec: Any, weights: list[Any], weights_spec: Any) -> None:
+        super().__init__()
+        self.model, self.state_spec, self.weights_spec = model, state_spec, weights_spec
+        self.static = {i: w for i, w in enumerate(weights) if not isinstance(w, Tensor)}  # layer-norm eps
+
+    def forward(self, x: Tensor, state: tuple[Tensor, ...], weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        tensors = iter(weights)
+        leaves = [self.static[i] if i in self.static else next(tensors) for i in range(self.weights_spec.num_leaves)]
+        w = pytree.tree_unflatten(leaves, self.weights_spec)
+        y, new = self.model._advance(x, pytree.tree_unflatten(list(state), self.state_spec), partial(step, w))
+        return (y, *pytree.tree_leaves(new))
+
+
+class _Step(nn.Module):
+    """What is exported: (x, *state, *weights, *buffers) -> (y, *new state), flat tensors. The
+    model's buffers (``delta_std``) are inputs too, as the weights are: the package holds no values."""
+
+    def __init__(self, advance: _Advance, n_state: int, n_weights: int) -> None:
+        super().__init__()
+        self.advance, self.n_state, self.n_weights = advance, n_state, n_weights
+        self.buffer_names = [f"model.{name}" for name, _ in advance.model.named_buffers()]
+
+    def forward(self, x: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+        n, m = self.n_state, self.n_state + self.n_weights
+        buffers = dict(zip(self.buffer_names, rest[m:], strict=True))
+        return torch.func.functional_call(self.advance, buffers, (x, rest[:n], rest[n:m]))
+
+
+def step_inputs(model: nn.Module, weights: Any) -> list[Tensor]:
+    """What the compiled step reads besides the chunk and the state: the gathered weights' tensors
+    (each contiguous) and the model's buffers, in its order."""
+    return [*(w.contiguous() for w in pytree.tree_leaves(weights) if isinstance(w, Tensor)), *model.buffers()]
+
+
+class CompiledStep:
+    """One compiled package: ``step(x, state, inputs) -> (y, state)`` for one batch size, dtype and
+    device; ``inputs``: ``step_inputs`` of the model and its gathered weights."""
+
+    def __init__(self, path: Path, state_spec: Any) -> None:
+        self.path, self.state_spec = path, state_spec
+        self._package = torch._inductor.aoti_load_package(str(path))
+        self._run = self._package.loader.run  # flat tensors in, flat tensors out: no Python wrapper per call
+        self._build = _builder(state_spec)
+        self._last: tuple[Any, list[Tensor]] = (None, [])  # the state it returned last, and its leaves
+
+    def __call__(self, x: Tensor, state: StreamState, inputs: list[Tensor]) -> tuple[Tensor, StreamState]:
+        last, leaves = self._last
+        if state is not last:  # a state of its own is passed back as it was returned: no flattening
+            leaves = [t.contiguous() for t in pytree.tree_leaves(state)]
+        out = self._run([x.contiguous(), *leaves, *inputs])
+        new = self._build(out, 1)
+        self._last = (new, out[1:])
+        return out[0], new
+
+
+def _builder(spec: Any) -> Any:
+    """``build(leaves, start) -> the pytree of spec`` from ``leaves[start:]``, for the NamedTuples and
+    tuples of a state; the same as ``pytree.tree_unflatten``, at a fraction of its cost per call."""
+    if spec.is_leaf():
+        return lambda leaves, i: leaves[i]
+    children, offsets, n = [], [], 0
+    for child in spec.children():
+        children.append(_builder(child))
+        offsets.append(n)
+        n += child.num_leaves
+    parts = list(zip(children, offsets, strict=True))
+    if spec.type is tuple:
+        return lambda leaves, i: tuple([b(leaves, i + o) for b, o in parts])
+    if spec.type is namedtuple:  # pytree's node for every NamedTuple: the class is its context
+        kind = spec.context
+        return lambda leaves, i: kind(*[b(leaves, i + o) for b, o in parts])
+    return lambda leaves, i: pytree.tree_unflatten(leaves[i:i + spec.num_leaves], spec)
+
+
+def compiled_step(model: nn.Module, weights: Any, batch_size: int, progress: Any = None) -> CompiledStep:
+    """The compiled step of ``model`` (eval, a model ``StepRunner`` covers) for ``batch_size``:
+    loaded from the cache, or compiled and cached (``progress(message)`` is told first)."""
+    p = next(model.parameters())
+    state = model.init_state(batch_size)
+    leaves, state_spec = pytree.tree_flatten(state)
+    w_leaves, w_spec = pytree.tree_flatten(weights)
+    key = json.dumps({
+        "config": config_to_dict(model.config), "batch": batch_size, "dtype": str(p.dtype), "device": str(p.device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "code": _source_digest(),
+        "weights": [list(w.shape) if isinstance(w, Tensor) else w for w in w_leaves],
+    }, sort_keys=True, default=str)
+    path = cache_dir() / "steps" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt2"
+    with _LOCK:
+        if path.exists():
+            try:
+                return CompiledStep(path, state_spec)
+            except Exception:  # unreadable (another torch build's?): compile it again
+                path.unlink(missing_ok=True)
+        if progress is not None:
+            progress(f"compiling the step (AOTInductor) into {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        x = torch.zeros(batch_size, model.config.chunk, model.config.input_dim, device=p.device, dtype=p.dtype)
+        example = tuple(t.clone() for t in (x, *leaves, *step_inputs(model, weights)))
+        n_weights = sum(isinstance(w, Tensor) for w in w_leaves)
+        step = _Step(_Advance(model, state_spec, w_leaves, w_spec), len(leaves), n_weights)
+        with torch.no_grad():
+            program = torch.export.export(step, example, strict=False)
+            fd, tmp = tempfile.mkstemp(prefix=".compiling-", suffix=".pt2", dir=path.parent)
+            os.close(fd)
+            try:
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+                os.replace(tmp, path)  # atomic: a reader sees the whole package or none
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        (path.parent / f"{path.stem}.json").write_text(key)  # what it was compiled for (for people)
+        return CompiledStep(path, state_spec)
