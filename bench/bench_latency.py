@@ -15,12 +15,13 @@ What is measured, and why:
   taken at publish), and the publisher and the receiver freeze their start-up heaps as the node
   does (``hiss_ros.nodes.common.freeze_heap``), so that a full garbage collection in either
   (~0.1 s with torch loaded) does not count as the node's latency.
-- Publishing starts once the node has warmed up (it reports diagnostics; with step_backend:=compile
-  it compiles before that, and a node not running the compiled step is an error) and both sides of every
+- Publishing starts once the node has warmed up (it reports diagnostics, and its step is compiled or
+  loaded from the cache: step_backend auto, the default, does it in the background; a node not
+  running the step it was asked for, the compiled one by default, is an error) and both sides of every
   input topic have matched (DDS discovery is per side; best-effort samples sent before are lost).
 - Dropped: published inputs the node never received (its ``/diagnostics`` counters), and
   estimates that never arrived (expected = one per chunk of the published stream-0 stamps).
-- The node with its other choices: ``step_backend:=compile``, rclpy's default executor,
+- The node with its other choices: ``step_backend:=eager`` (no compiled step), rclpy's default executor,
   ``intake:=callbacks`` (a callback per input message instead of the paced intake), and
   ``realtime_priority:=0`` (normal scheduling; by default the node's threads run SCHED_FIFO where
   permitted, ``hiss_ros.nodes.realtime``).
@@ -75,8 +76,8 @@ ENV = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), "ROS_AUTOMATIC_DISCOVERY_RAN
 STREAMING = "streaming (step_chunk, state carried)"
 NODES = {  # name -> (command, extra node parameters)
     STREAMING: ([sys.executable, "-m", "hiss_ros.nodes.estimator"], []),
-    "streaming, step_backend:=compile": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
-                                         ["-p", "step_backend:=compile"]),
+    "streaming, step_backend:=eager": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
+                                       ["-p", "step_backend:=eager"]),
     "streaming, rclpy's default executor": ([sys.executable, "-m", "hiss_ros.nodes.estimator"],
                                             ["-p", "executor:=single_threaded"]),
     "streaming, intake:=callbacks": ([sys.executable, "-m", "hiss_ros.nodes.estimator"], ["-p", "intake:=callbacks"]),
@@ -85,7 +86,7 @@ NODES = {  # name -> (command, extra node parameters)
     # normal scheduling: it cannot keep up, so under SCHED_FIFO it would hold a core until the node's CPU check
     # gives the priority back, after a second or more (by chance, its CPU being near the limit)
     "naive (model over the last 10 s per estimate)": ([sys.executable, str(REPO / "bench" / "naive_estimator.py")],
-                                                      ["-p", "realtime_priority:=0"]),
+                                                      ["-p", "realtime_priority:=0", "-p", "step_backend:=eager"]),
 }
 
 
@@ -351,9 +352,12 @@ def run_node(name: str, command: list[str], params: list[str], model: Path, seco
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
     try:
-        # Up once it reports (it does once spinning, after its warm-up) and has compiled (step_backend:=compile).
+        # Up once it reports (it does once spinning, after its warm-up) and its step is compiled or loaded from
+        # the cache (step_backend auto, the default, does it in the background: "compile" reads "compiling").
         wait_for(lambda: sub.get_publisher_count() > 0 and diag_at[0] > 0, 180, f"{name}: the node did not come up")
-        wanted = next((p.split(":=")[1] for p in params if p.startswith("step_backend:=")), "eager")
+        wait_for(lambda: diag.get("compile") != "compiling", 300, f"{name}: the step did not compile")
+        wanted = next((p.split(":=")[1] for p in params if p.startswith("step_backend:=")),
+                      "eager" if diag.get("compile", "off") == "off" else "compile")  # off: a peer with eager default
         if diag.get("step_backend", "eager") != wanted:
             raise SystemExit(f"{name}: the node runs step_backend {diag.get('step_backend')} "
                              f"(compile: {diag.get('compile')}), not {wanted}")
@@ -496,8 +500,9 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
         f"({cfg.pipeline.output_rate_hz:g} Hz). Published: `{cfg.inputs[0].topic}` at {args.clock_rate:g} Hz"
         + (f", the other inputs at {args.other_rate:g} Hz" if len(cfg.inputs) > 1 else "")
         + f", {args.seconds:g} s per node, random values. Publisher, node and receiver are separate processes "
-        "(Fast DDS, localhost); the node runs with one torch thread and its defaults (events executor, paced "
-        "intake: messages taken once per chunk; SCHED_FIFO priority 10 where permitted, the `scheduling` column). "
+        "(Fast DDS, localhost); the node runs with one torch thread and its defaults (the step compiled ahead of "
+        "time, step_backend auto; events executor, paced intake: messages taken once per chunk; SCHED_FIFO "
+        "priority 10 where permitted, the `scheduling` column). "
         "Latency = "
         "receipt of an estimate minus the stamp (taken just before publishing) of the sample that completed its "
         "chunk. In the node: its own time per estimate, model step and publishing (`inference_ms` of its "
@@ -530,9 +535,11 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
     if paired:
         body += paired_report(paired)
     if c is not None:
-        body += (f"\nCompiled step (`step_backend:=compile`): latency p50 {np.percentile(c.latencies_ms, 50):.2f} "
-                 f"and p99 {percentile(list(c.latencies_ms), 99):.2f} ms, CPU {c.cpu_pct:.1f} %, "
-                 f"{c.dropped_inputs} inputs dropped.\n")
+        body += (f"\nCompiled step (default, step_backend auto) against the eager step (`step_backend:=eager`): "
+                 f"in the node {float(s.node_ms[0]):.2f} against {float(c.node_ms[0]):.2f} ms p50, latency p50 "
+                 f"{np.percentile(s.latencies_ms, 50):.2f} against {np.percentile(c.latencies_ms, 50):.2f} ms, p99 "
+                 f"{p99:.2f} against {percentile(list(c.latencies_ms), 99):.2f} ms, CPU {s.cpu_pct:.1f} % against "
+                 f"{c.cpu_pct:.1f} %.\n")
     if d is not None:
         body += (f"\nEvents executor: CPU {s.cpu_pct:.1f} % against {d.cpu_pct:.1f} % with rclpy's default "
                  f"executor, latency p50 {np.percentile(s.latencies_ms, 50):.2f} against "

@@ -27,6 +27,7 @@ import math
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -306,14 +307,15 @@ class StreamingEstimator:
         if not (torch.isfinite(y).all() and torch.isfinite(y2).all()):
             raise CheckpointError(f"{self.path}: the model gives non-finite outputs on zero input (corrupt weights?)")
 
-    def compile(self) -> str:
+    def compile(self, progress: Callable[[str], object] | None = None) -> str:
         """Compile the streaming step (the runner's ``compile`` backend) and switch to it; the outcome for
         diagnostics, ``in use (...)`` or ``failed (...)``: a model the compiled step does not cover, or a
         compile that fails (no C++ compiler, ...), keeps the eager step. Safe in another thread
-        while ``push`` steps eagerly (the switch is one attribute)."""
+        while ``push`` steps eagerly (the switch is one attribute); ``progress(message)`` is told
+        before a compile that the cache does not hold."""
         began = time.monotonic()
         try:
-            self.runner.compile()
+            self.runner.compile(progress=progress)
         except Exception as exc:  # ValueError (not covered); Inductor fails in many ways
             return f"failed ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]})"
         self.runner.set_backend("compile")

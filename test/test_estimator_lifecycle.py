@@ -32,7 +32,8 @@ def node(monkeypatch):
     made = []
 
     def make(*params: str):
-        args = ["hiss_estimator", "--ros-args", "-p", "diagnostics_period_s:=100.0", "-p", "realtime_priority:=0"]
+        args = ["hiss_estimator", "--ros-args", "-p", "diagnostics_period_s:=100.0", "-p", "realtime_priority:=0",
+                "-p", "step_backend:=eager"]
         for p in params:
             args += ["-p", p]
         rclpy.init(args=args)

@@ -16,11 +16,14 @@ reload, an optimizer step) need no new compile.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import tempfile
 import threading
+import time
+import warnings
 from collections import namedtuple
 from functools import partial
 from pathlib import Path
@@ -145,7 +148,8 @@ def compiled_step(model: nn.Module, weights: Any, batch_size: int, progress: Any
         "weights": [list(w.shape) if isinstance(w, Tensor) else w for w in w_leaves],
     }, sort_keys=True, default=str)
     path = cache_dir() / "steps" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt2"
-    with _LOCK:
+    with _LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, from its export and packaging
         if path.exists():
             try:
                 return CompiledStep(path, state_spec)
@@ -154,10 +158,14 @@ def compiled_step(model: nn.Module, weights: Any, batch_size: int, progress: Any
         if progress is not None:
             progress(f"compiling the step (AOTInductor) into {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(".compiling-*"):  # left by a process ended while compiling
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink(missing_ok=True)
         x = torch.zeros(batch_size, model.config.chunk, model.config.input_dim, device=p.device, dtype=p.dtype)
         example = tuple(t.clone() for t in (x, *leaves, *step_inputs(model, weights)))
         n_weights = sum(isinstance(w, Tensor) for w in w_leaves)
-        step = _Step(_Advance(model, state_spec, w_leaves, w_spec), len(leaves), n_weights)
+        # Traced on a copy: the trace swaps the buffers of the model it runs, which may be stepping meanwhile.
+        step = _Step(_Advance(copy.deepcopy(model), state_spec, w_leaves, w_spec), len(leaves), n_weights)
         with torch.no_grad():
             program = torch.export.export(step, example, strict=False)
             fd, tmp = tempfile.mkstemp(prefix=".compiling-", suffix=".pt2", dir=path.parent)

@@ -1,14 +1,15 @@
 """``ros2 run hiss_ros estimator``: live estimates from a trained checkpoint, a managed lifecycle node.
 
-A thin adapter around ``hiss_ros.serving.StreamingEstimator``, which holds everything that is not ROS (the
-trainer's pipeline, the model and its carried state, resets, de-normalisation). configure loads, checks and
-warms up the model (compiles it with step_backend:=compile); activate subscribes, publishes and runs the
-threads SCHED_FIFO where permitted (``realtime_priority``); deactivate, cleanup and destroy undo them.
-``autostart`` (default) configures and activates at start, so plain ``ros2 run`` estimates at once.
+A thin adapter around ``hiss_ros.serving.StreamingEstimator`` (everything that is not ROS: the trainer's pipeline,
+the model and its carried state, resets, de-normalisation). configure loads, checks and warms up the model
+(step_backend auto, the default: eager until a thread has compiled the step or loaded it from the cache; compile:
+compiled first; eager: never); activate subscribes, publishes and runs the threads SCHED_FIFO where permitted
+(``realtime_priority``); deactivate, cleanup and destroy undo them. ``autostart`` (default) configures and
+activates at start, so plain ``ros2 run`` estimates at once.
 
-Topics are relative: the inputs are the checkpoint's topics without their leading slash
-(``imu/data``, ``tactile``: remap them), the estimates are private (``~/wrench``, ``~/twist``,
-``~/markers``), so a namespace moves all of them. ``~/reset`` (std_srvs/Trigger) forgets the stream.
+Topics are relative: the inputs are the checkpoint's topics without their leading slash (``imu/data``,
+``tactile``: remap them), the estimates are private (``~/wrench``, ``~/twist``, ``~/markers``), so a
+namespace moves all of them. ``~/reset`` (std_srvs/Trigger) forgets the stream.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from hiss_ros.serving import StreamingEstimator, resolve_device
 
 # name -> default; every one but model_path (hot reload) is fixed at start-up.
 PARAMETERS: dict[str, Any] = {
-    "model_path": "contact", "device": "auto", "num_threads": 0, "step_backend": "eager", "frame_id": "tool",
+    "model_path": "contact", "device": "auto", "num_threads": 0, "step_backend": "auto", "frame_id": "tool",
     "wrench_frame_id": "", "twist_frame_id": "", "world_frame_id": "world", "max_gap_s": 0.0,
     "velocity_covariance": False, "executor": "events", "qos_depth": 100, "diagnostics_period_s": 1.0,
     "publish_markers": False, "autostart": True, "sensor_timeout_s": 1.0, "intake": "paced", "realtime_priority": 10,
@@ -57,15 +58,13 @@ class Estimator(ModelSwap, LifecycleNode):
         self.p = {name: self.get_parameter(name).value for name in PARAMETERS}
         if self.p["num_threads"] > 0:
             torch.set_num_threads(self.p["num_threads"])
-        for name, choices in (("step_backend", STEP_BACKENDS), ("executor", ("events", "single_threaded")),
+        for name, choices in (("step_backend", ("auto", *STEP_BACKENDS)), ("executor", ("events", "single_threaded")),
                               ("intake", INTAKES)):
             if self.p[name] not in choices:
                 raise HissError(f"{name}:={self.p[name]!r}: expected one of {', '.join(choices)}")
         self.device = resolve_device(self.p["device"])
         self.priority = Priority(self.p["realtime_priority"], self.get_logger().info, self.get_logger().warn)
-        self.est: StreamingEstimator | None = None
-        self.messages: EstimateMessages | None = None
-        self.markers: Any = None
+        self.est, self.messages, self.markers = None, None, None  # StreamingEstimator, EstimateMessages, publisher
         self.decoders: list[Decoder] = []  # per input while active: rosbags' or rclpy's (/diagnostics says)
         self.intake: PacedIntake | CallbackIntake | None = None  # the inputs, while active
         self._outputs: dict[tuple[str, str], Any] = {}  # (topic, type) -> lifecycle publisher, across reloads
@@ -93,9 +92,10 @@ class Estimator(ModelSwap, LifecycleNode):
             self.get_logger().error(f"configure failed: {exc}")
             return FAILURE
         self.est, self.diagnostics.failure = est, ""
-        if self.p["step_backend"] == "compile":  # ~20 s on 2 cores, seconds once cached
-            self.get_logger().info("compiling the streaming step (step_backend:=compile)")
+        if self.p["step_backend"] == "compile":  # ~20 s on 2 cores the first time, then from the cache
             self.compile_status = self._compile(est)
+        elif self.p["step_backend"] == "auto":  # eager at once, compiled once a thread has it
+            self._compile_in_background(est)
         self.markers = self.p["publish_markers"] and self.create_lifecycle_publisher(MarkerArray, "~/markers", 10)
         self._inputs = est.spec.inputs
         self.diagnostics.track(est.spec, est.pipeline.config.max_gap_s)

@@ -1,7 +1,7 @@
 """The estimator's model swaps: hot reload of ``model_path`` and the compiled step (in the
-background after a reload). A mixin of ``hiss_ros.nodes.estimator.Estimator``: it uses the node's
-``est``, ``messages``, ``diagnostics``, ``p``, ``intake``, ``flush``, ``_load``, ``_messages`` and
-``_outputs``."""
+background with step_backend:=auto, and after a reload). A mixin of
+``hiss_ros.nodes.estimator.Estimator``: it uses the node's ``est``, ``messages``, ``diagnostics``,
+``p``, ``intake``, ``flush``, ``_load``, ``_messages`` and ``_outputs``."""
 
 from __future__ import annotations
 
@@ -63,23 +63,25 @@ class ModelSwap:
             self._stamps.trained = new.spec.input_stamps
         gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it
         freeze_heap()
-        if self.p["step_backend"] == "compile":
+        if self.p["step_backend"] != "eager":
             self._compile_in_background(new)
         self.reloads += 1
         self.get_logger().info(f"model swapped in: {path}")
         return None
 
     def _compile(self, est: StreamingEstimator) -> str:
-        status = est.compile()
+        status = est.compile(self.get_logger().info)
         if status.startswith("in use"):
             self.get_logger().info(f"compiled step {status}")
             return "in use"
-        self.get_logger().error(f"step_backend:=compile {status}; the eager step stays")
+        say = self.get_logger().error if self.p["step_backend"] == "compile" else self.get_logger().warn
+        say(f"step_backend:={self.p['step_backend']}: compiled step {status}; the eager step stays")
         return status
 
     def _compile_in_background(self, est: StreamingEstimator) -> None:
-        """After a hot reload the new model estimates eagerly while a thread compiles it (the
-        compiler holds the GIL for up to ~0.5 s at a time: estimates are late meanwhile)."""
+        """The model estimates eagerly while a thread compiles its step, or loads it from the cache
+        (step_backend:=auto; and after a hot reload unless eager). Tracing and code generation hold
+        the GIL for up to ~0.5 s at a time: estimates are late meanwhile, the first time only."""
         with self._compile_lock:
             self.compile_status = "compiling"
 
