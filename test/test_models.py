@@ -320,6 +320,29 @@ def test_compiled_step_equals_offline_and_is_cached(tmp_path, monkeypatch):
     assert runner.backend == "eager"
 
 
+def test_compiled_step_carries_the_state_of_the_shipped_model():
+    """The shipped contact model (trained weights, the node's default), stepped compiled and eagerly
+    over 30 chunks with the state carried: the same outputs and the same state at every step (a state
+    misread by the compiled step shows from the second chunk on)."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+        pytest.skip("the compiled step needs a C++ compiler (g++), none on PATH")
+    from hiss_ros.serving import load_model
+
+    model = load_model("contact").model.eval()
+    eager, compiled = StepRunner(model), StepRunner(model, "compile")
+    chunk, width = model.config.chunk, model.config.input_dim
+    x = torch.randn(1, 30 * chunk, width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        s_eager, s_compiled = model.init_state(1), model.init_state(1)
+        for k in range(30):
+            y_eager, s_eager = eager.step(x[:, k * chunk:(k + 1) * chunk], s_eager)
+            y_compiled, s_compiled = compiled.step(x[:, k * chunk:(k + 1) * chunk], s_compiled)
+            torch.testing.assert_close(y_compiled, y_eager, atol=1e-4, rtol=0, msg=f"chunk {k}")
+            for a, b in zip(torch.utils._pytree.tree_leaves(s_compiled), torch.utils._pytree.tree_leaves(s_eager),
+                            strict=True):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=f"state after chunk {k}")
+
+
 @pytest.mark.parametrize("config, backend, message", [
     (hiss_config("s4d", "mamba"), "jit", "expected one of eager, compile"),
     (hiss_config("lstm", "mamba"), "compile", "this model has low 'lstm', high 'mamba'"),

@@ -71,7 +71,9 @@ class _Advance(nn.Module):
         leaves = [self.static[i] if i in self.static else next(tensors) for i in range(self.weights_spec.num_leaves)]
         w = pytree.tree_unflatten(leaves, self.weights_spec)
         y, new = self.model._advance(x, pytree.tree_unflatten(list(state), self.state_spec), partial(step, w))
-        return (y, *pytree.tree_leaves(new))
+        # contiguous: the state goes back in as the next step's input, which the package reads with the
+        # strides it was compiled for (a view such as the conv window's last taps would be misread)
+        return (y, *(t.contiguous() for t in pytree.tree_leaves(new)))
 
 
 class _Step(nn.Module):
