@@ -521,7 +521,8 @@ def report(runs: list[Run], model: Path, args: argparse.Namespace, load: str,
                  f"received). The streaming node's own work beyond it: {s.cpu_pct - floor[0]:.1f} % of one core, "
                  f"{1e4 * (s.cpu_pct - floor[0]) / per_s:.0f} us per input message (its model steps included).\n")
     if step_ms is not None and s.step_ms != "-":
-        body += (f"\nThe model step back to back (offline, one torch thread, `compare.step_cost_ms`): {step_ms:.3f} ms "
+        body += ("\nThe model step back to back (offline, one torch thread, compiled as in the node by default, "
+                 f"`compare.step_cost_ms`): {step_ms:.3f} ms "
                  f"p50, against {float(s.step_ms):.3f} ms in the node, where each step follows about a millisecond "
                  "idle: the same work on cold caches (section 'Cold caches', `bench/bench_cold_cache.py`). At "
                  "one estimate per chunk that difference alone is "
@@ -627,7 +628,7 @@ def main() -> int:
         from hiss_ros.checkpoint import load_checkpoint
         from hiss_ros.train.compare import step_cost_ms
 
-        step_ms = step_cost_ms(load_checkpoint(args.model).model)
+        step_ms = step_cost_ms(load_checkpoint(args.model).model, backend="compile")  # the node's, by default
         print(f"model step back to back: {step_ms:.3f} ms p50")
         paired = [(runs[0], runs[-1]), *zip(extra[::2], extra[1::2], strict=True)] if extra else []
         write_section(args.doc, SECTION, report(runs, args.model, args, load, floor, step_ms, paired))

@@ -13,7 +13,8 @@ What is measured, and why:
   window / step is the saving of streaming.
 - Both with torch threads = 1 (a node sharing the CPU) and = os.cpu_count(), and for each step
   backend: ``eager`` (the default) and ``compile`` (``runner.set_backend("compile")``:
-  torch.compile with Inductor's C++ wrapper; its compile time at the first step is reported).
+  the step compiled ahead of time by AOTInductor, ``hiss_ros.models.aot``; its compile time at the
+  first step is reported, or its load when the on-disk cache already holds it).
 - Sanity: stepping through the 100 Hz window chunk by chunk must reproduce ``model(window)``
   (max abs diff <= 1e-4) with each backend, or the script exits 1.
 Targets: step median <= 1 ms; window / step >= 50x.
@@ -208,7 +209,8 @@ def markdown(rows: list[Row], plan: Plan, n_params: int, mismatch: dict[str, flo
         + "".join(f"- {line}\n" for line in bound_lines(rows))
         + f"- Streaming vs offline over the {RATES_HZ[0]} Hz window, max abs diff: "
         + ", ".join(f"{b} {m:.2e}" for b, m in mismatch.items()) + f" (tolerance {TOLERANCE:g})\n"
-        f"- The compile backend's first step (the compile, Inductor's cache as found): {compile_s:.1f} s\n\n"
+        "- The compile backend's first step (the compile, or its load from hiss_ros's on-disk cache as found): "
+        f"{compile_s:.1f} s\n\n"
         + environment(" and ".join(sorted({str(r.threads) for r in rows})), load)
     )
 

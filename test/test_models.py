@@ -12,8 +12,8 @@ import torch
 from conftest import CHUNK, MODEL_CONFIGS, flat_config, hiss_config
 
 from hiss_ros.errors import ConfigError
-from hiss_ros.models.aot import CACHE_ENV
 from hiss_ros.models import FlatConfig, HiSSConfig, StackConfig, StepRunner, build_model, model_config_from_dict
+from hiss_ros.models.aot import CACHE_ENV
 
 N_CHUNKS = 50
 

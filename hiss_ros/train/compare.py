@@ -85,11 +85,12 @@ def matched_flat(base: dict[str, Any], kind: str, target: int) -> dict[str, Any]
     return cfg(best)
 
 
-def step_cost_ms(model: ChunkedModel, calls: int = 200) -> float:
-    """Median milliseconds of one streaming step as served (``StepRunner``, eager: batch 1, CPU, one
-    torch thread as in the node's default deployment, inference mode)."""
+def step_cost_ms(model: ChunkedModel, calls: int = 200, backend: str = "eager") -> float:
+    """Median milliseconds of one streaming step as served (``StepRunner`` with ``backend``, eager
+    by default, as every model kind has it: batch 1, CPU, one torch thread as in the node's default
+    deployment, inference mode)."""
     model = model.cpu().eval()
-    runner = StepRunner(model)
+    runner = StepRunner(model, backend)
     x = torch.randn(calls + 20, 1, model.config.chunk, model.config.input_dim)
     times = []
     threads = torch.get_num_threads()
