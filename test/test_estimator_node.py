@@ -365,7 +365,7 @@ def test_sim_time_replay_with_header_less_tactile(tmp_path, monkeypatch):
     est = subprocess.Popen(
         [sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p",
          f"model_path:={tmp_path / 'run' / 'model.safetensors'}", "-p", "use_sim_time:=true",
-         "-r", "__ns:=/simtime"],
+         "-p", "step_backend:=eager", "-r", "__ns:=/simtime"],
         env={**os.environ, **ROS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     ros = Listener("sim_time_listener")
