@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from collections import namedtuple
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ def _builder(spec: Any) -> Any:
     return lambda leaves, i: pytree.tree_unflatten(leaves[i:i + spec.num_leaves], spec)
 
 
-def compiled_step(model: nn.Module, weights: Any, batch_size: int, progress: Any = None) -> CompiledStep:
+def compiled_step(model: nn.Module, weights: Any, batch_size: int,
+                  progress: Callable[[str], object] | None = None) -> CompiledStep:
     """The compiled step of ``model`` (eval, a model ``StepRunner`` covers) for ``batch_size``:
     loaded from the cache, or compiled and cached (``progress(message)`` is told first)."""
     p = next(model.parameters())
@@ -159,7 +161,7 @@ def compiled_step(model: nn.Module, weights: Any, batch_size: int, progress: Any
                 path.unlink(missing_ok=True)
         if progress is not None:
             progress(f"compiling the step (AOTInductor) into {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # shared libraries this user will load
         for stale in path.parent.glob(".compiling-*"):  # left by a process ended while compiling
             if time.time() - stale.stat().st_mtime > 3600:
                 stale.unlink(missing_ok=True)
@@ -167,9 +169,9 @@ def compiled_step(model: nn.Module, weights: Any, batch_size: int, progress: Any
         example = tuple(t.clone() for t in (x, *leaves, *step_inputs(model, weights)))
         n_weights = sum(isinstance(w, Tensor) for w in w_leaves)
         # Traced on a copy: the trace swaps the buffers of the model it runs, which may be stepping meanwhile.
-        step = _Step(_Advance(copy.deepcopy(model), state_spec, w_leaves, w_spec), len(leaves), n_weights)
+        module = _Step(_Advance(copy.deepcopy(model), state_spec, w_leaves, w_spec), len(leaves), n_weights)
         with torch.no_grad():
-            program = torch.export.export(step, example, strict=False)
+            program = torch.export.export(module, example, strict=False)
             fd, tmp = tempfile.mkstemp(prefix=".compiling-", suffix=".pt2", dir=path.parent)
             os.close(fd)
             try:
