@@ -349,13 +349,14 @@ class StreamingEstimator:
         """One model output y (W,) for the chunk x (chunk, C) -> the estimate in physical units;
         None (counted, the state reset) if its mean or variance is not finite."""
         mean, log_var = self.model.split_output(y)  # (O,) each, log_var None without the variance head
-        values = self.spec.normalization.physical(mean.cpu().numpy())
+        floats = self.spec.normalization.physical_floats(mean.tolist())  # no numpy call: cheaper on cold caches
+        values, finite = np.array(floats), all(map(math.isfinite, floats))
         score = None
         if self.spec.novelty is not None and (self.score_novelty or log_var is not None):
             score = self.spec.novelty.score(x)
         variance = None if log_var is None else self.spec.physical_variance(log_var.cpu().numpy(), x, score)
         novelty = None if score is None else float(score)
-        if not np.isfinite(values).all() or (variance is not None and not np.isfinite(variance).all()):
+        if not finite or (variance is not None and not np.isfinite(variance).all()):
             self.counters["nonfinite_output"] += 1
             self.reset()
             return None

@@ -37,6 +37,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import pairwise
 
 import numpy as np
@@ -217,6 +218,16 @@ class Normalization:
     def physical(self, y: np.ndarray) -> np.ndarray:
         """Model outputs (..., O) -> float64 physical units."""
         return np.asarray(y, dtype=np.float64) * self.output_std + self.output_mean
+
+    def physical_floats(self, y: list[float]) -> list[float]:
+        """One model output (O,) as Python floats -> physical units: ``physical`` without a numpy call
+        (the same float64 operations, so the same results), for the serving path, where each numpy
+        call's fixed cost, on caches gone cold between estimates, is most of the work."""
+        return [v * s + m for v, s, m in zip(y, self._output_floats[0], self._output_floats[1], strict=True)]
+
+    @cached_property
+    def _output_floats(self) -> tuple[list[float], list[float]]:
+        return self.output_std.tolist(), self.output_mean.tolist()
 
 
 class _Held:
