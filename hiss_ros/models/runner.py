@@ -10,7 +10,7 @@ level, pool ``last`` and chunk <= ``TOEPLITZ_MAX_LEN``), in eval mode with autog
 ``hiss_ros.models.streaming.step`` on weights gathered once into plain tuples (gathered again when a
 parameter is updated in place, replaced, moved or converted: ``ParamCache``, checked each step), or,
 with the ``"compile"`` backend, that function compiled ahead of time (``hiss_ros.models.aot``: a
-shared library per architecture, batch size, dtype and device, cached on disk; the weights are its
+shared library per architecture, batch size, dtype, device and torch thread count, cached on disk; the weights are its
 inputs, so new weights need no new compile).
 Anything else (training, autograd, another model) calls ``model.step_chunk``, the module path.
 
@@ -44,8 +44,9 @@ def _advance_fast(model: ChunkedModel, w: Weights, x: Tensor, state: StreamState
 
 
 def _variant(w: Weights, batch_size: int) -> tuple:
-    """What a compiled step is made for: batch size, dtype and device (of the weights)."""
-    return batch_size, w.head_b.dtype, w.head_b.device
+    """What a compiled step is made for: batch size, dtype and device (of the weights), and torch's
+    thread count (its parallel loops are compiled for it)."""
+    return batch_size, w.head_b.dtype, w.head_b.device, torch.get_num_threads()
 
 
 class StepRunner:
@@ -59,7 +60,7 @@ class StepRunner:
         self._slots = [(d, n) for m in model.modules() for d in (m._parameters, m._buffers)
                        for n, p in d.items() if p is not None]
         self._weights: ParamCache[Weights] = ParamCache(partial(gather, model))
-        self._compiled: dict[tuple, CompiledStep] = {}  # (batch size, dtype, device) -> its compiled step
+        self._compiled: dict[tuple, CompiledStep] = {}  # _variant -> its compiled step
         self._flat: tuple[Any, list[Tensor]] = (None, [])  # (gathered weights, step_inputs for the compiled step)
         self._compile = False  # the backend: the compiled step instead of the eager one
         self.set_backend(backend)
