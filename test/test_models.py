@@ -276,7 +276,8 @@ def test_param_cache_recomputes_only_when_a_parameter_changed():
 def test_compiled_step_equals_offline_and_is_cached(tmp_path, monkeypatch):
     """Runner backend "compile" (AOTInductor, ``hiss_ros.models.aot``): compiled ahead by compile
     into the on-disk cache, the same outputs as the offline forward (in inference mode and under
-    no_grad); new weights and a new delta scale (a buffer) are seen with no new compile; another
+    no_grad); new weights and a new delta scale (a buffer) are seen with no new compile; a chunk of
+    another dtype is refused; another
     runner of the same architecture loads the cached package instead of compiling; a batch of 2
     is another package; a corrupt package in the cache is compiled again."""
     if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
@@ -295,13 +296,15 @@ def test_compiled_step_equals_offline_and_is_cached(tmp_path, monkeypatch):
     with torch.inference_mode():
         torch.testing.assert_close(stream(model, x, runner.step), model(x), atol=1e-4, rtol=0)
         first, _ = runner.step(x[:, :CHUNK], model.init_state(1))
-    with torch.no_grad():  # weights are inputs of the compiled step, buffers its constants (the model's own)
+    with torch.no_grad():  # weights and buffers are inputs of the compiled step
         model.high.blocks[0].mixer.D.add_(1.0)
         model.set_delta_std(torch.full((6,), 2.0))
         changed, _ = runner.step(x[:, :CHUNK], model.init_state(1))
         torch.testing.assert_close(changed, model(x[:, :CHUNK])[:, 0], atol=1e-4, rtol=0)
         assert (changed - first).abs().max().item() > 1e-4
         torch.testing.assert_close(stream(model, x, runner.step), model(x), atol=1e-4, rtol=0)  # not inference mode
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"compiled step for torch\.float32 on cpu: the chunk"):
+        runner.step(x[:, :CHUNK].double(), model.init_state(1))  # read as float32 it would be wrong, not an error
     other, told = build_model(config).eval(), []
     StepRunner(other).compile(progress=told.append)
     assert told == []  # the same architecture: loaded from the cache

@@ -11,7 +11,9 @@ thread count, torch version and source of the step, and cached under ``cache_dir
 atomically: compiled into a temporary name, then renamed), so later runs load it in well under a
 second. Compiling takes ~10-30 s on 2 cores and needs a C++ compiler. The weights are inputs of the
 compiled graph, not constants, and so are the model's buffers (``delta_std``): new weights (a hot
-reload, an optimizer step) need no new compile.
+reload, an optimizer step) need no new compile. While it traces (~2 s), ``torch.export`` switches
+process-wide settings (oneDNN off): a model stepping in another thread meanwhile may differ in its
+last bits (seen: 3.6e-7).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import copy
 import hashlib
 import json
 import os
+import platform
 import tempfile
 import threading
 import time
@@ -39,6 +42,8 @@ from hiss_ros.models.hiss import StreamState
 from hiss_ros.models.streaming import step
 
 CACHE_ENV = "HISS_ROS_CACHE"
+# torch's own deprecation, raised from inside its export and packaging: nothing a user can act on
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 # The modules whose code the compiled step is made of: a change to any of them compiles anew.
 _SOURCES = ("streaming", "hiss", "mamba", "scan", "s4d", "blocks", "aot")
 _LOCK = threading.Lock()  # one compile at a time in a process (Inductor's state is global)
@@ -57,6 +62,24 @@ def _source_digest() -> str:
     for name in _SOURCES:
         h.update((Path(__file__).parent / f"{name}.py").read_bytes())
     return h.hexdigest()
+
+
+def _hardware(device: torch.device) -> str:
+    """What the generated code is made for besides torch: the CPU (Inductor compiles for this
+    machine's instruction set: a package built with AVX-512 dies with SIGILL on a CPU without it,
+    which no fallback can catch, so a cache shared between machines must not mix them) and, on CUDA,
+    the GPU's compute capability."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    cpu = platform.machine()
+    try:  # the model and its flags, where Linux says (a shared home directory may span CPU generations)
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        cpu += hashlib.sha256("".join(sorted(line for line in info.splitlines()
+                                             if line.startswith(("model name", "flags")))).encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    gpu = f" sm{''.join(map(str, torch.cuda.get_device_capability(device)))}" if device.type == "cuda" else ""
+    return f"{cpu} {pick_vec_isa()}{gpu}"
 
 
 class _Advance(nn.Module):
@@ -102,9 +125,12 @@ class CompiledStep:
     """One compiled package: ``step(x, state, inputs) -> (y, state)`` for one batch size, dtype and
     device; ``inputs``: ``step_inputs`` of the model and its gathered weights."""
 
-    def __init__(self, path: Path, state_spec: Any) -> None:
+    def __init__(self, path: Path, state_spec: Any, example: Tensor, state: list[Tensor]) -> None:
         self.path, self.state_spec = path, state_spec
-        self._package = torch._inductor.aoti_load_package(str(path))
+        self.dtype, self.device = example.dtype, example.device
+        self._state_types = [(t.dtype, t.device) for t in state]
+        index = example.device.index if example.device.type == "cuda" and example.device.index is not None else -1
+        self._package = torch._inductor.aoti_load_package(str(path), device_index=index)
         self._run = self._package.loader.run  # flat tensors in, flat tensors out: no Python wrapper per call
         self._build = _builder(state_spec)
         self._last: tuple[Any, list[Tensor]] = (None, [])  # the state it returned last, and its leaves
@@ -113,10 +139,21 @@ class CompiledStep:
         last, leaves = self._last
         if state is not last:  # a state of its own is passed back as it was returned: no flattening
             leaves = [t.contiguous() for t in pytree.tree_leaves(state)]
+            self._check([(t.dtype, t.device) for t in leaves] != self._state_types, "state", state)
+        self._check(x.dtype != self.dtype or x.device != self.device, "chunk", x)
         out = self._run([x.contiguous(), *leaves, *inputs])
         new = self._build(out, 1)
         self._last = (new, out[1:])
         return out[0], new
+
+
+    def _check(self, wrong: bool, what: str, got: Any) -> None:
+        """The package reads raw memory as the dtype and device it was compiled for: anything else
+        is refused, as the eager step refuses it, instead of being misread."""
+        if wrong:
+            got = [(t.dtype, t.device) for t in pytree.tree_leaves(got)]
+            raise ValueError(f"compiled step for {self.dtype} on {self.device}: the {what} is {got} "
+                             "(convert it, or step a model of that dtype and device)")
 
 
 def _builder(spec: Any) -> Any:
@@ -148,24 +185,27 @@ def compiled_step(model: nn.Module, weights: Any, batch_size: int,
     w_leaves, w_spec = pytree.tree_flatten(weights)
     key = json.dumps({
         "config": config_to_dict(model.config), "batch": batch_size, "dtype": str(p.dtype), "device": str(p.device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "code": _source_digest(),
+        "hardware": _hardware(p.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "code": _source_digest(),
         "weights": [list(w.shape) if isinstance(w, Tensor) else w for w in w_leaves],
     }, sort_keys=True, default=str)
     path = cache_dir() / "steps" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt2"
-    with _LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, from its export and packaging
+    x = torch.zeros(batch_size, model.config.chunk, model.config.input_dim, device=p.device, dtype=p.dtype)
+    with _LOCK:
         if path.exists():
             try:
-                return CompiledStep(path, state_spec)
+                return CompiledStep(path, state_spec, x, leaves)
             except Exception:  # unreadable (another torch build's?): compile it again
                 path.unlink(missing_ok=True)
         if progress is not None:
             progress(f"compiling the step (AOTInductor) into {path}")
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # shared libraries this user will load
         for stale in path.parent.glob(".compiling-*"):  # left by a process ended while compiling
-            if time.time() - stale.stat().st_mtime > 3600:
-                stale.unlink(missing_ok=True)
-        x = torch.zeros(batch_size, model.config.chunk, model.config.input_dim, device=p.device, dtype=p.dtype)
+            try:
+                if time.time() - stale.stat().st_mtime > 3600:
+                    stale.unlink()
+            except FileNotFoundError:  # renamed or removed by another process meanwhile
+                pass
         example = tuple(t.clone() for t in (x, *leaves, *step_inputs(model, weights)))
         n_weights = sum(isinstance(w, Tensor) for w in w_leaves)
         # Traced on a copy: the trace swaps the buffers of the model it runs, which may be stepping meanwhile.
@@ -181,4 +221,4 @@ def compiled_step(model: nn.Module, weights: Any, batch_size: int,
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         (path.parent / f"{path.stem}.json").write_text(key)  # what it was compiled for (for people)
-        return CompiledStep(path, state_spec)
+        return CompiledStep(path, state_spec, x, leaves)

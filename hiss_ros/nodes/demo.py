@@ -200,10 +200,11 @@ def _compile_step(model: Path) -> None:
     replay runs."""
     import torch
 
-    from hiss_ros.serving import StreamingEstimator
+    from hiss_ros.serving import StreamingEstimator, resolve_device
 
-    torch.set_num_threads(1)  # as the estimator's: the compiled step is made for a thread count
-    status = StreamingEstimator.from_checkpoint(model).compile(lambda said: print(f"demo: {said} (once)", flush=True))
+    torch.set_num_threads(1)  # as the estimator's: the compiled step is made for a thread count and a device
+    est = StreamingEstimator.from_checkpoint(model, resolve_device("auto"))  # the device the node picks
+    status = est.compile(lambda said: print(f"demo: {said} (once)", flush=True))
     print(f"demo: compiled step {status}", flush=True)
 
 
