@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hiss_ros.models import LAYER_KINDS
+from hiss_ros.models.aot import CACHE_ENV
 
 CHUNK = 10
 
@@ -20,7 +21,7 @@ collect_ignore = [] if torch.cuda.is_available() or os.environ.get("HISS_TEST_DE
 
 # Compiled steps (step_backend compile, hiss_ros.models.aot) go to a cache of this run's own, not the
 # user's: the nodes the tests start inherit it. Removed when the run ends.
-os.environ["HISS_ROS_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="hiss_ros_cache-")
+os.environ[CACHE_ENV] = _CACHE = tempfile.mkdtemp(prefix="hiss_ros_cache-")
 
 
 def pytest_sessionfinish(session, exitstatus):

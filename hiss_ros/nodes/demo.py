@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+THREADS = 1  # the estimator's torch threads; the step compiled ahead of it is made for that count
+
 
 class _Series:
     def __init__(self) -> None:
@@ -95,7 +97,8 @@ def _watch(model: Path, bag: Path, rate: float, outs: list[_Output], expected: i
 
     env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
     est = subprocess.Popen([sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p",
-                            f"model_path:={model}", "-p", "use_sim_time:=true", "-p", "num_threads:=1"], env=env)
+                            f"model_path:={model}", "-p", "use_sim_time:=true", "-p", f"num_threads:={THREADS}"],
+                           env=env)
     rclpy.init()
     node = rclpy.create_node("hiss_demo_monitor")
     diag: dict[str, str] = {}
@@ -196,13 +199,13 @@ def _report(outs: list[_Output], diag: dict, out: Path, expected: int) -> dict:
 
 def _compile_step(model: Path) -> None:
     """Compile the model's step into the cache now (once: later runs find it there), so that the
-    estimator (step_backend auto, num_threads:=1) loads it at start instead of compiling while the
+    estimator (step_backend auto, num_threads:=THREADS) loads it at start instead of compiling while the
     replay runs."""
     import torch
 
     from hiss_ros.serving import StreamingEstimator, resolve_device
 
-    torch.set_num_threads(1)  # as the estimator's: the compiled step is made for a thread count and a device
+    torch.set_num_threads(THREADS)  # as the estimator's: the compiled step is made for a thread count and a device
     est = StreamingEstimator.from_checkpoint(model, resolve_device("auto"))  # the device the node picks
     status = est.compile(lambda said: print(f"demo: {said} (once)", flush=True))
     print(f"demo: compiled step {status}", flush=True)
