@@ -319,7 +319,7 @@ class StreamingEstimator:
         except Exception as exc:  # ValueError (not covered); Inductor fails in many ways
             return f"failed ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]})"
         self.runner.set_backend("compile")
-        return f"in use ({time.monotonic() - began:.1f} s to compile)"
+        return f"in use ({time.monotonic() - began:.1f} s to compile, or to load from the cache)"
 
     def push(self, stream: int, stamp_ns: int, values: Any) -> list[Estimate]:
         """One sample of input ``stream`` -> the estimates it completed (usually none or one)."""
