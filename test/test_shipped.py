@@ -79,3 +79,21 @@ def test_demo_runs_the_shipped_model_on_the_sample_bag(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["estimates"] >= 0.9 * summary["expected"] and (tmp_path / "demo.png").stat().st_size > 10_000
+    # auto picks the CPU here (no CUDA); the step compiled ahead of the node is the one it runs
+    assert (summary["device"], summary["step_backend"]) == ("cpu", "compile")
+    assert summary["compile"].startswith("in use")
+
+
+def test_demo_refuses_cuda_where_torch_sees_none(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here")
+    proc = subprocess.run([sys.executable, "-m", "hiss_ros.nodes.demo", "--out", str(tmp_path), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "device cuda, but torch sees no CUDA device" in proc.stdout
+    assert not (tmp_path / "summary.json").exists()

@@ -7,7 +7,7 @@ costs ~50 us back to back and ~0.4 ms after idle, against ~0.3 and ~1.1 ms eager
 CPU (and ``torch.compile``'s runtime wrappers in Python cost most of what its kernels saved after idle).
 
 A package is compiled once per architecture (the model config), batch size, dtype, device, torch
-thread count, torch version and source of the step, and cached under ``cache_dir()`` (written
+thread count (on the CPU), torch version and source of the step, and cached under ``cache_dir()`` (written
 atomically: compiled into a temporary name, then renamed), so later runs load it in well under a
 second. Compiling takes ~10-30 s on 2 cores and needs a C++ compiler. The weights are inputs of the
 compiled graph, not constants, and so are the model's buffers (``delta_std``): new weights (a hot
@@ -175,6 +175,12 @@ def _builder(spec: Any) -> Any:
     return lambda leaves, i: pytree.tree_unflatten(leaves[i:i + spec.num_leaves], spec)
 
 
+def threads_compiled_for(device: torch.device) -> int:
+    """The torch thread count a compiled step is made for: on the CPU its parallel loops are compiled for
+    the current count; on CUDA none (0), as its kernels are the GPU's."""
+    return torch.get_num_threads() if device.type == "cpu" else 0
+
+
 def compiled_step(model: nn.Module, weights: Any, batch_size: int,
                   progress: Callable[[str], object] | None = None) -> CompiledStep:
     """The compiled step of ``model`` (eval, a model ``StepRunner`` covers) for ``batch_size``:
@@ -185,7 +191,7 @@ def compiled_step(model: nn.Module, weights: Any, batch_size: int,
     w_leaves, w_spec = pytree.tree_flatten(weights)
     key = json.dumps({
         "config": config_to_dict(model.config), "batch": batch_size, "dtype": str(p.dtype), "device": str(p.device),
-        "hardware": _hardware(p.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "hardware": _hardware(p.device), "threads": threads_compiled_for(p.device), "torch": torch.__version__,
         "code": _source_digest(),
         "weights": [list(w.shape) if isinstance(w, Tensor) else w for w in w_leaves],
     }, sort_keys=True, default=str)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hiss_ros.models.aot import CompiledStep, compiled_step, step_inputs
+from hiss_ros.models.aot import CompiledStep, compiled_step, step_inputs, threads_compiled_for
 from hiss_ros.models.cache import ParamCache
 from hiss_ros.models.hiss import ChunkedModel, StreamState
 from hiss_ros.models.s4d import TOEPLITZ_MAX_LEN
@@ -44,9 +44,9 @@ def _advance_fast(model: ChunkedModel, w: Weights, x: Tensor, state: StreamState
 
 
 def _variant(w: Weights, batch_size: int) -> tuple:
-    """What a compiled step is made for: batch size, dtype and device (of the weights), and torch's
-    thread count (its parallel loops are compiled for it)."""
-    return batch_size, w.head_b.dtype, w.head_b.device, torch.get_num_threads()
+    """What a compiled step is made for: batch size, dtype and device (of the weights), and on the CPU
+    torch's thread count (its parallel loops are compiled for it)."""
+    return batch_size, w.head_b.dtype, w.head_b.device, threads_compiled_for(w.head_b.device)
 
 
 class StepRunner:

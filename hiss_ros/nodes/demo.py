@@ -64,8 +64,9 @@ class _Output:
         return [float(attrgetter(f)(msg)) for f in self.fields]
 
 
-def _outputs(model: Path) -> tuple[list[_Output], float]:
-    """The model's outputs that the demo can compare with a ground truth in the bag, and its estimate rate."""
+def _outputs(model: Path) -> tuple[list[_Output], float, list[str]]:
+    """The model's outputs that the demo can compare with a ground truth in the bag, its estimate rate, and
+    its input topics."""
     from hiss_ros.nodes.messages import estimate_type, output_names
     from hiss_ros.serving import load_model
 
@@ -74,7 +75,7 @@ def _outputs(model: Path) -> tuple[list[_Output], float]:
     outs = [_Output(s.topic, s.type, f"/hiss_estimator/{name.removeprefix('~/')}", list(s.fields[:3]))
             for s, name in zip(spec.outputs, names, strict=True)
             if not s.derive and s.type in PUBLISHED_AS_IS and len(s.fields) >= 3]
-    return outs, spec.pipeline.output_rate_hz
+    return outs, spec.pipeline.output_rate_hz, [s.topic for s in spec.inputs]
 
 
 def _bag_seconds(bag: Path) -> float:
@@ -88,7 +89,8 @@ def _stamp(m) -> int:
     return m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
 
 
-def _watch(model: Path, bag: Path, rate: float, outs: list[_Output], expected: int) -> dict:
+def _watch(model: Path, bag: Path, rate: float, device: str, outs: list[_Output], expected: int,
+           inputs: list[str]) -> dict:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
@@ -96,9 +98,9 @@ def _watch(model: Path, bag: Path, rate: float, outs: list[_Output], expected: i
     from hiss_ros.nodes.common import message_class
 
     env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-    est = subprocess.Popen([sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args", "-p",
-                            f"model_path:={model}", "-p", "use_sim_time:=true", "-p", f"num_threads:={THREADS}"],
-                           env=env)
+    params = {"model_path": model, "use_sim_time": "true", "num_threads": THREADS, "device": device}
+    est = subprocess.Popen([sys.executable, "-m", "hiss_ros.nodes.estimator", "--ros-args",
+                            *(a for k, v in params.items() for a in ("-p", f"{k}:={v}"))], env=env)
     rclpy.init()
     node = rclpy.create_node("hiss_demo_monitor")
     diag: dict[str, str] = {}
@@ -117,8 +119,11 @@ def _watch(model: Path, bag: Path, rate: float, outs: list[_Output], expected: i
     deadline = time.monotonic() + 60
     while not all(s.get_publisher_count() > 0 for s in subs) and time.monotonic() < deadline:
         ex.spin_once(timeout_sec=0.1)
+    # Only what the estimator reads and the monitor compares: the replay waits for a subscriber on every
+    # topic it publishes, so one nobody reads (the sample's /pose_gt) would hold its start for the whole wait.
+    topics = [*inputs, *(o.topic for o in outs)]
     replay = subprocess.Popen([sys.executable, "-m", "hiss_ros.nodes.replay", str(bag), "--clock", "--rate", str(rate),
-                               "--wait-for-subscribers", "30"], env=env)
+                               "--wait-for-subscribers", "30", "--topics", *topics], env=env)
     first = outs[0].estimate
     next_line, quiet_since = time.monotonic() + 1.0, None
     try:
@@ -169,6 +174,7 @@ def _report(outs: list[_Output], diag: dict, out: Path, expected: int) -> dict:
         "dropped_or_rejected": {k: v for k, v in diag.items()
                                 if k.startswith(("pipeline", "unreadable")) and k != "pipeline accepted"},
         "resets": diag.get("resets"),
+        **{k: diag.get(k) for k in ("device", "step_backend", "compile")},
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     import matplotlib
@@ -197,7 +203,7 @@ def _report(outs: list[_Output], diag: dict, out: Path, expected: int) -> dict:
     return summary
 
 
-def _compile_step(model: Path) -> None:
+def _compile_step(model: Path, device: str) -> None:
     """Compile the model's step into the cache now (once: later runs find it there), so that the
     estimator (step_backend auto, num_threads:=THREADS) loads it at start instead of compiling while the
     replay runs."""
@@ -206,12 +212,14 @@ def _compile_step(model: Path) -> None:
     from hiss_ros.serving import StreamingEstimator, resolve_device
 
     torch.set_num_threads(THREADS)  # as the estimator's: the compiled step is made for a thread count and a device
-    est = StreamingEstimator.from_checkpoint(model, resolve_device("auto"))  # the device the node picks
+    est = StreamingEstimator.from_checkpoint(model, resolve_device(device))  # the device the node picks
     status = est.compile(lambda said: print(f"demo: {said} (once)", flush=True))
     print(f"demo: compiled step {status}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hiss_ros.errors import HissError
+    from hiss_ros.serving import resolve_device
     from hiss_ros.shipped import SAMPLE_BAG, default_model_path, shipped_model, shipped_path
 
     p = argparse.ArgumentParser(prog="hiss-demo", description=__doc__.splitlines()[0])
@@ -219,23 +227,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(default_model_path()), help="checkpoint or shipped model name (contact)")
     p.add_argument("--bag", type=Path, default=shipped_path(SAMPLE_BAG), help="bag to replay (default: the sample)")
     p.add_argument("--rate", type=float, default=1.0, help="replay speed factor")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="the estimator's device (auto: CUDA when torch sees one)")
     args = p.parse_args(argv)
     model = shipped_model(args.model)
     for path in (model, args.bag):
         if not path.exists():
             print(f"hiss-demo: error: {path} not found (run from the repository, or give --model / --bag)")
             return 2
-    outs, output_rate_hz = _outputs(model)
+    outs, output_rate_hz, inputs = _outputs(model)
     if not outs:
         print(f"hiss-demo: error: {model} has no wrench or twist output to compare with a ground truth")
         return 2
+    try:
+        resolve_device(args.device)
+    except HissError as exc:  # cuda where torch sees none
+        print(f"hiss-demo: error: {exc}")
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    _compile_step(model)
+    _compile_step(model, args.device)
     seconds = _bag_seconds(args.bag)
     expected = int(seconds * output_rate_hz) - 1
     print(f"demo: replaying {args.bag} ({seconds:.0f} s) through the estimator node with {model} (real DDS) ...",
           flush=True)
-    diag = _watch(model, args.bag, args.rate, outs, expected)
+    diag = _watch(model, args.bag, args.rate, args.device, outs, expected, inputs)
     if not outs[0].estimate.t or not all(o.truth.t for o in outs):
         print("demo FAILED: no estimates (or no ground truth) arrived; see the estimator's log above")
         return 1
