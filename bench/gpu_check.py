@@ -17,8 +17,8 @@ logged, and the others still run), in this order:
   bench   forward+backward of the paper-size HiSS (S4D 256x6 low, Mamba 128x6 high) and a flat
           Mamba 128x6 on batch 16 x 2000 samples, GPU against the CPU at 2 threads; the batch-1
           step as served (``StepRunner.step``) on the CPU, on CUDA eagerly, replayed from a CUDA
-          graph and compiled ahead (AOTInductor); the selective scan alone (chunked parallel vs
-          sequential, on the GPU)
+          graph (backend ``graph``) and compiled ahead (AOTInductor), and the compiled step inside
+          a CUDA graph (an experiment); the selective scan alone (chunked parallel vs sequential)
 Everything lands in --out (8 files at most, what a device run sends back): NAME.log per part (env
 and wheels share setup.log), gpu_check.json (every figure and each part's status) and
 benchmarks_gpu.md (a docs/BENCHMARKS.md section with the device, the date and the issue's targets;
@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ import yaml
 from benchutil import DEFAULT_DOC, REPO, cpu_model, markdown_table, time_calls, write_section
 
 from hiss_ros.models import ChunkedModel, StepRunner, build_model
+from hiss_ros.models.graphs import GraphedStep
 
 SECTION = "gpu_check"
 # Seconds per part. Their sum stays under 8 minutes, so one device call (10 at most) holds them all.
@@ -454,45 +455,10 @@ def bench_scan(fig: Figures, device: torch.device, dry_run: bool) -> None:
         fig[f"scan/{name}"] = {"median_ms": 1e3 * statistics.median(times), "shape": [B, L, E, N]}
 
 
-def leaves(tree: Any) -> Iterator[torch.Tensor]:
-    """The tensors of a nest of tuples (a model state), in order."""
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    else:
-        for item in tree:
-            yield from leaves(item)
-
-
-def graphed_step(model: ChunkedModel, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A step (``StepRunner.step``, as served) captured once in a CUDA graph on static input and
-    state tensors; the returned function copies a chunk in, replays, and copies the new state over
-    the static one. Replaying skips the ~hundreds of kernel launches of one step, which dominate at batch 1."""
-    runner = StepRunner(model)
-    static_x = x.clone()
-    static_state = model.init_state(x.shape[0])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(3):
-            runner.step(static_x, static_state)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y, new_state = runner.step(static_x, static_state)
-
-    def step(chunk: torch.Tensor) -> torch.Tensor:
-        static_x.copy_(chunk)
-        graph.replay()
-        for old, new in zip(leaves(static_state), leaves(new_state), strict=True):
-            old.copy_(new)
-        return static_y
-
-    return step
-
-
 def eager_step(model: ChunkedModel, backend: str = "eager") -> Callable[[torch.Tensor], torch.Tensor]:
     """A step (``StepRunner.step``, as served) at batch 1, the state carried from call to call; backend
-    ``compile``: the step compiled ahead of time (AOTInductor), compiled (or loaded) here."""
+    ``compile``: the step compiled ahead of time (AOTInductor), compiled (or loaded) here; ``graph``: the
+    step replayed from a CUDA graph, captured at the first call."""
     runner, state = StepRunner(model, backend), model.init_state(1)
     if backend == "compile":
         runner.compile(1)
@@ -515,7 +481,6 @@ def step_ms(step: Callable[[torch.Tensor], torch.Tensor], device: torch.device, 
 def bench_step(fig: Figures, device: torch.device, hiss_cfg: dict, calls: int) -> None:
     torch.manual_seed(0)
     model = build_model(hiss_cfg).eval()
-    x = torch.randn(1, 10, IO["input_dim"])
     with torch.no_grad():  # the fast step applies without autograd; no_grad tensors can be captured
         # One torch thread: at batch 1 more threads only add synchronisation (as bench_streaming found)
         threads = torch.get_num_threads()
@@ -527,7 +492,7 @@ def bench_step(fig: Figures, device: torch.device, hiss_cfg: dict, calls: int) -
             return
         model.to(device)
         fig["step/cuda-eager"] = step_ms(eager_step(model), device, calls)
-        graphed, eager = graphed_step(model, x.to(device)), eager_step(model)
+        graphed, eager = eager_step(model, "graph"), eager_step(model)
         chunks = torch.randn(5, 1, 10, IO["input_dim"], device=device)
         fig["step/graph_vs_eager_max_abs"] = max((graphed(c) - eager(c)).abs().max().item() for c in chunks)
         fig["step/cuda-graph"] = step_ms(graphed, device, calls)
@@ -546,6 +511,22 @@ def bench_compiled_step(fig: Figures, device: torch.device, hiss_cfg: dict, call
         chunks = torch.randn(5, 1, 10, IO["input_dim"], device=device)
         fig["step/compiled_vs_eager_max_abs"] = max((compiled(c) - eager(c)).abs().max().item() for c in chunks)
         fig[f"step/{device.type}-compiled"] = step_ms(compiled, device, calls)
+        if device.type == "cuda":  # an experiment: the compiled step inside a CUDA graph (not a backend yet)
+            try:
+                runner, state = StepRunner(model, "compile"), model.init_state(1)
+                graph = GraphedStep(runner.step, chunks[0], state)
+
+                def both(chunk: torch.Tensor) -> torch.Tensor:
+                    nonlocal state
+                    y, state = graph(chunk, state)
+                    return y
+
+                eager = eager_step(model)
+                fig["step/compiled_graph_vs_eager_max_abs"] = max((both(c) - eager(c)).abs().max().item()
+                                                                  for c in chunks)
+                fig["step/cuda-compiled-graph"] = step_ms(both, device, calls)
+            except Exception as exc:  # a capture the package does not allow, say
+                fig["step/cuda-compiled-graph"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 def part_bench(args: argparse.Namespace, fig: Figures) -> None:
@@ -626,6 +607,8 @@ def markdown(report: dict[str, Any]) -> str:
                       "host memory (CPU: 1 torch thread):",
                       "", markdown_table(["step", "median ms", "p99 ms"],
                                          [[k, fmt_ms(v), fmt_ms(v, "p99_ms")] for k, v in steps.items()])]
+        lines += [f"{k.split('/', 1)[1]}: {v}" for k, v in bench.items() if k.startswith("step/")
+                  and isinstance(v, str)]
         graph_err = bench.get("step/graph_vs_eager_max_abs")
         if graph_err is not None:
             lines += [f"CUDA graph against eager, 5 steps: max abs difference {graph_err:.1e}."]
@@ -634,6 +617,10 @@ def markdown(report: dict[str, Any]) -> str:
             seconds = next((v for k, v in bench.items() if k.endswith("-compiled-seconds_to_compile")), None)
             lines += [f"Compiled step (AOTInductor) against eager, 5 steps: max abs difference {compiled_err:.1e}; "
                       f"{seconds} s to compile."]
+        both_err = bench.get("step/compiled_graph_vs_eager_max_abs")
+        if both_err is not None:
+            lines += [f"Compiled step inside a CUDA graph (an experiment) against eager: max abs difference "
+                      f"{both_err:.1e}."]
     node = parts.get("node", {}).get("figures", {}).get("summary")
     if node:
         lines += ["", f"Estimator node (`make demo`'s program, contact model, device {node.get('device')}, step "
@@ -655,7 +642,8 @@ def targets(report: dict[str, Any]) -> list[list[str]]:
     counts = tests.get("figures", {}).get("pytest")
     cpu, gpu = bench.get("fwdbwd/hiss/cpu"), bench.get("fwdbwd/hiss/cuda")
     speedup = cpu["median_ms"] / gpu["median_ms"] if cpu and gpu else None
-    steps = {k: bench[f"step/{k}"]["median_ms"] for k in ("cuda-graph", "cuda-compiled") if f"step/{k}" in bench}
+    steps = {k: bench[f"step/{k}"]["median_ms"] for k in ("cuda-graph", "cuda-compiled", "cuda-compiled-graph")
+             if isinstance(bench.get(f"step/{k}"), dict)}
     best = min(steps.items(), key=lambda kv: kv[1]) if steps else None
     node = parts.get("node", {})
     return [

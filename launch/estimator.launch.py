@@ -2,7 +2,8 @@
 
 ros2 launch hiss_ros estimator.launch.py [model_path:=contact|broad_velocity|contact_uncertainty|
     broad_velocity_uncertainty|PATH] [params_file:=YAML] [device:=auto|cpu|cuda] [namespace:=NS]
-    [use_sim_time:=true] [autostart:=false] [publish_markers:=true] [step_backend:=auto|eager|compile] [rviz:=true]
+    [use_sim_time:=true] [autostart:=false] [publish_markers:=true] [step_backend:=auto|eager|compile|graph]
+    [rviz:=true]
 
 model_path, device, use_sim_time, autostart, publish_markers and step_backend override the parameters
 file only when given on the command line: their default "" leaves the file's value (or the node's
@@ -60,7 +61,8 @@ def generate_launch_description() -> LaunchDescription:
                                           "RViz views show them); empty: the parameters file's (false)"),
         DeclareLaunchArgument("step_backend", default_value="",
                               description="auto | eager | compile (the step compiled ahead of time, needs g++; "
-                                          "auto: in the background); empty: the parameters file's (auto)"),
+                                          "auto: in the background) | graph (CUDA only: the step replayed from a "
+                                          "CUDA graph); empty: the parameters file's (auto)"),
         DeclareLaunchArgument("rviz", default_value="false", description="also start RViz showing the estimates"),
         OpaqueFunction(function=launch_setup),
     ])

@@ -231,3 +231,12 @@ def test_a_dropped_clock_sample_does_not_move_the_receipt_time_line(node):
     assert offset is not None
     assert n._process(0, imu(T0 + 100 * PERIOD + 400_000_000, gyro=(np.nan, 0, 0)), time.monotonic_ns()) is None
     assert n.est.counters["nonfinite"] == 1 and n._stamps.steady_offset == offset
+
+
+def test_graph_backend_on_the_cpu_fails_configure_saying_why(node):
+    from hiss_ros.errors import HissError
+
+    with pytest.raises(HissError) as failed:  # autostart: a node that cannot configure says why and stops
+        node("step_backend:=graph", "device:=cpu")
+    assert str(failed.value) == ("step_backend:=graph: step backend 'graph' needs the model on a CUDA device; "
+                                 "this one is on cpu")

@@ -250,7 +250,8 @@ def test_markdown_of_gpu_figures():
                   "step/cpu-eager": {"median_ms": 1.0, "p99_ms": 2.0},
                   "step/cuda-graph": {"median_ms": 0.2, "p99_ms": 0.3}, "step/graph_vs_eager_max_abs": 0.0,
                   "step/cuda-compiled": {"median_ms": 0.4, "p99_ms": 0.5}, "step/compiled_vs_eager_max_abs": 1e-6,
-                  "step/cuda-compiled-seconds_to_compile": 31.5}},
+                  "step/cuda-compiled-seconds_to_compile": 31.5,
+                  "step/cuda-compiled-graph": "failed: RuntimeError: not permitted when stream is capturing"}},
                         "ddp": {"status": "timeout after 45s", "seconds": 45.0, "figures": {}},
                         "tests": {"status": "ok", "seconds": 50.0, "figures": {"pytest": {
                             "tests": 80, "failures": 0, "errors": 0, "skipped": 0}}},
@@ -265,6 +266,7 @@ def test_markdown_of_gpu_figures():
     assert "| chunked-16 | 10.00 | 30.0x |" in text
     assert "| cuda-graph | 0.20 | 0.30 |" in text
     assert "| ddp | timeout after 45s | 45 |" in text
+    assert "cuda-compiled-graph: failed: RuntimeError: not permitted when stream is capturing" in text
     assert "| cuda-compiled | 0.40 | 0.50 |" in text and "max abs difference 1.0e-06; 31.5 s to compile" in text
     assert "device cuda, step compile: in use (2.0 s ...)" in text and "2399 estimates of 2398 expected" in text
     # The targets, each with its figure; the CPU's thread count is not in this report: "None".

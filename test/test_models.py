@@ -346,6 +346,22 @@ def test_compiled_step_carries_the_state_of_the_shipped_model():
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=f"state after chunk {k}")
 
 
+def test_graph_backend_needs_cuda_and_a_covered_model():
+    from hiss_ros.models.graphs import GraphedStep
+
+    model = build_model(hiss_config("s4d", "mamba"))
+    with pytest.raises(ValueError, match="step backend 'graph' needs the model on a CUDA device; this one is on cpu"):
+        StepRunner(model, "graph")
+    with pytest.raises(ValueError, match=r"step backend 'graph' does not apply to this model: .* low 'lstm'"):
+        StepRunner(build_model(hiss_config("lstm", "mamba")), "graph")
+    with pytest.raises(ValueError, match="a CUDA graph needs a CUDA device; this step runs on cpu"):
+        GraphedStep(model.step_chunk, torch.zeros(1, CHUNK, model.config.input_dim), model.init_state(1))
+    runner = StepRunner(model)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        runner.set_backend("graph")
+    assert runner.backend == "eager"  # refused: unchanged
+
+
 @pytest.mark.parametrize("config, backend, message", [
     (hiss_config("s4d", "mamba"), "jit", "expected one of eager, compile"),
     (hiss_config("lstm", "mamba"), "compile", "this model has low 'lstm', high 'mamba'"),

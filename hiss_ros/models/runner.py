@@ -1,6 +1,7 @@
 """How a model steps while serving: ``StepRunner``, outside the ``nn.Module``.
 
-    runner = StepRunner(model)                     # backend "eager"; "compile" with a C++ compiler
+    runner = StepRunner(model)                     # backend "eager"; "compile" with a C++ compiler;
+                                                   # "graph" on CUDA
     y_k, state = runner.step(x_k, state)           # the contract of model.step_chunk, same outputs
     runner.compile()                               # compile ahead (any thread), then:
     runner.set_backend("compile")
@@ -11,7 +12,9 @@ level, pool ``last`` and chunk <= ``TOEPLITZ_MAX_LEN``), in eval mode with autog
 parameter is updated in place, replaced, moved or converted: ``ParamCache``, checked each step), or,
 with the ``"compile"`` backend, that function compiled ahead of time (``hiss_ros.models.aot``: a
 shared library per architecture, batch size, dtype, device and torch thread count, cached on disk; the weights are its
-inputs, so new weights need no new compile).
+inputs, so new weights need no new compile), or, with the ``"graph"`` backend on CUDA, that function
+captured in a CUDA graph and replayed with one launch (``hiss_ros.models.graphs``: the state it returns
+is its own buffer, updated in place by the next step).
 Anything else (training, autograd, another model) calls ``model.step_chunk``, the module path.
 
 The runner holds no parameters: the model's state dict and checkpoints do not see it. It follows
@@ -30,12 +33,13 @@ from torch import Tensor
 
 from hiss_ros.models.aot import CompiledStep, compiled_step, step_inputs, threads_compiled_for
 from hiss_ros.models.cache import ParamCache
+from hiss_ros.models.graphs import GraphedStep
 from hiss_ros.models.hiss import ChunkedModel, StreamState
 from hiss_ros.models.s4d import TOEPLITZ_MAX_LEN
 from hiss_ros.models.streaming import Weights, gather
 from hiss_ros.models.streaming import step as fast_step
 
-STEP_BACKENDS = ("eager", "compile")
+STEP_BACKENDS = ("eager", "compile", "graph")
 
 
 def _advance_fast(model: ChunkedModel, w: Weights, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
@@ -62,7 +66,8 @@ class StepRunner:
         self._weights: ParamCache[Weights] = ParamCache(partial(gather, model))
         self._compiled: dict[tuple, CompiledStep] = {}  # _variant -> its compiled step
         self._flat: tuple[Any, list[Tensor]] = (None, [])  # (gathered weights, step_inputs for the compiled step)
-        self._compile = False  # the backend: the compiled step instead of the eager one
+        self._graphs: dict[int, tuple[Weights, GraphedStep]] = {}  # batch size -> (the weights it read, its graph)
+        self._backend = "eager"
         self.set_backend(backend)
 
     @staticmethod
@@ -79,20 +84,24 @@ class StepRunner:
 
     @property
     def backend(self) -> str:
-        """How ``step`` runs in eval without autograd: ``"eager"`` or ``"compile"``."""
-        return "compile" if self._compile else "eager"
+        """How ``step`` runs in eval without autograd: ``"eager"``, ``"compile"`` or ``"graph"``."""
+        return self._backend
 
     def set_backend(self, backend: str) -> None:
         """``"eager"`` (default) or ``"compile"``: the fast step compiled ahead of time
         (``hiss_ros.models.aot``), ~6x faster back to back and ~3x after idle for the shipped contact
         model; needs a C++ compiler and compiles (or loads from the cache) at the first step of a
-        batch size unless ``compile`` ran. ``ValueError`` for an unknown backend, or
-        for ``"compile"`` on a model it does not cover, saying why."""
+        batch size unless ``compile`` ran. ``"graph"``: on CUDA, the fast step captured in a CUDA graph
+        at the first step of a batch size (and again after new weights), replayed with one launch.
+        ``ValueError`` for an unknown backend, for ``"compile"`` or ``"graph"`` on a model they do not
+        cover, or for ``"graph"`` on a model that is not on a CUDA device, saying why."""
         if backend not in STEP_BACKENDS:
             raise ValueError(f"step backend {backend!r}: expected one of {', '.join(STEP_BACKENDS)}")
-        if backend == "compile":
-            self._require_covered()
-        self._compile = backend == "compile"
+        if backend != "eager":
+            self._require_covered(backend)
+        if backend == "graph" and (device := next(self.model.parameters()).device).type != "cuda":
+            raise ValueError(f"step backend 'graph' needs the model on a CUDA device; this one is on {device}")
+        self._backend = backend
 
     def compile(self, batch_size: int = 1, progress: Callable[[str], object] | None = None) -> None:
         """Compile (or load from the on-disk cache) the ``"compile"`` backend's step for
@@ -100,7 +109,7 @@ class StepRunner:
         once. Safe in another thread while this runner steps eagerly; ``progress(message)`` is told
         before a compile that is not cached. ``ValueError`` as ``set_backend``; the compiler's own
         errors when compiling fails (no C++ compiler, ...)."""
-        self._require_covered()
+        self._require_covered("compile")
         with torch.inference_mode():
             weights = self.weights()
         if (key := _variant(weights, batch_size)) not in self._compiled:
@@ -123,7 +132,13 @@ class StepRunner:
             return model.step_chunk(x, state)
         model.check_chunk(x, state)
         w = self.weights()
-        if self._compile:
+        if self._backend == "graph":
+            weights, graphed = self._graphs.get(x.shape[0], (None, None))
+            if weights is not w:  # first step of this batch size, or new weights: capture (again)
+                graphed = GraphedStep(partial(_advance_fast, model, w), x, state)
+                self._graphs[x.shape[0]] = (w, graphed)
+            return graphed(x, state)
+        if self._backend == "compile":
             if (compiled := self._compiled.get(_variant(w, x.shape[0]))) is None:
                 self.compile(x.shape[0])  # not compiled ahead: now, or loaded from the cache
                 compiled = self._compiled[_variant(w, x.shape[0])]
@@ -132,7 +147,7 @@ class StepRunner:
             return compiled(x, state, self._flat[1])
         return _advance_fast(model, w, x, state)
 
-    def _require_covered(self) -> None:
+    def _require_covered(self, backend: str) -> None:
         reason = self.uncovered(self.model.config)
         if reason:
-            raise ValueError(f"step backend 'compile' does not apply to this model: {reason}")
+            raise ValueError(f"step backend {backend!r} does not apply to this model: {reason}")

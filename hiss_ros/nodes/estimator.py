@@ -3,9 +3,9 @@
 A thin adapter around ``hiss_ros.serving.StreamingEstimator`` (everything that is not ROS: the trainer's pipeline,
 the model and its carried state, resets, de-normalisation). configure loads, checks and warms up the model
 (step_backend auto, the default: eager until a thread has compiled the step or loaded it from the cache; compile:
-compiled first; eager: never); activate subscribes, publishes and runs the threads SCHED_FIFO where permitted
-(``realtime_priority``); deactivate, cleanup and destroy undo them. ``autostart`` (default) configures and
-activates at start, so plain ``ros2 run`` estimates at once.
+compiled first; eager: never; graph: on CUDA, captured in a CUDA graph); activate subscribes, publishes and runs
+the threads SCHED_FIFO where permitted (``realtime_priority``); deactivate, cleanup and destroy undo them.
+``autostart`` (default) configures and activates at start, so plain ``ros2 run`` estimates at once.
 
 Topics are relative: the inputs are the checkpoint's topics without their leading slash (``imu/data``,
 ``tactile``: remap them), the estimates are private (``~/wrench``, ``~/twist``, ``~/markers``), so a
@@ -153,6 +153,12 @@ class Estimator(ModelSwap, LifecycleNode):
         """Read, check and warm up a checkpoint; nothing of the running node changes."""
         est = StreamingEstimator.from_checkpoint(path, self.device, self.p["max_gap_s"] or None)
         est.score_novelty = False  # the diagnostics score it in batches (unless the variance needs it)
+        if self.p["step_backend"] == "graph":  # captured now (milliseconds), not at the first estimate
+            try:
+                est.runner.set_backend("graph")
+            except ValueError as exc:
+                raise HissError(f"step_backend:=graph: {exc}") from None
+            est.warm_up()
         return est
 
     def _messages(self, est: StreamingEstimator) -> EstimateMessages:

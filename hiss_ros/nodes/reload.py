@@ -63,7 +63,7 @@ class ModelSwap:
             self._stamps.trained = new.spec.input_stamps
         gc.unfreeze()  # the old model may sit in reference cycles: let the collector free it
         freeze_heap()
-        if self.p["step_backend"] != "eager":
+        if self.p["step_backend"] in ("auto", "compile"):
             self._compile_in_background(new)
         self.reloads += 1
         self.get_logger().info(f"model swapped in: {path}")
@@ -80,7 +80,7 @@ class ModelSwap:
 
     def _compile_in_background(self, est: StreamingEstimator) -> None:
         """The model estimates eagerly while a thread compiles its step, or loads it from the cache
-        (step_backend:=auto; and after a hot reload unless eager). Tracing and code generation hold
+        (step_backend:=auto; and after a hot reload with auto or compile). Tracing and code generation hold
         the GIL for up to ~0.5 s at a time: estimates are late meanwhile, the first time only."""
         with self._compile_lock:
             self.compile_status = "compiling"
