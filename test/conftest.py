@@ -20,12 +20,15 @@ CHUNK = 10
 collect_ignore = [] if torch.cuda.is_available() or os.environ.get("HISS_TEST_DEVICE") else ["test_cuda.py"]
 
 # Compiled steps (step_backend compile, hiss_ros.models.aot) go to a cache of this run's own, not the
-# user's: the nodes the tests start inherit it. Removed when the run ends.
-os.environ[CACHE_ENV] = _CACHE = tempfile.mkdtemp(prefix="hiss_ros_cache-")
+# user's: the nodes the tests start inherit it. Removed when the run ends, unless it was given in
+# HISS_TEST_AOT_CACHE (bench/gpu_check.py does, so that its node part finds what its tests compiled).
+_GIVEN = os.environ.get("HISS_TEST_AOT_CACHE")
+os.environ[CACHE_ENV] = _CACHE = _GIVEN or tempfile.mkdtemp(prefix="hiss_ros_cache-")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if not _GIVEN:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 # DDS tests of this run talk in a domain of their own (valid domains 1..101 here) and discover
 # peers on this host only, so parallel test runs do not hear each other.

@@ -85,6 +85,11 @@ def test_argument_errors(monkeypatch, capsys, tmp_path):
     assert "every part skipped" in usage_error(capsys, ["--out", str(tmp_path), *every])
     args = gpu_check.parse_args(["--out", str(tmp_path), "--skip", "train", "--skip", "ddp", "--quick"])
     assert (args.skip, args.quick, args.dry_run) == (["train", "ddp"], True, False)
+    # a rerun without the wheels part has no venv: rosbags and rclpy would be missing for train and node
+    assert "train and node need the wheels part" in usage_error(capsys, ["--out", str(tmp_path), "--skip", "wheels"])
+    skips = [a for name in ("wheels", "train", "node") for a in ("--skip", name)]
+    args = gpu_check.parse_args(["--out", str(tmp_path), *skips])
+    assert args.skip == ["wheels", "train", "node"]
     monkeypatch.setenv("OUT", str(tmp_path))
     assert gpu_check.parse_args([]).out == tmp_path  # $OUT, as on a device run
 
@@ -193,11 +198,17 @@ def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path, monkeypat
     args = Namespace(out=tmp_path, skip=["tests", "train", "ddp", "node", "bench"], dry_run=True, quick=False,
                      wheels=tmp_path)
     (tmp_path / "scratch").mkdir()
-    results = gpu_check.run_parts(args, tmp_path / "scratch")
+    report = {"date": "today", "dry_run": True, "command": "test", "environment": gpu_check.environment(True)}
+    results = gpu_check.run_parts(args, tmp_path / "scratch", report)
     # The child reads BUDGETS afresh, but the parent's box is what ends it.
     assert results["env"]["status"] == "timeout after 0s"
     assert results["wheels"]["status"] == "ok"
     assert results["bench"]["status"] == "skipped"
+    # the report is written after every part: here as it stood after the last one
+    written = json.loads((tmp_path / gpu_check.REPORT).read_text())
+    assert {name: part["status"] for name, part in written["parts"].items()} == \
+        {name: part["status"] for name, part in results.items()}
+    assert "| env | timeout after 0s |" in (tmp_path / gpu_check.MARKDOWN).read_text()
 
 
 def test_ddp_worker_over_gloo_matches_one_process(tmp_path):
@@ -269,7 +280,7 @@ def test_markdown_of_gpu_figures():
     assert "cuda-compiled-graph: failed: RuntimeError: not permitted when stream is capturing" in text
     assert "| cuda-compiled | 0.40 | 0.50 |" in text and "max abs difference 1.0e-06; 31.5 s to compile" in text
     assert "device cuda, step compile: in use (2.0 s ...)" in text and "2399 estimates of 2398 expected" in text
-    # The targets, each with its figure; the CPU's thread count is not in this report: "None".
+    # The targets, each with its figure.
     assert "| CUDA == CPU for every model kind (1e-4, float32), streaming == offline | 80 of 80 tests passed | yes |" \
         in text
     assert "| paper-size HiSS forward+backward >= 20x faster on the GPU than on the CPU (16 threads) | 100.0x | yes |" \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -305,9 +306,12 @@ def test_compiled_step_equals_offline_and_is_cached(tmp_path, monkeypatch):
         torch.testing.assert_close(stream(model, x, runner.step), model(x), atol=1e-4, rtol=0)  # not inference mode
     with torch.inference_mode(), pytest.raises(ValueError, match=r"compiled step for torch\.float32 on cpu: the chunk"):
         runner.step(x[:, :CHUNK].double(), model.init_state(1))  # read as float32 it would be wrong, not an error
+    month_ago = time.time() - 31 * 86400
+    os.utime(packages[0], (month_ago, month_ago))
     other, told = build_model(config).eval(), []
     StepRunner(other).compile(progress=told.append)
     assert told == []  # the same architecture: loaded from the cache
+    assert packages[0].stat().st_mtime > month_ago + 86400  # loaded: marked as in use, which _prune keeps
     with torch.inference_mode():
         torch.testing.assert_close(stream(other, x, StepRunner(other, "compile").step), other(x), atol=1e-4, rtol=0)
         x2 = torch.randn(2, 3 * CHUNK, 6)  # another batch size: compiled at its first step
@@ -321,6 +325,19 @@ def test_compiled_step_equals_offline_and_is_cached(tmp_path, monkeypatch):
         torch.testing.assert_close(stream(fresh.model, x, fresh.step), fresh.model(x), atol=1e-4, rtol=0)
     runner.set_backend("eager")
     assert runner.backend == "eager"
+
+
+def test_the_compile_cache_forgets_packages_unused_for_a_month_and_dead_temporaries(tmp_path):
+    from hiss_ros.models.aot import UNUSED_FOR_S, _prune
+
+    now = 1_900_000_000.0
+    ages = {"old.pt2": UNUSED_FOR_S + 60, "old.json": 0, "used.pt2": UNUSED_FOR_S - 60, "used.json": UNUSED_FOR_S + 60,
+            ".compiling-dead.pt2": 3700, ".compiling-busy.pt2": 60, "notes.txt": UNUSED_FOR_S + 60}
+    for name, age in ages.items():
+        (tmp_path / name).write_text(name)
+        os.utime(tmp_path / name, (now - age, now - age))
+    _prune(tmp_path, now)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".compiling-busy.pt2", "notes.txt", "used.json", "used.pt2"]
 
 
 def test_compiled_step_carries_the_state_of_the_shipped_model():

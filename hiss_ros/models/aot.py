@@ -7,9 +7,10 @@ costs ~50 us back to back and ~0.4 ms after idle, against ~0.3 and ~1.1 ms eager
 CPU (and ``torch.compile``'s runtime wrappers in Python cost most of what its kernels saved after idle).
 
 A package is compiled once per architecture (the model config), batch size, dtype, device, torch
-thread count (on the CPU), torch version and source of the step, and cached under ``cache_dir()`` (written
-atomically: compiled into a temporary name, then renamed), so later runs load it in well under a
-second. Compiling takes ~10-30 s on 2 cores and needs a C++ compiler. The weights are inputs of the
+thread count (on the CPU), torch version and source of the step, and cached under ``cache_dir()``
+(written atomically: compiled into a temporary name, then renamed), so later runs load it in well
+under a second; a package no process has compiled or loaded for 30 days is removed at the next
+compile. Compiling takes ~10-30 s on 2 cores and needs a C++ compiler. The weights are inputs of the
 compiled graph, not constants, and so are the model's buffers (``delta_std``): new weights (a hot
 reload, an optimizer step) need no new compile. While it traces (~2 s), ``torch.export`` switches
 process-wide settings (oneDNN off): a model stepping in another thread meanwhile may differ in its
@@ -18,6 +19,7 @@ last bits (seen: 3.6e-7).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -46,6 +48,7 @@ CACHE_ENV = "HISS_ROS_CACHE"
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 # The modules whose code the compiled step is made of: a change to any of them compiles anew.
 _SOURCES = ("streaming", "hiss", "mamba", "scan", "s4d", "blocks", "aot")
+UNUSED_FOR_S = 30 * 86400  # a cached package neither compiled nor loaded for this long goes at the next compile
 _LOCK = threading.Lock()  # one compile at a time in a process (Inductor's state is global)
 
 
@@ -80,6 +83,27 @@ def _hardware(device: torch.device) -> str:
         pass
     gpu = f" sm{''.join(map(str, torch.cuda.get_device_capability(device)))}" if device.type == "cuda" else ""
     return f"{cpu} {pick_vec_isa()}{gpu}"
+
+
+def _prune(folder: Path, now: float | None = None) -> None:
+    """Before a compile: remove the temporaries of a process that ended while compiling (older than
+    an hour), and packages no process has compiled or loaded for ``UNUSED_FOR_S`` with their ``.json``
+    (a torch upgrade or a change of the step's source leaves the old ones behind, ~2 MB each)."""
+    now = time.time() if now is None else now
+    for f in folder.iterdir():
+        if f.name.startswith(".compiling-"):
+            limit = 3600
+        elif f.suffix == ".pt2" and not f.name.startswith("."):
+            limit = UNUSED_FOR_S
+        else:
+            continue
+        try:
+            if now - f.stat().st_mtime > limit:
+                f.unlink()
+                if f.suffix == ".pt2" and not f.name.startswith("."):
+                    f.with_suffix(".json").unlink(missing_ok=True)
+        except FileNotFoundError:  # renamed or removed by another process meanwhile
+            pass
 
 
 class _Advance(nn.Module):
@@ -200,18 +224,17 @@ def compiled_step(model: nn.Module, weights: Any, batch_size: int,
     with _LOCK:
         if path.exists():
             try:
-                return CompiledStep(path, state_spec, x, leaves)
+                loaded = CompiledStep(path, state_spec, x, leaves)
             except Exception:  # unreadable (another torch build's?): compile it again
                 path.unlink(missing_ok=True)
+            else:
+                with contextlib.suppress(OSError):  # in use: kept by _prune (a read-only cache stays as it is)
+                    os.utime(path)
+                return loaded
         if progress is not None:
             progress(f"compiling the step (AOTInductor) into {path}")
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # shared libraries this user will load
-        for stale in path.parent.glob(".compiling-*"):  # left by a process ended while compiling
-            try:
-                if time.time() - stale.stat().st_mtime > 3600:
-                    stale.unlink()
-            except FileNotFoundError:  # renamed or removed by another process meanwhile
-                pass
+        _prune(path.parent)
         example = tuple(t.clone() for t in (x, *leaves, *step_inputs(model, weights)))
         n_weights = sum(isinstance(w, Tensor) for w in w_leaves)
         # Traced on a copy: the trace swaps the buffers of the model it runs, which may be stepping meanwhile.

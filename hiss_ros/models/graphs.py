@@ -51,7 +51,8 @@ class GraphedStep:
                     fn(self._x, self._state)  # pure: the static state is unchanged
             stream.wait_stream(side)
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+            with torch.cuda.device(x.device), torch.cuda.graph(self._graph, stream=side,
+                                                                capture_error_mode="thread_local"):
                 y, new = fn(self._x, self._state)
                 torch._foreach_copy_(self._leaves, pytree.tree_leaves(new))
         self._y = y

@@ -11,10 +11,10 @@ level, pool ``last`` and chunk <= ``TOEPLITZ_MAX_LEN``), in eval mode with autog
 ``hiss_ros.models.streaming.step`` on weights gathered once into plain tuples (gathered again when a
 parameter is updated in place, replaced, moved or converted: ``ParamCache``, checked each step), or,
 with the ``"compile"`` backend, that function compiled ahead of time (``hiss_ros.models.aot``: a
-shared library per architecture, batch size, dtype, device and torch thread count, cached on disk; the weights are its
-inputs, so new weights need no new compile), or, with the ``"graph"`` backend on CUDA, that function
-captured in a CUDA graph and replayed with one launch (``hiss_ros.models.graphs``: the state it returns
-is its own buffer, updated in place by the next step).
+shared library per architecture, batch size, dtype, device and (on the CPU) torch thread count, cached
+on disk; the weights are its inputs, so new weights need no new compile), or, with the ``"graph"``
+backend on CUDA, that function captured in a CUDA graph and replayed with one launch
+(``hiss_ros.models.graphs``: the state it returns is its own buffer, updated in place by the next step).
 Anything else (training, autograd, another model) calls ``model.step_chunk``, the module path.
 
 The runner holds no parameters: the model's state dict and checkpoints do not see it. It follows
@@ -126,7 +126,9 @@ class StepRunner:
         return self._weights.get([d[name] for d, name in self._slots])  # ~130 for the paper model
 
     def step(self, x: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
-        """x (B, chunk, I) -> (y (B, W), new state), as ``model.step_chunk`` (its shape checks too)."""
+        """x (B, chunk, I) -> (y (B, W), new state), as ``model.step_chunk`` (its shape checks too). With
+        the ``"graph"`` backend the new state is the graph's own buffer: this runner's next step of that
+        batch size overwrites it (step one stream per runner, or copy the state to keep it)."""
         model = self.model
         if not self.applies():
             return model.step_chunk(x, state)
