@@ -8,7 +8,7 @@ logged, and the others still run), in this order:
           messages for Python 3.12), installed with --no-index --no-deps: the machine's own
           packages are never touched. The later parts run in that venv
   tests   test/test_cuda.py (every model kind on CUDA == on the CPU to 1e-4 in float32, gradients
-          too, streaming == offline on CUDA, the compiled step on CUDA == the CPU's) and test/test_scan.py
+          too, streaming == offline on CUDA, the compiled and graph steps on CUDA == the CPU's) and test/test_scan.py
   train   a short ``hiss-train --device cuda`` on data/sample/contact_sim (tiny model, 3 epochs)
   ddp     torchrun, DDP over NCCL, one process per GPU (one on these machines: NCCL takes one GPU
           per rank); DDP gradients must equal the single-process full-batch gradients
@@ -284,8 +284,8 @@ def part_tests(args: argparse.Namespace, fig: Figures) -> None:
     env = child_env(args.scratch, args.dry_run)
     # The dry run keeps to two model kinds: it checks the plumbing, in seconds.
     runs = {"models": (["-k", "flat-mamba or hiss-s4d-mamba-scaled"] if args.dry_run
-                       else ["-k", "not compiled_step", "test/test_scan.py"]),
-            "compiled": ["-k", "compiled_step"]}
+                       else ["-k", "not compiled", "test/test_scan.py"]),
+            "compiled": ["-k", "compiled"]}
     failed = []
     for name, selection in runs.items():
         if args.dry_run and name == "compiled":

@@ -83,50 +83,34 @@ def test_streaming_matches_offline_on_device(model_config):
                 assert_close(y, offline[:, k].cpu(), f"chunk {k}")
 
 
-def test_compiled_step_on_device_matches_the_cpu():
-    """The node's default step (compiled ahead of time by AOTInductor, here for DEVICE) of the shipped
-    contact model, over 30 chunks with the state carried: the same outputs as the eager step on the CPU."""
-    from hiss_ros.serving import load_model
-
-    cpu = load_model("contact").model.eval()
-    dev = copy.deepcopy(cpu).to(DEVICE)
-    eager, compiled = StepRunner(cpu), StepRunner(dev, "compile")
-    chunk, width = cpu.config.chunk, cpu.config.input_dim
-    x = torch.randn(1, 30 * chunk, width, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        s_cpu, s_dev = cpu.init_state(1), dev.init_state(1)
-        for k in range(30):
-            y_cpu, s_cpu = eager.step(x[:, k * chunk:(k + 1) * chunk], s_cpu)
-            y_dev, s_dev = compiled.step(x[:, k * chunk:(k + 1) * chunk].to(DEVICE), s_dev)
-            assert y_dev.device.type == torch.device(DEVICE).type
-            assert_close(y_dev, y_cpu, f"chunk {k}")
-
-
-def test_graph_step_on_device_matches_the_cpu():
-    """The ``graph`` backend (the fast step replayed from a CUDA graph) of the shipped contact model
-    against the CPU's eager step: 30 chunks with the state carried, a reset to a fresh state halfway
-    (copied into the graph), then new weights (captured again)."""
-    if torch.device(DEVICE).type != "cuda":
+@pytest.mark.parametrize("backend", ["compile", "graph"], ids=["compiled", "graph"])
+def test_fast_step_on_device_matches_the_cpu(backend):
+    """The shipped contact model's step on DEVICE, compiled ahead (AOTInductor, the node's default) or
+    replayed from a CUDA graph (``graph``), against the CPU's eager step: 30 chunks with the state carried,
+    a reset to a fresh state halfway (copied into a graph), then new weights (read with no new compile;
+    a graph captured again). Each output stays its own tensor."""
+    if backend == "graph" and torch.device(DEVICE).type != "cuda":
         pytest.skip("CUDA graphs need a CUDA device (this run's device is the CPU)")
     from hiss_ros.serving import load_model
 
     cpu = load_model("contact").model.eval()
     dev = copy.deepcopy(cpu).to(DEVICE)
-    eager, graphed = StepRunner(cpu), StepRunner(dev, "graph")
+    eager, fast = StepRunner(cpu), StepRunner(dev, backend)
     chunk, width = cpu.config.chunk, cpu.config.input_dim
     x = torch.randn(1, 30 * chunk, width, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         s_cpu, s_dev = cpu.init_state(1), dev.init_state(1)
         outputs = []
         for k in range(30):
-            if k == 15:  # a reset: a state not the graph's own
+            if k == 15:  # a reset: a state not a graph's own
                 s_cpu, s_dev = cpu.init_state(1), dev.init_state(1)
             if k == 20:  # new weights, on both
                 for model in (cpu, dev):
                     next(model.parameters()).add_(0.01)
             y_cpu, s_cpu = eager.step(x[:, k * chunk:(k + 1) * chunk], s_cpu)
-            y_dev, s_dev = graphed.step(x[:, k * chunk:(k + 1) * chunk].to(DEVICE), s_dev)
+            y_dev, s_dev = fast.step(x[:, k * chunk:(k + 1) * chunk].to(DEVICE), s_dev)
+            assert y_dev.device.type == torch.device(DEVICE).type
             assert_close(y_dev, y_cpu, f"chunk {k}")
             outputs.append((y_dev, y_cpu))
-        for k, (y_dev, y_cpu) in enumerate(outputs):  # each output its own tensor, not overwritten since
+        for k, (y_dev, y_cpu) in enumerate(outputs):  # not overwritten by the steps since
             assert_close(y_dev, y_cpu, f"chunk {k}, kept")
