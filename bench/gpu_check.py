@@ -192,6 +192,11 @@ def part_env(args: argparse.Namespace, fig: Figures) -> None:
         fig["gpu"] = props.name
         fig["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         fig["capability"] = f"{props.major}.{props.minor}"
+    # What the compiled step's CUDA build uses besides Triton: a C++ compiler, CUDA's headers (nvcc's toolkit)
+    for tool, line in (("g++", 0), ("nvcc", -1)):  # the line that names the version
+        path = shutil.which(tool)
+        said = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout if path else ""
+        fig[tool] = said.strip().splitlines()[line] if said.strip() else None
     if shutil.which("nvidia-smi"):
         subprocess.run(["nvidia-smi"], check=False, timeout=10)
 
