@@ -379,6 +379,59 @@ def test_graph_backend_needs_cuda_and_a_covered_model():
     assert runner.backend == "eager"  # refused: unchanged
 
 
+def fake_capture(run, commit, device):
+    """``graphs.capture`` without CUDA, as a graph behaves: capturing computes nothing in the static
+    state; each replay writes the step's output into the same y and its new state into the static state."""
+    expected, _ = run()
+    y, _ = run()
+
+    def replay():
+        y_now, new = run()
+        y.copy_(y_now)
+        commit(new)
+
+    return y, replay, expected
+
+
+def test_graph_step_keeps_its_state_and_checks_its_capture(monkeypatch):
+    """GraphedStep's bookkeeping, with the CUDA capture replaced by ``fake_capture`` (the real one runs in
+    test_cuda.py on a GPU): the same outputs as the eager step over 30 chunks with its own state passed
+    back (the same object each time), a fresh state copied in, outputs not overwritten by later steps, a
+    chunk or state of another dtype refused, and a capture that replays something else refused."""
+    from hiss_ros.models import graphs
+
+    monkeypatch.setattr(graphs, "capture", fake_capture)
+    model = build_model(hiss_config("s4d", "mamba")).eval()
+    runner = StepRunner(model)
+    x = torch.randn(1, 30 * CHUNK, 6)
+    with torch.inference_mode():
+        graphed = graphs.GraphedStep(runner.step, x[:, :CHUNK], model.init_state(1))
+        s_eager, s_graph, kept = model.init_state(1), model.init_state(1), []
+        for k in range(30):
+            if k == 15:  # a reset
+                s_eager, s_graph = model.init_state(1), model.init_state(1)
+            y_eager, s_eager = runner.step(x[:, k * CHUNK:(k + 1) * CHUNK], s_eager)
+            y_graph, returned = graphed(x[:, k * CHUNK:(k + 1) * CHUNK], s_graph)
+            assert k == 0 or k == 15 or returned is s_graph  # its own buffer, passed back
+            s_graph = returned
+            torch.testing.assert_close(y_graph, y_eager, atol=1e-6, rtol=0, msg=f"chunk {k}")
+            kept.append((y_graph, y_eager))
+        for k, (y_graph, y_eager) in enumerate(kept):
+            torch.testing.assert_close(y_graph, y_eager, atol=1e-6, rtol=0, msg=f"chunk {k}, kept")
+        with pytest.raises(ValueError, match=r"the chunk is torch\.float64"):
+            graphed(x[:, :CHUNK].double(), s_graph)
+        with pytest.raises(ValueError, match="the state is"):
+            graphed(x[:, :CHUNK], torch.utils._pytree.tree_map(lambda t: t.double(), model.init_state(1)))
+
+        def off_by_one(run, commit, device):
+            y, replay, expected = fake_capture(run, commit, device)
+            return y, lambda: (replay(), y.add_(1.0)), expected
+
+        monkeypatch.setattr(graphs, "capture", off_by_one)
+        with pytest.raises(RuntimeError, match="replays 1 away from the eager step: not used"):
+            graphs.GraphedStep(runner.step, x[:, :CHUNK], model.init_state(1))
+
+
 @pytest.mark.parametrize("config, backend, message", [
     (hiss_config("s4d", "mamba"), "jit", "expected one of eager, compile"),
     (hiss_config("lstm", "mamba"), "compile", "this model has low 'lstm', high 'mamba'"),

@@ -31,36 +31,44 @@ WARMUP_STEPS = 3
 TOLERANCE = 1e-4  # replayed against eager, relative to the output's largest entry (at least 1)
 
 
+def capture(run: Callable[[], tuple[Tensor, Any]], commit: Callable[[Any], None], device: torch.device
+            ) -> tuple[Tensor, Callable[[], None], Tensor]:
+    """CUDA: ``run()`` (a pure step on static tensors -> (y, new state)) warmed up on a side stream, then
+    captured with ``commit(new state)`` after it -> (the static y, replay, the warm-up's y)."""
+    if device.type != "cuda":
+        raise ValueError(f"a CUDA graph needs a CUDA device; this step runs on {device}")
+    stream = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            expected, _ = run()  # pure: the static state is unchanged
+    stream.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device), torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+        y, new = run()
+        commit(new)
+    return y, graph.replay, expected
+
+
 class GraphedStep:
     """``step(x, state) -> (y, state)`` replayed from a CUDA graph of ``fn`` (a pure step function of the
     same signature) for the shape, dtype and device of ``x`` and ``state``; see the module docstring."""
 
     def __init__(self, fn: Callable[[Tensor, Any], tuple[Tensor, Any]], x: Tensor, state: Any) -> None:
-        if x.device.type != "cuda":
-            raise ValueError(f"a CUDA graph needs a CUDA device; this step runs on {x.device}")
         leaves, spec = pytree.tree_flatten(state)
         # Plain tensors (not inference tensors), so that the step may run under inference_mode or no_grad.
         with torch.inference_mode(False), torch.no_grad():
             self._x = x.clone()
             self._leaves = [t.clone() for t in leaves]
             self._state = pytree.tree_unflatten(self._leaves, spec)
-            stream = torch.cuda.current_stream(x.device)
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(stream)
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    expected, _ = fn(self._x, self._state)  # pure: the static state is unchanged
-            stream.wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.device(x.device), torch.cuda.graph(self._graph, stream=side,
-                                                                capture_error_mode="thread_local"):
-                y, new = fn(self._x, self._state)
-                torch._foreach_copy_(self._leaves, pytree.tree_leaves(new))
-        self._y = y
+            self._y, self._replay, expected = capture(
+                lambda: fn(self._x, self._state),
+                lambda new: torch._foreach_copy_(self._leaves, pytree.tree_leaves(new)), x.device)
         self._types = [(t.dtype, t.device, t.shape) for t in self._leaves]
         # One replay against the eager step on the same input: a capture that recorded something else
         # (an operation that does not replay) is refused here, not served.
-        self._graph.replay()
+        self._replay()
         scale = max(1.0, expected.abs().max().item())
         if not (err := (self._y - expected).abs().max().item()) <= TOLERANCE * scale:
             raise RuntimeError(f"the CUDA graph of the step replays {err:.3g} away from the eager step: not used")
@@ -76,5 +84,5 @@ class GraphedStep:
                 raise ValueError(f"CUDA graph of a step: the state is {[(t.dtype, t.device) for t in leaves]}, "
                                  f"not the {[t[:2] for t in self._types]} it was captured for")
             torch._foreach_copy_(self._leaves, leaves)
-        self._graph.replay()
+        self._replay()
         return self._y.clone(), self._state
