@@ -1,13 +1,15 @@
 """``make demo``: the whole product on one machine, no ROS install needed.
 
-1. starts the estimator node with the shipped ``contact`` model (``models/contact.safetensors``)
-   and the replay node on the shipped sample bag (``data/sample/contact_sim``: 60 s of the
-   simulated sensorized end-effector, a recording the model never saw), as separate processes
-   over real DDS, with sim time from the replayed /clock;
+1. starts the estimator node with the shipped ``contact`` model (``models/contact.safetensors``;
+   on CUDA when torch sees a GPU, else on the CPU, or as ``--device`` says; its step compiled
+   ahead) and the replay node on the shipped sample bag (``data/sample/contact_sim``: 60 s of the
+   simulated sensorized end-effector, a recording the model never saw; the topics the estimator
+   and the comparison read), as separate processes over real DDS, with sim time from the
+   replayed /clock;
 2. prints a line per second: estimated vs ground-truth wrench and velocity, latency;
 3. writes ``demo.png`` (estimates against ground truth) and ``summary.json`` (RMSE, latency,
-   estimates received and expected, dropped samples), and exits 0 when the estimator tracked the
-   ground truth.
+   estimates received and expected, dropped samples, device and step backend), and exits 0 when
+   the estimator tracked the ground truth.
 """
 
 from __future__ import annotations
