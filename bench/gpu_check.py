@@ -1,7 +1,7 @@
 """The GPU check of issue #15: one prepared command for a GPU machine that is lent rarely and briefly.
 
 Parts, each in a child process of its own with a time box (one that fails or runs out of time is
-logged, and the others still run), in this order:
+logged, and the others still run; what a part leaves of its budget goes to the next), in this order:
   env     device, driver, torch / CUDA / cuDNN / Triton versions, whether mamba-ssm is there
   wheels  a venv in the scratch folder that sees the machine's packages (torch, numpy, pytest) and
           holds the carried wheels (bench/gpu_wheels.txt: rosbags, and ROS 2 Jazzy's rclpy and
@@ -76,18 +76,25 @@ CPU_THREADS = 2  # the CPU side of the training benchmark
 # --- running parts and commands, time-boxed ----------------------------------------------------
 
 
-def run_part(name: str, python: str, args: argparse.Namespace, scratch: Path, env: dict[str, str]) -> dict[str, Any]:
-    """One part as ``gpu_check.py --part NAME`` by ``python``, in its time box: status, seconds, figures."""
-    cmd = [python, str(Path(__file__).resolve()), "--part", name, "--scratch", str(scratch),
+def run_part(name: str, python: str, args: argparse.Namespace, scratch: Path, env: dict[str, str],
+             box: float) -> dict[str, Any]:
+    """One part as ``gpu_check.py --part NAME`` by ``python``, in a time box of ``box`` seconds (which
+    the part is told): status, seconds, box, figures."""
+    cmd = [python, str(Path(__file__).resolve()), "--part", name, "--scratch", str(scratch), "--box", f"{box:.1f}",
            "--wheels", str(args.wheels), *(["--dry-run"] if args.dry_run else []), *(["--quick"] if args.quick else [])]
     began = time.monotonic()
     with open(args.out / LOGS[name], "a") as log:
-        log.write(f"===== part {name} =====\n")
+        log.write(f"===== part {name} ({box:.0f} s) =====\n")
         log.flush()
-        status = run_boxed(cmd, BUDGETS[name], log, env)
+        status = run_boxed(cmd, box, log, env)
     figures_file = scratch / f"{name}.json"
     figures = json.loads(figures_file.read_text()) if figures_file.exists() else {}
-    return {"status": status, "seconds": round(time.monotonic() - began, 1), "figures": figures}
+    return {"status": status, "seconds": round(time.monotonic() - began, 1), "box_s": round(box), "figures": figures}
+
+
+def box_of(args: argparse.Namespace, name: str) -> float:
+    """The seconds a part was given: its budget and what the parts before it left unused."""
+    return args.box if getattr(args, "box", None) else BUDGETS[name]
 
 
 def run_boxed(cmd: list[str], timeout_s: float, log: Any, env: dict[str, str] | None = None) -> str:
@@ -142,15 +149,19 @@ class Figures:
 def run_parts(args: argparse.Namespace, scratch: Path, report: dict[str, Any] | None = None
               ) -> dict[str, dict[str, Any]]:
     """Every part not skipped, each as ``gpu_check.py --part NAME`` in a child process: by the
-    machine's Python, or once the wheels part has made it, by the venv that holds the carried wheels."""
+    machine's Python, or once the wheels part has made it, by the venv that holds the carried wheels.
+    A part's box ends where the budgets so far end: what a part (or a skipped one) leaves unused goes
+    to the next, and the whole stays within the sum of the budgets."""
     results: dict[str, dict[str, Any]] = {}
     env = child_env(scratch, args.dry_run)
     python = sys.executable
+    ends = time.monotonic()
     for name in PARTS:
+        ends += BUDGETS[name]
         if name in args.skip:
             results[name] = {"status": "skipped", "seconds": 0.0, "figures": {}}
         else:
-            results[name] = run_part(name, python, args, scratch, env)
+            results[name] = run_part(name, python, args, scratch, env, max(0.01, ends - time.monotonic()))
             print(f"{name:7s} {results[name]['status']} ({results[name]['seconds']} s)", flush=True)
         if (scratch / INSTALLED).exists():  # the wheels went in (even if the part overran its box after)
             python = str(venv_python(scratch))
@@ -264,7 +275,7 @@ def part_wheels(args: argparse.Namespace, fig: Figures) -> None:
     (site_dir / "_machine_site.pth").write_text(
         "".join(f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()))
     began = time.monotonic()
-    subprocess.run(pip, check=True, timeout=BUDGETS["wheels"] - 15)  # pip: the machine's, through that .pth
+    subprocess.run(pip, check=True, timeout=box_of(args, "wheels") - 15)  # pip: the machine's, through that .pth
     fig["install_seconds"] = round(time.monotonic() - began, 1)
     (args.scratch / INSTALLED).touch()
     # rosbags is a namespace package (no __file__): name its highlevel module's file.
@@ -285,7 +296,7 @@ def junit_counts(path: Path) -> dict[str, int]:
 def part_tests(args: argparse.Namespace, fig: Figures) -> None:
     """Two pytest runs, each with its own junit file, so that a time box striking the second (the
     contact model's step compiled for CUDA, tens of seconds cold) keeps the first's counts."""
-    deadline = time.monotonic() + BUDGETS["tests"] - MARGIN
+    deadline = time.monotonic() + box_of(args, "tests") - MARGIN
     env = child_env(args.scratch, args.dry_run)
     # The dry run keeps to two model kinds: it checks the plumbing, in seconds.
     runs = {"models": (["-k", "flat-mamba or hiss-s4d-mamba-scaled"] if args.dry_run
@@ -329,7 +340,7 @@ def part_train(args: argparse.Namespace, fig: Figures) -> None:
            "--out", str(out), "--cache-dir", str(args.scratch / "cache"), "--quiet",
            "--device", "cpu" if args.dry_run else "cuda"]
     began = time.monotonic()
-    status = run_boxed(cmd, BUDGETS["train"] - MARGIN, sys.stdout, child_env(args.scratch, args.dry_run))
+    status = run_boxed(cmd, box_of(args, "train") - MARGIN, sys.stdout, child_env(args.scratch, args.dry_run))
     fig["seconds"] = round(time.monotonic() - began, 1)
     if status != "ok":
         raise SystemExit(f"hiss-train: {status}")
@@ -345,7 +356,7 @@ def part_ddp(args: argparse.Namespace, fig: Figures) -> None:
            str(Path(__file__).resolve()), "--ddp-worker", "--scratch", str(args.scratch),
            *(["--dry-run"] if args.dry_run else [])]
     env = {**child_env(args.scratch, args.dry_run), "OMP_NUM_THREADS": "1"}
-    status = run_boxed(cmd, BUDGETS["ddp"] - MARGIN, sys.stdout, env)
+    status = run_boxed(cmd, box_of(args, "ddp") - MARGIN, sys.stdout, env)
     result = args.scratch / "ddp_worker.json"
     if result.exists():
         fig["result"] = json.loads(result.read_text())
@@ -421,7 +432,7 @@ def part_node(args: argparse.Namespace, fig: Figures) -> None:
     out = args.scratch / "demo"
     cmd = [sys.executable, "-m", "hiss_ros.nodes.demo", "--out", str(out), "--rate", "3",
            "--device", "cpu" if args.dry_run else "cuda"]
-    status = run_boxed(cmd, BUDGETS["node"] - MARGIN, sys.stdout, env)
+    status = run_boxed(cmd, box_of(args, "node") - MARGIN, sys.stdout, env)
     if (out / "summary.json").exists():
         summary = json.loads((out / "summary.json").read_text())
         fig["summary"] = {k: v for k, v in summary.items() if not k.startswith("rmse")}
@@ -619,8 +630,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}",
         f"- Command: `{report['command']}`",
         "",
-        markdown_table(["part", "status", "seconds"],
-                       [[n, p["status"], f"{p['seconds']:.0f}"] for n, p in parts.items()]),
+        markdown_table(["part", "status", "seconds", "of (its box)"],
+                       [[n, p["status"], f"{p['seconds']:.0f}", str(p.get("box_s", "–"))] for n, p in parts.items()]),
     ]
     if bench:
         sizes = bench.get("sizes", {})
@@ -728,6 +739,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a child process: run this part
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # a torchrun rank
     p.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--box", type=float, help=argparse.SUPPRESS)  # a part: the seconds it was given
     args = p.parse_args(argv)
     if args.merge or args.download_wheels or args.ddp_worker or args.part:
         return args

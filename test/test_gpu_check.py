@@ -171,8 +171,8 @@ def test_dry_run_of_every_fast_part_writes_logs_report_and_section(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert files == ["bench.log", "benchmarks_gpu.md", "gpu_check.json", "setup.log", "tests.log"]
     assert len(set(gpu_check.LOGS.values())) + 2 <= 8  # every file fits in what a device run sends back
-    assert "===== part env =====" in (out / "setup.log").read_text()
-    assert "===== part wheels =====" in (out / "setup.log").read_text()
+    assert "===== part env (15 s) =====" in (out / "setup.log").read_text()
+    assert "===== part wheels (" in (out / "setup.log").read_text()
     report = json.loads((out / "gpu_check.json").read_text())
     status = {name: part["status"] for name, part in report["parts"].items()}
     assert status == {"env": "ok", "wheels": "ok", "tests": "ok", "train": "skipped", "ddp": "skipped",
@@ -209,6 +209,21 @@ def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path, monkeypat
     assert {name: part["status"] for name, part in written["parts"].items()} == \
         {name: part["status"] for name, part in results.items()}
     assert "| env | timeout after 0s |" in (tmp_path / gpu_check.MARKDOWN).read_text()
+
+
+def test_time_a_part_leaves_unused_goes_to_the_next(tmp_path, monkeypatch):
+    """env's unused budget carries over: wheels, given 0.5 s of its own (too short for a Python to start),
+    gets env's leftover and passes; the whole stays within the sum of the budgets."""
+    monkeypatch.setitem(gpu_check.BUDGETS, "env", 60.0)
+    monkeypatch.setitem(gpu_check.BUDGETS, "wheels", 0.5)
+    args = Namespace(out=tmp_path, skip=["tests", "train", "ddp", "node", "bench"], dry_run=True, quick=False,
+                     wheels=tmp_path)
+    (tmp_path / "scratch").mkdir()
+    began = time.monotonic()
+    results = gpu_check.run_parts(args, tmp_path / "scratch")
+    assert results["env"]["status"] == "ok" and results["env"]["box_s"] == 60
+    assert results["wheels"]["status"] == "ok"
+    assert 60.5 - (time.monotonic() - began) < results["wheels"]["box_s"] <= 60.5 - results["env"]["seconds"] + 1
 
 
 def test_ddp_worker_over_gloo_matches_one_process(tmp_path):
@@ -276,7 +291,7 @@ def test_markdown_of_gpu_figures():
     assert "| flat-mamba | – | – | – | – |" in text
     assert "| chunked-16 | 10.00 | 30.0x |" in text
     assert "| cuda-graph | 0.20 | 0.30 |" in text
-    assert "| ddp | timeout after 45s | 45 |" in text
+    assert "| ddp | timeout after 45s | 45 | – |" in text
     assert "cuda-compiled-graph: failed: RuntimeError: not permitted when stream is capturing" in text
     assert "| cuda-compiled | 0.40 | 0.50 |" in text and "max abs difference 1.0e-06; 31.5 s to compile" in text
     assert "device cuda, step compile: in use (2.0 s ...)" in text and "2399 estimates of 2398 expected" in text
