@@ -298,14 +298,12 @@ def part_tests(args: argparse.Namespace, fig: Figures) -> None:
     contact model's step compiled for CUDA, tens of seconds cold) keeps the first's counts."""
     deadline = time.monotonic() + box_of(args, "tests") - MARGIN
     env = child_env(args.scratch, args.dry_run)
-    # The dry run keeps to two model kinds: it checks the plumbing, in seconds.
-    runs = {"models": (["-k", "flat-mamba or hiss-s4d-mamba-scaled"] if args.dry_run
-                       else ["-k", "not compiled", "test/test_scan.py"]),
-            "compiled": ["-k", "compiled"]}
+    # The dry run keeps to two model kinds: it checks the plumbing, in seconds (the compiled step on the
+    # CPU is bench's, and make test's).
+    runs = ({"models": ["-k", "flat-mamba or hiss-s4d-mamba-scaled"]} if args.dry_run
+            else {"models": ["-k", "not compiled", "test/test_scan.py"], "compiled": ["-k", "compiled"]})
     failed = []
     for name, selection in runs.items():
-        if args.dry_run and name == "compiled":
-            continue  # the compiled step on the CPU is bench's (and make test's)
         junit = args.scratch / f"tests-{name}.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                "test/test_cuda.py", *selection]
@@ -504,20 +502,20 @@ def bench_scan(fig: Figures, device: torch.device, dry_run: bool) -> None:
         fig[f"scan/{name}"] = {"median_ms": 1e3 * statistics.median(times), "shape": [B, L, E, N]}
 
 
-def eager_step(model: ChunkedModel, backend: str = "eager") -> Callable[[torch.Tensor], torch.Tensor]:
-    """A step (``StepRunner.step``, as served) at batch 1, the state carried from call to call; backend
-    ``compile``: the step compiled ahead of time (AOTInductor), compiled (or loaded) here; ``graph``: the
-    step replayed from a CUDA graph, captured at the first call."""
-    runner, state = StepRunner(model, backend), model.init_state(1)
-    if backend == "compile":
-        runner.compile(1)
-
-    def step(chunk: torch.Tensor) -> torch.Tensor:
+def carried(step: Callable, state: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``step(chunk, state) -> (y, state)`` as chunk -> y, the state carried from call to call."""
+    def one(chunk: torch.Tensor) -> torch.Tensor:
         nonlocal state
-        y, state = runner.step(chunk, state)
+        y, state = step(chunk, state)
         return y
 
-    return step
+    return one
+
+
+def eager_step(model: ChunkedModel, backend: str = "eager") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A step (``StepRunner.step``, as served) at batch 1, the state carried from call to call; backend
+    ``graph``: the step replayed from a CUDA graph, captured at the first call."""
+    return carried(StepRunner(model, backend).step, model.init_state(1))
 
 
 def step_ms(step: Callable[[torch.Tensor], torch.Tensor], device: torch.device, calls: int) -> dict[str, float]:
@@ -553,24 +551,18 @@ def bench_compiled_step(fig: Figures, device: torch.device, hiss_cfg: dict, call
     torch.manual_seed(0)
     model = build_model(hiss_cfg).eval().to(device)
     with torch.no_grad():
+        runner = StepRunner(model, "compile")
         began = time.monotonic()
-        compiled = eager_step(model, "compile")
+        runner.compile(1)  # (or loaded from the cache)
         fig[f"step/{device.type}-compiled-seconds_to_compile"] = round(time.monotonic() - began, 1)
-        eager = eager_step(model)
+        compiled, eager = carried(runner.step, model.init_state(1)), eager_step(model)
         chunks = torch.randn(5, 1, 10, IO["input_dim"], device=device)
         fig["step/compiled_vs_eager_max_abs"] = max((compiled(c) - eager(c)).abs().max().item() for c in chunks)
         fig[f"step/{device.type}-compiled"] = step_ms(compiled, device, calls)
         if device.type == "cuda":  # an experiment: the compiled step inside a CUDA graph (not a backend yet)
             try:
-                runner, state = StepRunner(model, "compile"), model.init_state(1)
-                graph = GraphedStep(runner.step, chunks[0], state)
-
-                def both(chunk: torch.Tensor) -> torch.Tensor:
-                    nonlocal state
-                    y, state = graph(chunk, state)
-                    return y
-
-                eager = eager_step(model)
+                state = model.init_state(1)
+                both, eager = carried(GraphedStep(runner.step, chunks[0], state), state), eager_step(model)
                 fig["step/compiled_graph_vs_eager_max_abs"] = max((both(c) - eager(c)).abs().max().item()
                                                                   for c in chunks)
                 fig["step/cuda-compiled-graph"] = step_ms(both, device, calls)
